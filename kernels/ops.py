@@ -1,0 +1,105 @@
+"""`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops.
+
+Each op has a fake kernel (shapes only, for torch.compile and torch.export), a
+plain-PyTorch default kernel (`reference.py`) and a registered autograd formula whose
+backward is itself a custom op, so a faster backend replaces forward and backward by
+registering kernels for the four ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+__all__ = ["pk_topk", "bag"]
+
+
+@torch.library.custom_op("memcompile::pk_topk", mutates_args=())
+def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-knn product keys. q: (N, H, k_dim), keys: (H, 2, n_keys, k_dim/2).
+
+    Returns (scores, indices), each (N, H, knn); scores are float32 (float64 for float64
+    inputs) sorted descending; indices are int64 rows i*n_keys + j of the value table.
+    """
+    return reference.pk_topk(q, keys, knn)
+
+
+@pk_topk.register_fake
+def _pk_topk_fake(q, keys, knn):
+    torch._check(q.dim() == 3, lambda: f"pk_topk: q must be (N, heads, k_dim), got {q.shape}")
+    torch._check(keys.dim() == 4, lambda: "pk_topk: keys must be (heads, 2, n_keys, k_dim/2)")
+    shape = (q.shape[0], q.shape[1], knn)
+    scores = q.new_empty(shape, dtype=reference.accumulation_dtype(q.dtype))
+    return scores, q.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("memcompile::pk_topk_backward", mutates_args=())
+def pk_topk_backward(
+    grad_scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.pk_topk_backward(grad_scores, q, keys, indices)
+
+
+@pk_topk_backward.register_fake
+def _pk_topk_backward_fake(grad_scores, q, keys, indices):
+    return torch.empty_like(q), torch.empty_like(keys)
+
+
+def _pk_topk_setup_context(ctx, inputs, output):
+    q, keys, _ = inputs
+    _, indices = output
+    ctx.save_for_backward(q, keys, indices)
+
+
+def _pk_topk_grad(ctx, grad_scores, _grad_indices):
+    q, keys, indices = ctx.saved_tensors
+    grad_q, grad_keys = pk_topk_backward(grad_scores.contiguous(), q, keys, indices)
+    return grad_q, grad_keys, None
+
+
+pk_topk.register_autograd(_pk_topk_grad, setup_context=_pk_topk_setup_context)
+
+
+@torch.library.custom_op("memcompile::bag", mutates_args=())
+def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted bag: y[n] = sum_b weights[n, b] * values[indices[n, b]].
+
+    values: (rows, v_dim) of any float dtype; indices (int64) and weights: (N, B).
+    Accumulates in float32 (float64 for float64 tables); returns (N, v_dim) in values.dtype.
+    """
+    return reference.bag(values, indices, weights)
+
+
+@bag.register_fake
+def _bag_fake(values, indices, weights):
+    torch._check(values.dim() == 2, lambda: "bag: values must be (rows, v_dim)")
+    torch._check(indices.dim() == 2, lambda: "bag: indices must be (N, picks)")
+    torch._check(indices.shape == weights.shape, lambda: "bag: indices and weights differ")
+    return values.new_empty(indices.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("memcompile::bag_backward", mutates_args=())
+def bag_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.bag_backward(grad_out, values, indices, weights)
+
+
+@bag_backward.register_fake
+def _bag_backward_fake(grad_out, values, indices, weights):
+    return torch.empty_like(values), torch.empty_like(weights)
+
+
+def _bag_setup_context(ctx, inputs, output):
+    values, indices, weights = inputs
+    ctx.save_for_backward(values, indices, weights)
+
+
+def _bag_grad(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    grad_values, grad_weights = bag_backward(grad_out.contiguous(), values, indices, weights)
+    return grad_values, None, grad_weights
+
+
+bag.register_autograd(_bag_grad, setup_context=_bag_setup_context)

@@ -1,0 +1,102 @@
+"""Plain-PyTorch implementations of the memory-layer ops, for any device.
+
+They are the default kernels of `memcompile::pk_topk` and `memcompile::bag` and the
+reference the Triton kernels are tested against. Large intermediates are processed in
+chunks of tokens so CPU memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of the (tokens, picks, v_dim) gather materialised at once by `bag`.
+_BAG_CHUNK_ELEMENTS = 1 << 24
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types and float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _token_chunk(picks: int, width: int) -> int:
+    return max(1, _BAG_CHUNK_ELEMENTS // max(1, picks * width))
+
+
+def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product-key top-knn. q: (N, H, k_dim); keys: (H, 2, n_keys, k_dim/2).
+
+    Returns scores (N, H, knn), sorted descending, and indices i*n_keys + j into the
+    n_keys**2 rows.
+    """
+    acc = accumulation_dtype(q.dtype)
+    n_keys, half = keys.shape[2], keys.shape[3]
+    q1, q2 = q.to(acc).split(half, dim=-1)
+    keys = keys.to(acc)
+    s1 = torch.einsum("nhd,hkd->nhk", q1, keys[:, 0])
+    s2 = torch.einsum("nhd,hkd->nhk", q2, keys[:, 1])
+    v1, i1 = s1.topk(knn, dim=-1)
+    v2, i2 = s2.topk(knn, dim=-1)
+    candidates = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
+    candidate_ids = (i1.unsqueeze(-1) * n_keys + i2.unsqueeze(-2)).flatten(-2)
+    scores, best = candidates.topk(knn, dim=-1)
+    return scores, candidate_ids.gather(-1, best)
+
+
+def pk_topk_backward(
+    grad_scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `pk_topk`'s scores with respect to q and keys."""
+    acc = accumulation_dtype(q.dtype)
+    n_keys, half = keys.shape[2], keys.shape[3]
+    grad_scores = grad_scores.to(acc)
+    grad_halves = []
+    for sub_index in (indices // n_keys, indices % n_keys):
+        grad_s = grad_scores.new_zeros(*grad_scores.shape[:2], n_keys)
+        grad_halves.append(grad_s.scatter_add_(-1, sub_index, grad_scores))
+    q1, q2 = q.to(acc).split(half, dim=-1)
+    keys_acc = keys.to(acc)
+    grad_q = torch.cat(
+        [torch.einsum("nhk,hkd->nhd", g, keys_acc[:, s]) for s, g in enumerate(grad_halves)],
+        dim=-1,
+    )
+    grad_keys = torch.stack(
+        [torch.einsum("nhk,nhd->hkd", g, qh) for g, qh in zip(grad_halves, (q1, q2))], dim=1
+    )
+    return grad_q.to(q.dtype), grad_keys.to(keys.dtype)
+
+
+def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y[n] = sum_b weights[n, b] * values[indices[n, b]], accumulated in float32 (or float64).
+
+    values: (rows, v_dim); indices, weights: (N, B). Returns (N, v_dim) in values.dtype.
+    """
+    acc = accumulation_dtype(values.dtype)
+    n, picks = indices.shape
+    out = values.new_empty(n, values.shape[1])
+    step = _token_chunk(picks, values.shape[1])
+    for start in range(0, n, step):
+        rows = values[indices[start : start + step]].to(acc)
+        w = weights[start : start + step].to(acc).unsqueeze(1)
+        out[start : start + step] = torch.bmm(w, rows).squeeze(1).to(values.dtype)
+    return out
+
+
+def bag_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `bag` with respect to values (dense) and weights."""
+    acc = accumulation_dtype(values.dtype)
+    n, picks = indices.shape
+    v_dim = values.shape[1]
+    grad_values = torch.zeros(values.shape, dtype=acc, device=values.device)
+    grad_weights = torch.empty(n, picks, dtype=acc, device=values.device)
+    step = _token_chunk(picks, v_dim)
+    for start in range(0, n, step):
+        g = grad_out[start : start + step].to(acc)
+        idx = indices[start : start + step]
+        w = weights[start : start + step].to(acc)
+        rows = values[idx].to(acc)
+        grad_weights[start : start + step] = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1)
+        contrib = (w.unsqueeze(-1) * g.unsqueeze(1)).reshape(-1, v_dim)
+        grad_values.index_add_(0, idx.reshape(-1), contrib)
+    return grad_values.to(values.dtype), grad_weights.to(weights.dtype)

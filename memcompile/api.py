@@ -1,0 +1,94 @@
+"""The public Python API: `find_ffn_blocks` and `transform`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from .passes import FIND_PASSES, FFNBlock, TransformState, run_passes
+from .runtime import MemcompileError, MemoryConfig
+
+log = logging.getLogger(__name__)
+
+REPORT_ATTRIBUTE = "memcompile_report"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class TransformReport:
+    """What `transform` did: blocks found and converted, and the parameter counts."""
+
+    blocks_found: tuple[FFNBlock, ...]
+    converted: tuple[FFNBlock, ...]
+    config: MemoryConfig
+    params_before: int
+    params_after: int
+    ffn_params_removed: int
+    memory_params_added: int
+
+    def summary(self) -> str:
+        converted = ", ".join(b.label for b in self.converted)
+        return (
+            f"{len(self.blocks_found)} FFN blocks found, {len(self.converted)} converted "
+            f"({converted}) in {self.config.mode} mode; parameters "
+            f"{self.params_before:,} -> {self.params_after:,}"
+        )
+
+
+def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    """Every FFN block of `model`, in model order, with its index, path, kind and widths."""
+    return run_passes(TransformState(model), FIND_PASSES).blocks
+
+
+def transform(
+    model: nn.Module,
+    layers: Sequence[int | str] | None = None,
+    mem_size: int | str = "1M",
+    *,
+    config: MemoryConfig | None = None,
+    return_report: bool = False,
+    **options,
+) -> nn.Module | tuple[nn.Module, TransformReport]:
+    """Convert the FFN blocks `layers` of `model` into product-key memory layers, in place.
+
+    `layers` are block indices (`model.layers.12.mlp` is 12; "encoder.2" for models with
+    several stacks); None converts every FFN. `mem_size` and `options` are `MemoryConfig`
+    fields (heads, knn, k_dim, v_dim, gating, qk_norm, share_values, mode, seed, dtype), or
+    pass a whole `config`. Returns the same model object, with a `TransformReport` attached
+    as `model.memcompile_report`; `return_report=True` returns `(model, report)` instead.
+    """
+    if not isinstance(model, nn.Module):
+        raise MemcompileError(f"transform needs a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        try:
+            config = MemoryConfig(mem_size=mem_size, **options)
+        except TypeError as error:
+            raise MemcompileError(f"{error}: see MemoryConfig for the options") from None
+    elif options:
+        config = replace(config, **options)
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    params_before = count_parameters(model)
+    state = TransformState(model, config, None if layers is None else list(layers))
+    run_passes(state)
+    params_after = count_parameters(model)
+    removed = sum(c.ffn_params for c in state.converted) if config.mode == "replace" else 0
+    report = TransformReport(
+        blocks_found=tuple(state.blocks),
+        converted=tuple(c.block for c in state.converted),
+        config=config,
+        params_before=params_before,
+        params_after=params_after,
+        ffn_params_removed=removed,
+        memory_params_added=params_after - params_before + removed,
+    )
+    setattr(model, REPORT_ATTRIBUTE, report)
+    log.info("%s", report.summary())
+    return (model, report) if return_report else model

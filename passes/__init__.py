@@ -1,0 +1,24 @@
+"""The compiler passes: capture, find_ffn, select, rewrite, share, verify."""
+
+from .blocks import FFNBlock, TransformState
+from .capture import capture
+from .find_ffn import find_ffn
+from .manager import FIND_PASSES, TRANSFORM_PASSES, run_passes
+from .rewrite import rewrite
+from .select import select
+from .share import share
+from .verify import verify
+
+__all__ = [
+    "FFNBlock",
+    "FIND_PASSES",
+    "TRANSFORM_PASSES",
+    "TransformState",
+    "capture",
+    "find_ffn",
+    "rewrite",
+    "run_passes",
+    "select",
+    "share",
+    "verify",
+]

@@ -1,0 +1,256 @@
+"""find_ffn: FFN patterns in the captured graphs, and their block indices.
+
+Patterns, each ending in an output projection `down`:
+  mlp          down(act(up(x)))                      GELU/ReLU/SiLU MLPs, GPT-2's Conv1D MLP
+  gated        down(act(gate(x)) * up(x))            SwiGLU, GeGLU
+  fused_gated  down(act(a) * b), a, b = gate_up(x).chunk(2, -1)     Phi-3
+  split        up+act in one module, down in its sibling           BERT's intermediate/output
+Dropout, identity and casts may sit between the parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+
+from .activations import MULTIPLY, activation_name, skip_back
+from .blocks import Capture, FFNBlock, FFNMatch, TransformState
+from .capture import is_projection, projection_shape
+
+log = logging.getLogger(__name__)
+
+
+class _Matcher:
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.root = capture.graph_module
+
+    def projection(self, node: fx.Node) -> tuple[int, int] | None:
+        if not isinstance(node, fx.Node) or node.op != "call_module":
+            return None
+        module = self.root.get_submodule(node.target)
+        return projection_shape(module) if is_projection(module) else None
+
+    def back(self, node):
+        return skip_back(self.root, node)
+
+    def activation_input(self, node) -> tuple[str, fx.Node, list[fx.Node]] | None:
+        """(activation name, its input after pass-throughs, nodes passed) if `node` is one."""
+        if not isinstance(node, fx.Node) or not node.args:
+            return None
+        name = activation_name(self.root, node)
+        if name is None:
+            return None
+        source, passed = self.back(node.args[0])
+        return name, source, [node, *passed]
+
+    def chunk_half(self, node) -> tuple[fx.Node, int] | None:
+        """(the chunked projection, item) if node is `proj(x).chunk(2, dim=-1)[item]`."""
+        if not (isinstance(node, fx.Node) and node.op == "call_function"):
+            return None
+        if node.target is not operator.getitem:
+            return None
+        chunk, item = node.args
+        if not isinstance(chunk, fx.Node) or chunk.target not in ("chunk", torch.chunk):
+            return None
+        chunks = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
+        dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+        if chunks != 2 or dim != -1:
+            return None
+        return chunk, item
+
+    def match(self, down: fx.Node) -> tuple[FFNMatch, str, str, int, int, int] | None:
+        down_shape = self.projection(down)
+        if down_shape is None or not down.args:
+            return None
+        hidden, passed = self.back(down.args[0])
+        interior = list(passed)
+        act = self.activation_input(hidden)
+        if act is not None:
+            name, up, act_nodes = act
+            up_shape = self.projection(up)
+            if up_shape is None or up_shape[1] != down_shape[0]:
+                return None
+            entry, kind, linears = up.args[0], "mlp", [up]
+            interior += act_nodes + [up]
+            d_model, d_hidden = up_shape
+        elif hidden.op in ("call_function", "call_method") and hidden.target in MULTIPLY:
+            found = self.gated(hidden, down_shape[0])
+            if found is None:
+                return None
+            entry, kind, name, linears, nodes, d_model = found
+            interior += [hidden, *nodes]
+            d_hidden = down_shape[0]
+        else:
+            return None
+        if not isinstance(entry, fx.Node):
+            return None
+        ffn_nodes = set(interior)
+        for node in interior:
+            if any(user not in ffn_nodes and user is not down for user in node.users):
+                return None  # a hidden activation is used outside the FFN: not separable
+        order = {n: i for i, n in enumerate(self.root.graph.nodes)}
+        interior.sort(key=order.__getitem__)
+        targets = tuple(n.target for n in linears) + (down.target,)
+        m = FFNMatch(entry=entry, exit=down, interior=tuple(interior), linears=targets)
+        return m, kind, name, d_model, d_hidden, down_shape[1]
+
+    def gated(self, mul: fx.Node, d_hidden: int):
+        left, right = (self.back(a) for a in mul.args[:2])
+        for (act_node, act_passed), (lin_node, lin_passed) in ((left, right), (right, left)):
+            act = self.activation_input(act_node)
+            if act is None:
+                continue
+            name, gate, act_nodes = act
+            nodes = act_passed + lin_passed + act_nodes
+            gate_shape, up_shape = self.projection(gate), self.projection(lin_node)
+            if gate_shape and up_shape and gate.args[0] is lin_node.args[0]:
+                if gate_shape[1] == up_shape[1] == d_hidden:
+                    linears = [gate, lin_node]
+                    return gate.args[0], "gated", name, linears, nodes + linears, gate_shape[0]
+            halves = self.chunk_half(gate), self.chunk_half(lin_node)
+            if None in halves or halves[0][0] is not halves[1][0] or halves[0][1] != 0:
+                continue
+            chunk = halves[0][0]
+            fused = chunk.args[0]
+            fused_shape = self.projection(fused)
+            if fused_shape and fused_shape[1] == 2 * d_hidden and halves[1][1] == 1:
+                nodes += [gate, lin_node, chunk, fused]
+                return fused.args[0], "fused_gated", name, [fused], nodes, fused_shape[0]
+        return None
+
+
+def _module_path(capture: Capture, match: FFNMatch) -> str:
+    if not capture.whole_model:
+        return capture.path
+    parents = [t.rsplit(".", 1)[0] if "." in t else "" for t in match.linears]
+    common = parents[0].split(".")
+    for parent in parents[1:]:
+        parts = parent.split(".")
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
+def _split_head(capture: Capture):
+    """(act, d_model, d_hidden) if the module is `act(proj(x))`: the first half of a split FFN."""
+    graph = capture.graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    matcher = _Matcher(capture)
+    result, _ = matcher.back(output.args[0])
+    act = matcher.activation_input(result)
+    if act is None or not placeholders:
+        return None
+    name, up, _ = act
+    shape = matcher.projection(up)
+    if shape is None or up.args[0] is not placeholders[0]:
+        return None
+    return name, shape[0], shape[1]
+
+
+def _split_tail(capture: Capture, d_model: int, d_hidden: int) -> fx.Node | None:
+    """The projection node fed by the module's first input, if it maps d_hidden -> d_model."""
+    graph = capture.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return None
+    matcher = _Matcher(capture)
+    for user in placeholders[0].users:
+        if matcher.projection(user) == (d_hidden, d_model):
+            return user
+    return None
+
+
+def _split_blocks(captures: list[Capture], taken: set[str]) -> list[tuple[str, FFNBlock]]:
+    found = []
+    for i, head in enumerate(captures):
+        if head.whole_model or head.path in taken:
+            continue
+        spec = _split_head(head)
+        if spec is None:
+            continue
+        name, d_model, d_hidden = spec
+        parent = head.path.rpartition(".")[0]
+        for tail in captures[i + 1 :]:
+            if tail.path.rpartition(".")[0] != parent or tail.path in taken:
+                continue
+            down = _split_tail(tail, d_model, d_hidden)
+            if down is None:
+                continue
+            exit_path = f"{tail.path}.{down.target}"
+            block = FFNBlock(
+                0, head.path, "split", d_model, d_hidden, name, d_model, exit_path, head
+            )
+            found.append((head.path, block))
+            taken.update({head.path, tail.path})
+            break
+    return found
+
+
+def block_indices(paths: list[str]) -> list[int | str]:
+    """Block indices from module paths (DESIGN.md): `model.layers.12.mlp` -> 12; with several
+    stacks, `encoder.block.2...` -> "encoder.2"; a path with no number is its own index."""
+    parsed = []
+    for path in paths:
+        parts = path.split(".") if path else []
+        pos = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        parsed.append((tuple(parts[:pos]), int(parts[pos])) if pos is not None else None)
+    stacks = sorted({p[0] for p in parsed if p is not None})
+    labels = {}
+    if len(stacks) > 1:
+        for stack in stacks:
+            others = [s for s in stacks if s != stack]
+            differs = (
+                i
+                for i, part in enumerate(stack)
+                if any(len(o) <= i or o[i] != part for o in others)
+            )
+            pos = next(differs, len(stack) - 1)
+            labels[stack] = stack[pos] if stack else "root"
+    indices: list[int | str] = []
+    for path, p in zip(paths, parsed):
+        if p is None:
+            indices.append(path or 0)
+        else:
+            indices.append(f"{labels[p[0]]}.{p[1]}" if labels else p[1])
+    seen: dict[str, int] = {}
+    unique = []
+    for index in indices:
+        count = seen.get(str(index), 0)
+        seen[str(index)] = count + 1
+        unique.append(index if count == 0 else f"{index}.{count}")
+    return unique
+
+
+def find_ffn(state: TransformState) -> None:
+    """Fill `state.blocks` with every FFN found in the captured graphs, in model order."""
+    found: list[tuple[str, FFNBlock]] = []
+    taken: set[str] = set()
+    for capture in state.captures:
+        matcher = _Matcher(capture)
+        for node in capture.graph_module.graph.nodes:
+            result = matcher.match(node)
+            if result is None:
+                continue
+            match, kind, act, d_model, d_hidden, d_out = result
+            path = _module_path(capture, match)
+            block = FFNBlock(0, path, kind, d_model, d_hidden, act, d_out, "", capture, match)
+            found.append((path, block))
+            taken.add(capture.path)
+    found += _split_blocks(state.captures, taken)
+    order = {path: i for i, (path, _) in enumerate(state.model.named_modules())}
+    found.sort(key=lambda item: order.get(item[0], -1))
+    indices = block_indices([path for path, _ in found])
+    state.blocks = [_with_index(block, index) for (_, block), index in zip(found, indices)]
+    log.info("found %d FFN blocks", len(state.blocks))
+
+
+def _with_index(block: FFNBlock, index: int | str) -> FFNBlock:
+    return replace(block, index=index)

@@ -1,0 +1,42 @@
+"""select: the blocks the user asked for, by block index."""
+
+from __future__ import annotations
+
+from ..runtime import MemcompileError
+from .blocks import TransformState
+
+
+def _describe(labels: list[str]) -> str:
+    if labels and all(label.isdigit() for label in labels):
+        numbers = sorted(int(label) for label in labels)
+        if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 2:
+            return f"{numbers[0]}-{numbers[-1]}"
+    return ", ".join(labels)
+
+
+def select(state: TransformState) -> None:
+    """Fill `state.selected`; every FFN block when `state.layers` is None."""
+    model_name = type(state.model).__name__
+    if not state.blocks:
+        raise MemcompileError(
+            f"no FFN blocks found in {model_name}: memcompile converts Linear -> activation -> "
+            "Linear and gated (SwiGLU/GeGLU) feed-forward blocks"
+        )
+    by_label = {block.label: block for block in state.blocks}
+    if state.layers is None:
+        state.selected = list(state.blocks)
+        return
+    labels = [str(layer) for layer in state.layers]
+    if not labels:
+        raise MemcompileError(f"no layers given: choose from {_describe(list(by_label))}")
+    seen = set()
+    for label in labels:
+        if label in seen:
+            raise MemcompileError(f"layer {label} is listed twice: list each layer once")
+        seen.add(label)
+        if label not in by_label:
+            raise MemcompileError(
+                f"layer {label} is not an FFN block of {model_name}: valid layers are "
+                f"{_describe(list(by_label))}"
+            )
+    state.selected = [by_label[label] for label in labels]

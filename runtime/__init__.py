@@ -1,0 +1,7 @@
+"""What runs: the memory layer, its config, and the error type."""
+
+from .config import MemoryConfig, parse_mem_size
+from .errors import MemcompileError
+from .memory_layer import MemoryLayer, MemoryPool
+
+__all__ = ["MemcompileError", "MemoryConfig", "MemoryLayer", "MemoryPool", "parse_mem_size"]

@@ -1,0 +1,132 @@
+"""`MemoryConfig`: what a memory layer looks like, and how its size is parsed."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .errors import MemcompileError
+
+_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)\s*$", re.IGNORECASE)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _format_size(n: int) -> str:
+    for suffix in ("G", "M", "K"):
+        if n % _SUFFIXES[suffix] == 0:
+            return f"{n // _SUFFIXES[suffix]}{suffix}"
+    return str(n)
+
+
+def _nearest_squares(n: int, at_least: int = 1) -> str:
+    root = max(math.isqrt(n), at_least)
+    below, above = root**2, (root + 1) ** 2
+    options = [s for s in (below, above) if math.isqrt(s) >= at_least]
+    return " or ".join(f"{_format_size(s)} (= {math.isqrt(s)}**2)" for s in options)
+
+
+def parse_mem_size(mem_size: int | str) -> int:
+    """Number of value rows: an int or a string with a K/M/G suffix ("64K" = 256**2)."""
+    if isinstance(mem_size, bool):
+        raise MemcompileError(f"mem_size must be an int or a string like '1M', got {mem_size!r}")
+    if isinstance(mem_size, int):
+        n = mem_size
+    elif isinstance(mem_size, str):
+        match = _SIZE_RE.match(mem_size)
+        if match is None:
+            raise MemcompileError(
+                f"mem_size {mem_size!r} is not a size: write an integer or a number with a "
+                "K/M/G suffix, e.g. '64K' (256**2 rows) or '1M' (1024**2 rows)"
+            )
+        n = int(match.group(1)) * _SUFFIXES[match.group(2).upper()]
+    else:
+        raise MemcompileError(f"mem_size must be an int or a string like '1M', got {mem_size!r}")
+    if n < 1:
+        raise MemcompileError(f"mem_size must be positive, got {mem_size!r}")
+    if math.isqrt(n) ** 2 != n:
+        raise MemcompileError(
+            f"mem_size {mem_size!r} ({n} rows) is not a perfect square (product keys index "
+            f"n_keys**2 rows); nearest valid sizes: {_nearest_squares(n)}"
+        )
+    return n
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How to build a product-key memory layer (see DESIGN.md, "The memory layer").
+
+    `k_dim` and `v_dim` default to min(512, d_model) and d_model of the block converted;
+    `dtype` defaults to the dtype of the weights of the block converted.
+    """
+
+    mem_size: int | str = "1M"
+    heads: int = 4
+    knn: int = 32
+    k_dim: int | None = None
+    v_dim: int | None = None
+    gating: str = "swilu"
+    qk_norm: bool = False
+    share_values: bool = True
+    mode: str = "replace"
+    seed: int = 0
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        n = parse_mem_size(self.mem_size)
+        object.__setattr__(self, "mem_size", n)
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+            raise MemcompileError(f"heads must be an integer >= 1, got {self.heads!r}")
+        n_keys = math.isqrt(n)
+        if isinstance(self.knn, bool) or not isinstance(self.knn, int) or self.knn < 1:
+            raise MemcompileError(f"knn must be an integer >= 1, got {self.knn!r}")
+        if self.knn > n_keys:
+            raise MemcompileError(
+                f"knn={self.knn} is larger than n_keys={n_keys} (mem_size {_format_size(n)}): "
+                f"use knn <= {n_keys} or a mem_size of at least "
+                f"{_nearest_squares(self.knn**2, at_least=self.knn)}"
+            )
+        for name in ("k_dim", "v_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MemcompileError(f"{name} must be a positive integer, got {value!r}")
+        if self.k_dim is not None and self.k_dim % 2:
+            raise MemcompileError(
+                f"k_dim must be even (each query is split into two halves), got {self.k_dim}"
+            )
+        if self.gating not in ("swilu", "none"):
+            raise MemcompileError(f"gating must be 'swilu' or 'none', got {self.gating!r}")
+        if self.mode not in ("replace", "augment"):
+            raise MemcompileError(f"mode must be 'replace' or 'augment', got {self.mode!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise MemcompileError(
+                f"dtype must be one of {', '.join(_DTYPES)} (or None for the model's), "
+                f"got {self.dtype!r}"
+            )
+
+    @property
+    def n_keys(self) -> int:
+        return math.isqrt(self.mem_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    def resolve(self, d_model: int, d_out: int | None = None) -> MemoryConfig:
+        """The config with k_dim and v_dim filled in for a block of width d_model."""
+        d_out = d_model if d_out is None else d_out
+        k_dim = self.k_dim if self.k_dim is not None else min(512, d_model)
+        k_dim += k_dim % 2
+        v_dim = self.v_dim if self.v_dim is not None else d_model
+        if self.gating == "none" and v_dim != d_out:
+            raise MemcompileError(
+                f"gating 'none' needs v_dim == d_out ({d_out}), got v_dim={v_dim}: "
+                "drop v_dim or use gating='swilu'"
+            )
+        return replace(self, k_dim=k_dim, v_dim=v_dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,55 @@
+"""Deterministic, chunkable initialisation of memory tables.
+
+Rows are drawn in fixed blocks, each from a CPU generator seeded by (seed, block), so the
+table is the same whatever chunk of rows is materialised at a time and whatever device it
+lands on. That lets a very large table be built chunk by chunk on its final device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROWS_PER_BLOCK = 4096
+# Tag of the shared pool's stream; layers use their position among the model's FFN blocks.
+POOL_SEED_TAG = 1 << 20
+_MIX = 0x9E3779B97F4A7C15
+
+
+def derive_seed(seed: int, *tags: int) -> int:
+    """A seed for a sub-stream (a layer, a block of rows) that differs for every tag tuple."""
+    state = seed & (2**64 - 1)
+    for tag in tags:
+        state = ((state ^ (tag + 1)) * _MIX) & (2**64 - 1)
+        state ^= state >> 31
+    return state & (2**63 - 1)
+
+
+def normal_rows_(table: torch.Tensor, std: float, seed: int, row_offset: int = 0) -> torch.Tensor:
+    """Fill `table` (rows, width) with N(0, std**2) rows row_offset.. of the seeded stream."""
+    n_rows, width = table.shape
+    first_block = row_offset // ROWS_PER_BLOCK
+    last_block = (row_offset + n_rows - 1) // ROWS_PER_BLOCK
+    for block in range(first_block, last_block + 1):
+        generator = torch.Generator().manual_seed(derive_seed(seed, block))
+        rows = torch.randn(ROWS_PER_BLOCK, width, generator=generator).mul_(std)
+        lo = max(row_offset, block * ROWS_PER_BLOCK)
+        hi = min(row_offset + n_rows, (block + 1) * ROWS_PER_BLOCK)
+        base = block * ROWS_PER_BLOCK
+        with torch.no_grad():
+            table[lo - row_offset : hi - row_offset].copy_(rows[lo - base : hi - base])
+    return table
+
+
+def uniform_(tensor: torch.Tensor, bound: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rand = torch.rand(tensor.shape, generator=generator, dtype=torch.float32)
+        tensor.copy_(rand.mul_(2 * bound).sub_(bound))
+    return tensor
+
+
+def normal_(tensor: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(std))
+    return tensor

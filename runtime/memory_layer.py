@@ -1,0 +1,149 @@
+"""`MemoryLayer`: the product-key memory layer, and `MemoryPool`, a value table shared by layers.
+
+Parameter names, shapes, init and forward math follow DESIGN.md ("The memory layer");
+they are the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import ops
+from .config import MemoryConfig
+from .init import POOL_SEED_TAG, derive_seed, normal_, normal_rows_, uniform_
+
+# Sub-stream tags of a layer's seed, one per parameter.
+_QUERY, _KEYS, _VALUES, _SWILU, _OUT = range(5)
+
+
+class MemoryPool(nn.Module):
+    """A value table (n_keys**2, v_dim) that several memory layers read."""
+
+    def __init__(
+        self,
+        n_rows: int,
+        v_dim: int,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.seed = seed
+        self.values = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
+        normal_rows_(self.values, v_dim**-0.5, derive_seed(seed, POOL_SEED_TAG))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.values.shape[0]}, v_dim={self.values.shape[1]}"
+
+
+class MemoryLayer(nn.Module):
+    """Product-key memory (Lample et al. 2019) with the Memory+ gating (Berges et al. 2024).
+
+    Maps (..., d_in) to (..., d_out). `config` must be resolved (k_dim and v_dim set).
+    With `augment=True` the output is exactly zero at init (zero `out` weight, or a zero
+    `gate`), so adding the layer to a block leaves the block's outputs unchanged.
+    With `own_values=False` the layer holds no values until `attach_pool` gives it a shared
+    `MemoryPool`. Inputs of another dtype than the layer's are cast in and out.
+    """
+
+    _memcompile_converted = True
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        config: MemoryConfig,
+        *,
+        augment: bool = False,
+        own_values: bool = True,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if config.k_dim is None or config.v_dim is None:
+            config = config.resolve(d_in, d_out)
+        self.config = config
+        self.d_in, self.d_out = d_in, d_out
+        self.heads, self.knn, self.n_keys = config.heads, config.knn, config.n_keys
+        self.k_dim, self.v_dim = config.k_dim, config.v_dim
+        seed = config.seed if seed is None else seed
+        factory = {"dtype": dtype, "device": device}
+
+        self.query = nn.Linear(d_in, self.heads * self.k_dim, **factory)
+        bound = math.sqrt(6.0 / (d_in + self.heads * self.k_dim))
+        uniform_(self.query.weight, bound, derive_seed(seed, _QUERY))
+        nn.init.zeros_(self.query.bias)
+        self.query_norm = nn.RMSNorm(self.k_dim, **factory) if config.qk_norm else None
+
+        half = self.k_dim // 2
+        self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, half, **factory))
+        uniform_(self.keys, 1.0 / math.sqrt(self.k_dim), derive_seed(seed, _KEYS))
+
+        self._pool: list[MemoryPool] = []
+        if own_values:
+            self.values = nn.Parameter(torch.empty(self.n_keys**2, self.v_dim, **factory))
+            normal_rows_(self.values, self.v_dim**-0.5, derive_seed(seed, _VALUES))
+
+        self.swilu = self.out = self.gate = None
+        if config.gating == "swilu":
+            self.swilu = nn.Linear(d_in, self.v_dim, **factory)
+            normal_(self.swilu.weight, d_in**-0.5, derive_seed(seed, _SWILU))
+            nn.init.zeros_(self.swilu.bias)
+            self.out = nn.Linear(self.v_dim, d_out, **factory)
+            if augment:
+                nn.init.zeros_(self.out.weight)
+            else:
+                normal_(self.out.weight, self.v_dim**-0.5, derive_seed(seed, _OUT))
+            nn.init.zeros_(self.out.bias)
+        elif augment:
+            self.gate = nn.Parameter(torch.zeros((), **factory))
+
+    def attach_pool(self, pool: MemoryPool) -> None:
+        """Read values from `pool` (registered elsewhere, e.g. at the model root)."""
+        expected = (self.n_keys**2, self.v_dim)
+        if tuple(pool.values.shape) != expected:
+            raise ValueError(f"pool holds {tuple(pool.values.shape)} values, need {expected}")
+        self._parameters.pop("values", None)
+        self._pool[:] = [pool]
+
+    @property
+    def value_table(self) -> torch.Tensor:
+        if self._pool:
+            return self._pool[0].values
+        if "values" not in self._parameters:
+            raise RuntimeError("this MemoryLayer has no values: call attach_pool(pool) first")
+        return self.values
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """Steps 1-5 of the forward: the weighted bag of values, (N, v_dim), for x (N, d_in)."""
+        q = self.query(x).view(-1, self.heads, self.k_dim)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        scores, indices = ops.pk_topk(q, self.keys, self.knn)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1)
+        picks = self.heads * self.knn
+        return ops.bag(self.value_table, indices.view(-1, picks), probs.view(-1, picks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.d_in).to(self.query.weight.dtype)
+        y = self.lookup(flat).to(flat.dtype)
+        if self.out is not None:
+            y = self.out(y * F.silu(self.swilu(flat)))
+        elif self.gate is not None:
+            y = self.gate * y
+        return y.to(x.dtype).view(*lead, self.d_out)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        shared = ", shared values" if self._pool else ""
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, n_keys={self.n_keys}, heads={c.heads}, "
+            f"knn={c.knn}, k_dim={c.k_dim}, v_dim={c.v_dim}, gating={c.gating}{shared}"
+        )
