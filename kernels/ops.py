@@ -43,7 +43,8 @@ def pk_topk_backward(
 
 @pk_topk_backward.register_fake
 def _pk_topk_backward_fake(grad_scores, q, keys, indices):
-    return torch.empty_like(q), torch.empty_like(keys)
+    # The kernels return contiguous gradients whatever the strides of q and keys.
+    return q.new_empty(q.shape), keys.new_empty(keys.shape)
 
 
 def _pk_topk_setup_context(ctx, inputs, output):
@@ -88,7 +89,8 @@ def bag_backward(
 
 @bag_backward.register_fake
 def _bag_backward_fake(grad_out, values, indices, weights):
-    return torch.empty_like(values), torch.empty_like(weights)
+    # The kernels return contiguous gradients whatever the strides of values and weights.
+    return values.new_empty(values.shape), weights.new_empty(weights.shape)
 
 
 def _bag_setup_context(ctx, inputs, output):
