@@ -88,3 +88,33 @@ def test_causal_lms_still_generate(case):
     replaced = memcompile.transform(build(case), layers=[0, 1, 2], **SMALL)
     tokens = replaced.generate(prompt, **kwargs)
     assert tokens.shape == expected.shape and torch.equal(tokens[:, :5], prompt)
+
+
+@pytest.mark.parametrize("name", ["example", "llama"])
+def test_converted_model_exports_and_compiles_without_graph_breaks(name):
+    case = next(c for c in CASES if c.name == name)
+    model = _LogitsOnly(memcompile.transform(build(case), layers=[0, 2], **SMALL), case.hf)
+    ids = _ids(5)
+    with torch.no_grad():
+        expected = model(ids)
+
+        program = torch.export.export(model, (ids,))
+        ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.memcompile.pk_topk.default) == 2
+        assert ops.count(torch.ops.memcompile.bag.default) == 2
+        torch.testing.assert_close(program.module()(ids), expected)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(ids), expected)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """ids -> logits, without an HF model's cache objects in the output."""
+
+    def __init__(self, model: torch.nn.Module, hf: bool) -> None:
+        super().__init__()
+        self.model, self.hf = model, hf
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits if self.hf else self.model(ids)
