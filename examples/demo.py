@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_transformer import build_model  # noqa: E402
-
 import memcompile  # noqa: E402
+
+from tiny_transformer import build_model  # noqa: E402
 
 
 def _parse_layers(text: str) -> list[str]:

@@ -14,6 +14,9 @@ from .runtime import MemcompileError, MemoryConfig
 log = logging.getLogger(__name__)
 
 REPORT_ATTRIBUTE = "memcompile_report"
+# The transforms applied so far, as {"layers": [...], "config": {...}}: what a checkpoint
+# records so that loading can re-apply them.
+RECIPE_ATTRIBUTE = "memcompile_recipe"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -90,5 +93,13 @@ def transform(
         memory_params_added=params_after - params_before + removed,
     )
     setattr(model, REPORT_ATTRIBUTE, report)
+    recipe = [
+        *getattr(model, RECIPE_ATTRIBUTE, []),
+        {
+            "layers": [b.index for b in report.converted],
+            "config": config.to_dict(),
+        },
+    ]
+    setattr(model, RECIPE_ATTRIBUTE, recipe)
     log.info("%s", report.summary())
     return (model, report) if return_report else model

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, build
 from torch import nn
 
 import memcompile
+
+from models import CASES, build
 
 EXAMPLE = next(c for c in CASES if c.name == "example")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, VOCAB, build
 
 import memcompile
+
+from models import CASES, VOCAB, build
 
 SMALL = dict(mem_size=256, knn=4, heads=2)
 CASE_IDS = [case.name for case in CASES]

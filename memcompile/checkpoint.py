@@ -1,0 +1,195 @@
+"""memcompile checkpoints: a directory with `memcompile.json` and `model.safetensors`.
+
+`memcompile.json` records the source model (how to rebuild it: an HF config and class),
+the transforms applied (layers and MemoryConfig, in order) and the tensors that are
+aliases of others (tied weights). Loading rebuilds the base model, re-applies the
+transforms and copies the saved tensors in, so outputs are bit-identical. No pickle is
+ever read. Writes go to a temporary directory renamed into place, so an interrupted or
+failed save leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .api import RECIPE_ATTRIBUTE, transform
+from .runtime import MemcompileError, MemoryConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "memcompile-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "memcompile.json"
+WEIGHTS = "model.safetensors"
+PICKLED_SOURCE = "source_module.pt"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def model_source(model: nn.Module) -> dict:
+    """How to rebuild the model before its transforms: an HF class and config."""
+    config = getattr(model, "config", None)
+    if type(model).__module__.startswith("transformers.") and hasattr(config, "to_dict"):
+        return {"kind": "transformers", "class": type(model).__name__, "config": config.to_dict()}
+    raise MemcompileError(
+        f"cannot record how to rebuild a {type(model).__name__}: memcompile checkpoints hold "
+        "transformers models, or modules given as a trusted pickle"
+    )
+
+
+def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> nn.Module:
+    """The base model of a checkpoint, with fresh weights (the saved ones are copied in later)."""
+    if source.get("kind") == "pickle":
+        if not trust_pickle:
+            raise MemcompileError(
+                f"{directory} rebuilds its model from a pickled module ({PICKLED_SOURCE}): "
+                "loading it runs the code it contains; pass trust_pickle=True (--trust-pickle) "
+                "only if you trust it"
+            )
+        return torch.load(directory / PICKLED_SOURCE, map_location="cpu", weights_only=False)
+    if source.get("kind") != "transformers":
+        raise MemcompileError(f"unknown source model kind {source.get('kind')!r} in {MANIFEST}")
+    import transformers
+
+    cls = getattr(transformers, source["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise MemcompileError(f"{source['class']!r} is not a transformers model class")
+    config_dict = dict(source["config"])
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    return cls._from_config(config)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, force: bool = False):
+    """Yields a temporary directory beside `path`; renames it to `path` if the block succeeds.
+
+    An existing `path` is an error unless `force`. On any exception, KeyboardInterrupt
+    included, the temporary directory is removed and nothing is left at `path`.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without aliases: tied tensors are stored once; returns (tensors, aliases)."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    pickled_source: str | os.PathLike | None = None,
+) -> Path:
+    """Write `model` (converted or not) as a memcompile checkpoint directory.
+
+    HF models are recorded by class and config. Other models only with `pickled_source`,
+    the `torch.save`d base module they were converted from, which is copied in and makes
+    loading need `trust_pickle=True`.
+    """
+    source = {"kind": "pickle"} if pickled_source is not None else model_source(model)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "source": source,
+        "transforms": getattr(model, RECIPE_ATTRIBUTE, []),
+    }
+    tensors, manifest["aliases"] = _unique_tensors(model)
+    with atomic_directory(path, force=force) as tmp:
+        if pickled_source is not None:
+            shutil.copyfile(pickled_source, tmp / PICKLED_SOURCE)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("saved %s (%d tensors)", path, len(tensors))
+    return Path(path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise MemcompileError(f"{path} is not a memcompile checkpoint (no {MANIFEST})") from None
+    except json.JSONDecodeError as error:
+        raise MemcompileError(f"{path / MANIFEST} is not valid JSON: {error}") from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("version"), int):
+        raise MemcompileError(f"{path / MANIFEST} is not a memcompile checkpoint manifest")
+    if manifest["version"] > FORMAT_VERSION:
+        raise MemcompileError(
+            f"{path} was written by a newer memcompile (format {manifest['version']}); "
+            "upgrade memcompile to load it"
+        )
+    return manifest
+
+
+def _copy_in(model: nn.Module, name: str, saved: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    target = module._parameters.get(attr)
+    if target is None:
+        target = module._buffers.get(attr)
+    if target is None:
+        raise MemcompileError(f"checkpoint tensor {name} has no place in the rebuilt model")
+    if target.shape != saved.shape:
+        raise MemcompileError(
+            f"checkpoint tensor {name} has shape {tuple(saved.shape)}, the rebuilt model "
+            f"{tuple(target.shape)}: the checkpoint does not match its manifest"
+        )
+    # Replacing .data keeps the Parameter object, so tied weights stay tied.
+    target.data = saved.to(target.device)
+
+
+def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild a checkpoint's model: base model, transforms re-applied, saved tensors copied in."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = build_source(manifest["source"], path, trust_pickle)
+    for step in manifest["transforms"]:
+        config = MemoryConfig(**step["config"])
+        transform(model, layers=step["layers"], config=config)
+    saved = load_file(str(path / WEIGHTS))
+    expected = set(model.state_dict()) - set(manifest.get("aliases", {}))
+    missing, unexpected = expected - set(saved), set(saved) - expected
+    if missing or unexpected:
+        raise MemcompileError(
+            f"{path / WEIGHTS} does not match the rebuilt model: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    for name, tensor in saved.items():
+        _copy_in(model, name, tensor)
+    return model.eval()

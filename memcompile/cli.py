@@ -1,0 +1,323 @@
+"""The `memcompile` command line: inspect and convert models.
+
+Exit codes: 0 success, 2 bad input or usage, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+
+import click
+
+from .runtime import MemcompileError
+
+EPILOG_INSPECT = """\b
+Examples:
+  memcompile inspect ./my-hf-model
+  memcompile inspect ./my-hf-model --mem-size 1M --knn 32 --json
+"""
+EPILOG_CONVERT = """\b
+Examples:
+  memcompile convert ./my-hf-model --layers 4,12 --mem-size 1M -o ./my-hf-model-mem
+  memcompile convert ./ckpt --layers 8 --mem-size 1M -o ./ckpt2   # convert more layers
+  memcompile convert model.pt --trust-pickle --layers 1 -o out      # a torch.save()d module
+"""
+
+
+def _fail_cleanly(command):
+    """Bad input -> one line on stderr and exit 2; anything else -> exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MemcompileError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+class _Steps:
+    """A progress bar per step that may take more than a second; silent when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def __call__(self, description: str):
+        if self.quiet:
+            yield
+            return
+        from tqdm import tqdm
+
+        with tqdm(
+            total=1,
+            desc=description,
+            file=sys.stderr,
+            leave=True,
+            bar_format="{desc}: {bar:20} {elapsed}",
+        ) as bar:
+            yield
+            bar.update(1)
+
+
+def _model_options(command):
+    command = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(exists=True),
+        help="HF config.json giving the architecture of a bare state_dict",
+    )(command)
+    command = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="allow loading a pickled module (runs code from the file)",
+    )(command)
+    command = click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="allow HF models that need code from their repository",
+    )(command)
+    return command
+
+
+def _memory_options(command):
+    options = [
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            help="dtype of the memory's parameters (default: the block's)",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--qk-norm/--no-qk-norm", default=False, show_default=True),
+        click.option(
+            "--share/--no-share",
+            "share_values",
+            default=True,
+            show_default=True,
+            help="one value table for all converted layers",
+        ),
+        click.option(
+            "--gating", type=click.Choice(["swilu", "none"]), default="swilu", show_default=True
+        ),
+        click.option("--v-dim", type=int, help="value width (default: d_model)"),
+        click.option("--k-dim", type=int, help="key width (default: min(512, d_model))"),
+        click.option("--knn", type=int, default=32, show_default=True),
+        click.option("--heads", type=int, default=4, show_default=True),
+    ]
+    for option in options:
+        command = option(command)
+    return command
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _memory_config(mem_size, **options):
+    from .runtime import MemoryConfig
+
+    return MemoryConfig(mem_size=mem_size, **options)
+
+
+def _load(path, steps, trust_remote_code, trust_pickle, config_path):
+    from .model_io import load_model
+
+    if steps.quiet:
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    with steps(f"loading {path}"):
+        return load_model(
+            path, trust_remote_code=trust_remote_code, trust_pickle=trust_pickle, config=config_path
+        )
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EPILOG_INSPECT.replace("Examples:", "Examples:\n  memcompile convert --help"),
+)
+@click.version_option(package_name="memcompile")
+def main() -> None:
+    """Compile the FFN blocks of PyTorch models into product-key memory layers."""
+
+
+@main.command(epilog=EPILOG_INSPECT)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--mem-size", help="also show what converting each block to this memory adds")
+@_memory_options
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@_fail_cleanly
+def inspect(
+    model_path,
+    mem_size,
+    as_json,
+    quiet,
+    trust_remote_code,
+    trust_pickle,
+    config_path,
+    **memory_options,
+):
+    """List the FFN blocks of MODEL (an HF directory, a checkpoint, or a .pt file)."""
+    from .api import find_ffn_blocks
+    from .costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
+    from .passes.moe import find_moe_blocks
+
+    steps = _Steps(quiet or as_json)
+    loaded = _load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    with steps("tracing"):
+        blocks = find_ffn_blocks(loaded.model)
+        moe = find_moe_blocks(loaded.model)
+    config = _memory_config(mem_size, **memory_options) if mem_size else None
+    rows = []
+    for block in blocks:
+        ffn = loaded.model.get_submodule(block.path)
+        params = sum(p.numel() for p in ffn.parameters())
+        if block.exit_path:
+            params += sum(
+                p.numel() for p in loaded.model.get_submodule(block.exit_path).parameters()
+            )
+        row = {
+            "index": block.index,
+            "path": block.path,
+            "kind": block.kind,
+            "d_model": block.d_model,
+            "d_hidden": block.d_hidden,
+            "activation": block.activation,
+            "params": params,
+            "ffn_flops_per_token": ffn_flops_per_token(block),
+        }
+        if config is not None:
+            cost = memory_cost(block, config)
+            row.update(
+                memory_params=cost.layer_params,
+                value_params=cost.value_params,
+                memory_flops_per_token=cost.flops_per_token,
+                memory_bytes={d: cost.bytes(d) for d in BYTES_PER_DTYPE},
+            )
+        rows.append(row)
+    result = {"model": str(model_path), "kind": loaded.kind, "blocks": rows, "moe_blocks": moe}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{len(blocks)} FFN blocks in {model_path} ({loaded.kind})")
+    header = (
+        f"{'index':>10} {'path':<40} {'kind':<11} {'d_model':>7} {'d_hidden':>8} {'params':>12}"
+    )
+    if config is not None:
+        header += f" {'+mem params':>12} {'FLOPs/tok ffn->mem':>22}"
+    click.echo(header)
+    for row in rows:
+        line = (
+            f"{row['index']!s:>10} {row['path']:<40} {row['kind']:<11} {row['d_model']:>7} "
+            f"{row['d_hidden']:>8} {row['params']:>12,}"
+        )
+        if config is not None:
+            flops = f"{row['ffn_flops_per_token']:,} -> {row['memory_flops_per_token']:,}"
+            line += f" {row['memory_params']:>12,} {flops:>22}"
+        click.echo(line)
+    if config is not None and rows:
+        values = rows[0]["value_params"]
+        sizes = ", ".join(f"{d} {_human_bytes(values * b)}" for d, b in BYTES_PER_DTYPE.items())
+        share = "one table shared by all converted blocks" if config.share_values else "per block"
+        click.echo(f"value table: {values:,} parameters ({sizes}), {share}")
+    for path in moe:
+        click.echo(f"mixture-of-experts block (not convertible): {path}")
+
+
+@main.command(epilog=EPILOG_CONVERT)
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--layers", required=True, help="block indices to convert, e.g. 4,12 or encoder.2")
+@click.option(
+    "--mem-size",
+    default="1M",
+    show_default=True,
+    help="value rows, a perfect square: 64K = 256**2, 1M = 1024**2, 16M = 4096**2",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["replace", "augment"]),
+    default="replace",
+    show_default=True,
+    help="replace the FFN, or add the memory beside it",
+)
+@_memory_options
+@_model_options
+@click.option("-o", "--output", required=True, type=click.Path(), help="checkpoint directory")
+@click.option("--force", is_flag=True, help="overwrite an existing output")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@_fail_cleanly
+def convert(
+    model_path,
+    layers,
+    mem_size,
+    mode,
+    output,
+    force,
+    as_json,
+    quiet,
+    trust_remote_code,
+    trust_pickle,
+    config_path,
+    **memory_options,
+):
+    """Convert FFN blocks of MODEL into memory layers and write a checkpoint to OUTPUT."""
+    from pathlib import Path
+
+    from . import checkpoint
+    from .api import transform
+    from .passes.moe import find_moe_blocks
+
+    if Path(output).exists() and not force:
+        raise MemcompileError(f"{output} already exists: choose another output or pass --force")
+    config = _memory_config(mem_size, mode=mode, **memory_options)
+    wanted = [part.strip() for part in layers.split(",") if part.strip()]
+    steps = _Steps(quiet or as_json)
+    loaded = _load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    moe = find_moe_blocks(loaded.model)
+    if moe:
+        raise MemcompileError(
+            f"{model_path} has mixture-of-experts blocks ({moe[0]}, ...): memcompile does not "
+            "convert MoE blocks; `memcompile inspect` lists them"
+        )
+    with steps("converting"):
+        model, report = transform(loaded.model, layers=wanted, config=config, return_report=True)
+    with steps(f"saving {output}"):
+        checkpoint.save(model, output, force=force, pickled_source=loaded.pickled_source)
+    result = {
+        "output": str(output),
+        "blocks_found": len(report.blocks_found),
+        "converted": [b.index for b in report.converted],
+        "mode": mode,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(report.summary())
+        click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Reading the models `memcompile convert` and `inspect` accept, detected from the path.
+
+- a memcompile checkpoint directory (`memcompile.json`): rebuilt with `checkpoint.load`;
+- an HF model directory (`config.json` + safetensors): transformers' Auto classes, never
+  remote code unless asked;
+- a pickled full module (`torch.save(model)`): refused unless the user trusts it, since
+  unpickling runs arbitrary code;
+- a bare state_dict: needs the architecture, from an HF config (`config=`).
+Files are probed with `torch.load(weights_only=True)`, which never runs code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .runtime import MemcompileError
+
+log = logging.getLogger(__name__)
+
+PICKLE_RISK = (
+    "{path} is a pickled module: loading it runs whatever code the file contains, so "
+    "memcompile refuses it by default; pass --trust-pickle only for files you made or trust"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "checkpoint" | "hf" | "pickle" | "state_dict"
+    pickled_source: Path | None = None  # the trusted pickle a non-HF model was built from
+
+
+def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise MemcompileError(
+                f"{path} needs code from the model repository to load: pass "
+                "--trust-remote-code only if you trust that code"
+            ) from None
+        raise MemcompileError(f"{path}: cannot read config.json: {error}") from None
+    if not any(path.glob("*.safetensors")):
+        raise MemcompileError(
+            f"{path} has no .safetensors weights: convert them first (e.g. "
+            "save_pretrained(..., safe_serialization=True))"
+        )
+    cls = _model_class(config)
+    model = cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    return model.eval()
+
+
+def _model_class(config) -> type:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
+    """A randomly initialised transformers model from a config.json (file or directory)."""
+    import transformers
+
+    config_path = Path(config_path)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(config_path)
+    except (OSError, ValueError) as error:
+        raise MemcompileError(f"{config_path} is not a usable HF config: {error}") from None
+    return _model_class(config)._from_config(config)
+
+
+def _load_file(path: Path, trust_pickle: bool, config: str | None) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise MemcompileError(PICKLE_RISK.format(path=path)) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user
+    except (RuntimeError, EOFError, OSError) as error:
+        raise MemcompileError(f"{path} is not a PyTorch file: {error}") from None
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), "pickle", path)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if config is None:
+            raise MemcompileError(
+                f"{path} is a bare state_dict: it holds weights but no architecture; pass "
+                "--config with the model's HF config.json"
+            )
+        model = model_from_hf_config(config)
+        missing, unexpected = model.load_state_dict(obj, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise MemcompileError(
+                f"{path} does not fit the architecture of {config}: missing "
+                f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        return LoadedModel(model.eval(), "state_dict")
+    raise MemcompileError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict")
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    trust_pickle: bool = False,
+    config: str | None = None,
+) -> LoadedModel:
+    """Load the model at `path`, whatever of the accepted kinds it is."""
+    path = Path(path)
+    if not path.exists():
+        raise MemcompileError(f"{path} does not exist")
+    if path.is_dir():
+        if checkpoint.is_checkpoint(path):
+            model = checkpoint.load(path, trust_pickle=trust_pickle)
+            pickled = path / checkpoint.PICKLED_SOURCE
+            return LoadedModel(model, "checkpoint", pickled if pickled.is_file() else None)
+        if (path / "config.json").is_file():
+            return LoadedModel(_load_hf_directory(path, trust_remote_code), "hf")
+        raise MemcompileError(
+            f"{path} is a directory with neither memcompile.json nor config.json: give a "
+            "memcompile checkpoint or an HF model directory"
+        )
+    return _load_file(path, trust_pickle, config)

@@ -1,0 +1,233 @@
+"""The `memcompile` CLI: inputs detected from the path, checkpoints, exit codes, nothing
+half-written on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import memcompile
+from memcompile import checkpoint
+from memcompile.cli import main
+
+from models import CASES, VOCAB, build
+
+LLAMA = next(c for c in CASES if c.name == "llama")
+EXAMPLE = next(c for c in CASES if c.name == "example")
+SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
+
+
+def _ids(seed=0, seq=9):
+    return torch.randint(1, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    build(LLAMA).save_pretrained(path)
+    return path
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return LLAMA.logits(model, ids)
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_convert_hf_directory_augment_round_trip_is_exact(hf_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    result = _run("convert", hf_dir, "--layers", "0,2", "--mode", "augment", *SMALL, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["memcompile.json", "model.safetensors"]
+    loaded = memcompile.load(out)
+    assert [b.path for b in memcompile.find_ffn_blocks(loaded)] == ["model.layers.1.mlp"]
+    ids = _ids()
+    assert torch.equal(_logits(loaded, ids), _logits(build(LLAMA), ids))
+
+
+def test_convert_replace_matches_the_python_api_and_converts_again(hf_dir, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", first).exit_code == 0
+    result = _run("convert", first, "--layers", "2", *SMALL, "-o", second, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["converted"] == [2]
+
+    expected = build(LLAMA)
+    options = dict(mem_size=256, knn=4, heads=2)
+    memcompile.transform(expected, layers=[1], **options)
+    memcompile.transform(expected, layers=[2], **options)
+    loaded = memcompile.load(second)
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    ids = _ids(1)
+    assert torch.equal(_logits(loaded, ids), _logits(expected, ids))
+
+
+def test_pickled_module_is_refused_without_trust(tmp_path):
+    model_file, out = tmp_path / "model.pt", tmp_path / "out"
+    torch.save(build(EXAMPLE), model_file)
+    result = _run("convert", model_file, "--layers", "1", *SMALL, "-o", out)
+    assert result.exit_code == 2
+    assert "pickled module" in result.output and "--trust-pickle" in result.output
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+    result = _run("convert", model_file, "--layers", "1", *SMALL, "-o", out, "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(memcompile.MemcompileError, match="trust_pickle"):
+        memcompile.load(out)
+    loaded = memcompile.load(out, trust_pickle=True)
+    expected = memcompile.transform(build(EXAMPLE), layers=[1], mem_size=256, knn=4, heads=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()), expected(_ids()))
+
+
+def test_bare_state_dict_needs_a_config(hf_dir, tmp_path):
+    state_file, out = tmp_path / "weights.pt", tmp_path / "out"
+    original = build(LLAMA)
+    torch.save(original.state_dict(), state_file)
+    result = _run("convert", state_file, "--layers", "1", *SMALL, "-o", out)
+    assert result.exit_code == 2
+    assert "bare state_dict" in result.output and "--config" in result.output
+    assert not out.exists()
+
+    config = hf_dir / "config.json"
+    args = ("convert", state_file, "--config", config, "--layers", "1", "--mode", "augment")
+    result = _run(*args, *SMALL, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert torch.equal(_logits(memcompile.load(out), _ids()), _logits(original, _ids()))
+
+
+def test_existing_output_is_kept_unless_forced(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["memcompile.json", "model.safetensors"]
+    assert not _leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_interrupted_save_leaves_nothing(hf_dir, tmp_path, monkeypatch, interruption):
+    def explode(*args, **kwargs):
+        raise interruption("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", explode)
+    out = tmp_path / "out"
+    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
+    assert result.exit_code != 0
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--layers", "7"], "valid layers are 0-2"),
+        (["--layers", "1,1"], "listed twice"),
+        (["--layers", "1", "--mem-size", "1000"], "not a perfect square"),
+        (["--layers", "1", "--knn", "64", "--mem-size", "256"], "knn=64 is larger"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(hf_dir, tmp_path, args, phrase):
+    out = tmp_path / "out"
+    result = _run("convert", hf_dir, *args, "--quiet", "-o", out)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and phrase in errors[0]
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+def test_missing_path_and_unknown_directory(tmp_path):
+    assert _run("inspect", tmp_path / "nope").exit_code == 2
+    result = _run("inspect", tmp_path)
+    assert result.exit_code == 2 and "neither memcompile.json nor config.json" in result.output
+
+
+def test_inspect_table_and_json(hf_dir):
+    result = _run("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--heads", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    blocks = report["blocks"]
+    assert [b["index"] for b in blocks] == [0, 1, 2]
+    model = build(LLAMA)
+    mlp = model.model.layers[0].mlp
+    assert blocks[0]["params"] == sum(p.numel() for p in mlp.parameters())
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        mlp(torch.randn(1, 32))
+    assert blocks[0]["ffn_flops_per_token"] == counter.get_total_flops()
+
+    layer = memcompile.MemoryLayer(32, 32, memcompile.MemoryConfig(mem_size=256, knn=4, heads=2))
+    values = layer.values.numel()
+    assert blocks[0]["memory_params"] == sum(p.numel() for p in layer.parameters()) - values
+    assert blocks[0]["value_params"] == values
+    assert blocks[0]["memory_bytes"]["bfloat16"] == 2 * (blocks[0]["memory_params"] + values)
+
+    table = _run("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--quiet")
+    assert table.exit_code == 0
+    assert (
+        "model.layers.2.mlp" in table.output
+        and "value table: 8,192 parameters (float32 32.0 KiB" in table.output
+    )
+
+
+def test_mixture_of_experts_is_reported_and_refused(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    path = tmp_path / "mixtral"
+    MixtralForCausalLM(cfg).save_pretrained(path)
+    listed = _run("inspect", path, "--quiet", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output)["moe_blocks"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    result = _run("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "mixture-of-experts" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["convert"]])
+def test_help_shows_an_example(command):
+    result = _run(*command, "--help")
+    assert result.exit_code == 0
+    assert "memcompile" in result.output and ("Example" in result.output or not command)
+
+
+def test_console_script_exit_codes(hf_dir, tmp_path):
+    exe = Path(sys.executable).parent / "memcompile"
+    ok = subprocess.run([exe, "inspect", hf_dir, "-q"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "3 FFN blocks" in ok.stdout
+    bad = subprocess.run(
+        [exe, "convert", hf_dir, "--layers", "5", "-q", "-o", tmp_path / "o"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: layer 5")
+    usage = subprocess.run([exe, "convert", hf_dir], capture_output=True, text=True)
+    assert usage.returncode == 2
