@@ -22,10 +22,10 @@ def _format_size(n: int) -> str:
     return str(n)
 
 
-def _nearest_squares(n: int, at_least: int = 1) -> str:
-    root = max(math.isqrt(n), at_least)
-    below, above = root**2, (root + 1) ** 2
-    options = [s for s in (below, above) if math.isqrt(s) >= at_least]
+def _nearest_squares(n: int) -> str:
+    """The perfect squares just below and just above n (n itself not a square)."""
+    root = math.isqrt(n)
+    options = [s for s in (root**2, (root + 1) ** 2) if s >= 1]
     return " or ".join(f"{_format_size(s)} (= {math.isqrt(s)}**2)" for s in options)
 
 
@@ -87,11 +87,13 @@ class MemoryConfig:
             raise MemcompileError(
                 f"knn={self.knn} is larger than n_keys={n_keys} (mem_size {_format_size(n)}): "
                 f"use knn <= {n_keys} or a mem_size of at least "
-                f"{_nearest_squares(self.knn**2, at_least=self.knn)}"
+                f"{_format_size(self.knn**2)} (= {self.knn}**2)"
             )
         for name in ("k_dim", "v_dim"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise MemcompileError(f"{name} must be a positive integer, got {value!r}")
         if self.k_dim is not None and self.k_dim % 2:
             raise MemcompileError(

@@ -126,7 +126,9 @@ class MemoryLayer(nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q)
         scores, indices = ops.pk_topk(q, self.keys, self.knn)
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1)
+        # Softmax in float32 (float64 for a float64 layer). The dtype is chosen in Python so
+        # no `promote_types` call is traced into exported graphs.
+        probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), -1)
         picks = self.heads * self.knn
         return ops.bag(self.value_table, indices.view(-1, picks), probs.view(-1, picks))
 
