@@ -2,6 +2,15 @@
 
 from .config import MemoryConfig, parse_mem_size
 from .errors import MemcompileError
+from .init import ValuesInit, materialize_values
 from .memory_layer import MemoryLayer, MemoryPool
 
-__all__ = ["MemcompileError", "MemoryConfig", "MemoryLayer", "MemoryPool", "parse_mem_size"]
+__all__ = [
+    "MemcompileError",
+    "MemoryConfig",
+    "MemoryLayer",
+    "MemoryPool",
+    "ValuesInit",
+    "materialize_values",
+    "parse_mem_size",
+]

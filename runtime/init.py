@@ -7,7 +7,10 @@ lands on. That lets a very large table be built chunk by chunk on its final devi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 ROWS_PER_BLOCK = 4096
 # Tag of the shared pool's stream; layers use their position among the model's FFN blocks.
@@ -53,3 +56,58 @@ def normal_(tensor: torch.Tensor, std: float, seed: int) -> torch.Tensor:
     with torch.no_grad():
         tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(std))
     return tensor
+
+
+@dataclass(frozen=True)
+class ValuesInit:
+    """The init recipe of a value table: N(0, std**2) rows of the stream `seed`.
+
+    A table created lazily lives on the meta device until `materialize` builds it, chunk by
+    chunk, on its final device; the result does not depend on the chunk size or the device.
+    """
+
+    std: float
+    seed: int
+
+    def materialize(
+        self,
+        shape: tuple[int, int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        chunk_rows: int = 16 * ROWS_PER_BLOCK,
+    ) -> torch.Tensor:
+        table = torch.empty(shape, dtype=dtype, device=device)
+        for start in range(0, shape[0], chunk_rows):
+            normal_rows_(table[start : start + chunk_rows], self.std, self.seed, row_offset=start)
+        return table
+
+    def new_table(self, shape, dtype=None, device=None, lazy: bool = False) -> nn.Parameter:
+        if lazy:
+            return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+        return nn.Parameter(self.materialize(shape, dtype, device))
+
+
+def materialize_values(
+    model: nn.Module,
+    device: torch.device | str | None = None,
+    chunk_rows: int = 16 * ROWS_PER_BLOCK,
+) -> int:
+    """Build every lazily created value table of `model` from its init recipe.
+
+    Tables land on `device` (default: the device of the module's other parameters, else
+    CPU). Returns how many tables were built.
+    """
+    built = 0
+    for module in model.modules():
+        recipe = getattr(module, "values_init", None)
+        values = module._parameters.get("values")
+        if recipe is None or values is None or not values.is_meta:
+            continue
+        target = device
+        if target is None:
+            others = [p.device for p in module.parameters() if not p.is_meta]
+            target = others[0] if others else "cpu"
+        table = recipe.materialize(tuple(values.shape), values.dtype, target, chunk_rows)
+        module.values = nn.Parameter(table, requires_grad=values.requires_grad)
+        built += 1
+    return built

@@ -14,14 +14,17 @@ from torch import nn
 
 from ..kernels import ops
 from .config import MemoryConfig
-from .init import POOL_SEED_TAG, derive_seed, normal_, normal_rows_, uniform_
+from .init import POOL_SEED_TAG, ValuesInit, derive_seed, normal_, uniform_
 
 # Sub-stream tags of a layer's seed, one per parameter.
 _QUERY, _KEYS, _VALUES, _SWILU, _OUT = range(5)
 
 
 class MemoryPool(nn.Module):
-    """A value table (n_keys**2, v_dim) that several memory layers read."""
+    """A value table (n_keys**2, v_dim) that several memory layers read.
+
+    With `lazy=True` the table stays on the meta device until `materialize_values`.
+    """
 
     def __init__(
         self,
@@ -31,11 +34,12 @@ class MemoryPool(nn.Module):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        lazy: bool = False,
     ) -> None:
         super().__init__()
         self.seed = seed
-        self.values = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
-        normal_rows_(self.values, v_dim**-0.5, derive_seed(seed, POOL_SEED_TAG))
+        self.values_init = ValuesInit(v_dim**-0.5, derive_seed(seed, POOL_SEED_TAG))
+        self.values = self.values_init.new_table((n_rows, v_dim), dtype, device, lazy)
 
     def extra_repr(self) -> str:
         return f"rows={self.values.shape[0]}, v_dim={self.values.shape[1]}"
@@ -48,7 +52,8 @@ class MemoryLayer(nn.Module):
     With `augment=True` the output is exactly zero at init (zero `out` weight, or a zero
     `gate`), so adding the layer to a block leaves the block's outputs unchanged.
     With `own_values=False` the layer holds no values until `attach_pool` gives it a shared
-    `MemoryPool`. Inputs of another dtype than the layer's are cast in and out.
+    `MemoryPool`; with `lazy_values=True` its own values stay on the meta device until
+    `materialize_values`. Inputs of another dtype than the layer's are cast in and out.
     """
 
     _memcompile_converted = True
@@ -61,6 +66,7 @@ class MemoryLayer(nn.Module):
         *,
         augment: bool = False,
         own_values: bool = True,
+        lazy_values: bool = False,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -86,9 +92,11 @@ class MemoryLayer(nn.Module):
         uniform_(self.keys, 1.0 / math.sqrt(self.k_dim), derive_seed(seed, _KEYS))
 
         self._pool: list[MemoryPool] = []
+        self.values_init = None
         if own_values:
-            self.values = nn.Parameter(torch.empty(self.n_keys**2, self.v_dim, **factory))
-            normal_rows_(self.values, self.v_dim**-0.5, derive_seed(seed, _VALUES))
+            self.values_init = ValuesInit(self.v_dim**-0.5, derive_seed(seed, _VALUES))
+            shape = (self.n_keys**2, self.v_dim)
+            self.values = self.values_init.new_table(shape, dtype, device, lazy_values)
 
         self.swilu = self.out = self.gate = None
         if config.gating == "swilu":
@@ -110,6 +118,7 @@ class MemoryLayer(nn.Module):
         if tuple(pool.values.shape) != expected:
             raise ValueError(f"pool holds {tuple(pool.values.shape)} values, need {expected}")
         self._parameters.pop("values", None)
+        self.values_init = None
         self._pool[:] = [pool]
 
     @property
