@@ -57,14 +57,17 @@ def name_activation_module(module: nn.Module) -> str | None:
         with torch.no_grad():
             out = module(probe)
             shuffled = module(probe.flatten()[permutation].reshape(2, 32))
+            scaled = module(-2.0 * probe)
     except Exception:  # noqa: BLE001 - not callable on one tensor: not an activation
         return None
     finally:
         module.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (out, scaled)):
         return None
     if not torch.allclose(out.flatten()[permutation], shuffled.flatten()):
         return None
+    if torch.allclose(scaled, -2.0 * out):
+        return None  # linear (identity, a scale, dropout in eval): Linear -> it -> Linear is no FFN
     for name, curve in _REFERENCE_CURVES.items():
         if torch.allclose(out, curve(probe), atol=1e-4, rtol=1e-4):
             return name

@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
+from ..runtime.wrappers import CONVERTED_MARK
 from .activations import MULTIPLY, activation_name, skip_back
 from .blocks import Capture, FFNBlock, FFNMatch, TransformState
 from .capture import is_projection, projection_shape
@@ -65,7 +66,7 @@ class _Matcher:
 
     def match(self, down: fx.Node) -> tuple[FFNMatch, str, str, int, int, int] | None:
         down_shape = self.projection(down)
-        if down_shape is None or not down.args:
+        if down_shape is None or not down.args or down.meta.get(CONVERTED_MARK):
             return None
         hidden, passed = self.back(down.args[0])
         interior = list(passed)
@@ -94,7 +95,7 @@ class _Matcher:
             if any(user not in ffn_nodes and user is not down for user in node.users):
                 return None  # a hidden activation is used outside the FFN: not separable
         order = {n: i for i, n in enumerate(self.root.graph.nodes)}
-        interior.sort(key=order.__getitem__)
+        interior = sorted(ffn_nodes, key=order.__getitem__)  # each node once
         targets = tuple(n.target for n in linears) + (down.target,)
         m = FFNMatch(entry=entry, exit=down, interior=tuple(interior), linears=targets)
         return m, kind, name, d_model, d_hidden, down_shape[1]
@@ -108,17 +109,25 @@ class _Matcher:
             name, gate, act_nodes = act
             nodes = act_passed + lin_passed + act_nodes
             gate_shape, up_shape = self.projection(gate), self.projection(lin_node)
+            if gate is lin_node and gate_shape and gate_shape[1] == d_hidden:
+                # h * act(h) of one projection: an MLP (h * sigmoid(h) is SiLU), not gated
+                name = "silu" if name == "sigmoid" else f"x*{name}"
+                return gate.args[0], "mlp", name, [gate], nodes + [gate], gate_shape[0]
             if gate_shape and up_shape and gate.args[0] is lin_node.args[0]:
                 if gate_shape[1] == up_shape[1] == d_hidden:
                     linears = [gate, lin_node]
                     return gate.args[0], "gated", name, linears, nodes + linears, gate_shape[0]
             halves = self.chunk_half(gate), self.chunk_half(lin_node)
-            if None in halves or halves[0][0] is not halves[1][0] or halves[0][1] != 0:
+            if None in halves or halves[0][0] is not halves[1][0]:
                 continue
             chunk = halves[0][0]
             fused = chunk.args[0]
             fused_shape = self.projection(fused)
-            if fused_shape and fused_shape[1] == 2 * d_hidden and halves[1][1] == 1:
+            if (
+                fused_shape
+                and fused_shape[1] == 2 * d_hidden
+                and {halves[0][1], halves[1][1]} == {0, 1}
+            ):
                 nodes += [gate, lin_node, chunk, fused]
                 return fused.args[0], "fused_gated", name, [fused], nodes, fused_shape[0]
         return None

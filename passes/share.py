@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..runtime import MemcompileError, MemoryPool
 from .blocks import TransformState
 
 POOL_NAME = "memcompile_pool"
+
+
+def check_shareable(model: nn.Module, shapes: set[tuple[int, int]]) -> None:
+    """Raise MemcompileError unless one table, and the model's pool if any, fits all `shapes`.
+
+    `rewrite` calls this before it changes the model, so a bad request leaves it untouched.
+    """
+    if len(shapes) > 1:
+        raise MemcompileError(
+            f"converted layers need value tables of different shapes {sorted(shapes)}: "
+            "set v_dim explicitly or pass share_values=False"
+        )
+    pool = getattr(model, POOL_NAME, None)
+    if pool is not None and shapes and {tuple(pool.values.shape)} != shapes:
+        raise MemcompileError(
+            f"the model already has a shared value table of shape {tuple(pool.values.shape)}; "
+            f"new layers need {next(iter(shapes))}: use the same mem_size and v_dim, or "
+            "share_values=False"
+        )
 
 
 def share(state: TransformState) -> None:
@@ -18,12 +39,8 @@ def share(state: TransformState) -> None:
     if not layers or not state.config.share_values:
         return
     shapes = {(layer.n_keys**2, layer.v_dim) for layer in layers}
-    if len(shapes) > 1:
-        raise MemcompileError(
-            f"converted layers need value tables of different shapes {sorted(shapes)}: "
-            "set v_dim explicitly or pass share_values=False"
-        )
-    (rows, v_dim), = shapes
+    check_shareable(state.model, shapes)
+    ((rows, v_dim),) = shapes
     pool = getattr(state.model, POOL_NAME, None)
     if pool is None:
         weight = layers[0].query.weight
@@ -31,12 +48,6 @@ def share(state: TransformState) -> None:
             rows, v_dim, seed=state.config.seed, dtype=weight.dtype, device=weight.device
         )
         state.model.add_module(POOL_NAME, pool)
-    elif tuple(pool.values.shape) != (rows, v_dim):
-        raise MemcompileError(
-            f"the model already has a shared value table of shape {tuple(pool.values.shape)}; "
-            f"new layers need {(rows, v_dim)}: use the same mem_size and v_dim, or "
-            "share_values=False"
-        )
     for layer in layers:
         layer.attach_pool(pool)
     state.pool = pool
