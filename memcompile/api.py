@@ -56,6 +56,7 @@ def transform(
     mem_size: int | str = "1M",
     *,
     config: MemoryConfig | None = None,
+    lazy_init: bool = False,
     return_report: bool = False,
     **options,
 ) -> nn.Module | tuple[nn.Module, TransformReport]:
@@ -64,8 +65,12 @@ def transform(
     `layers` are block indices (`model.layers.12.mlp` is 12; "encoder.2" for models with
     several stacks); None converts every FFN. `mem_size` and `options` are `MemoryConfig`
     fields (heads, knn, k_dim, v_dim, gating, qk_norm, share_values, mode, seed, dtype), or
-    pass a whole `config`. Returns the same model object, with a `TransformReport` attached
-    as `model.memcompile_report`; `return_report=True` returns `(model, report)` instead.
+    pass a whole `config`. With `lazy_init=True` the value tables stay on the meta device
+    (no memory, no init time) until `memcompile.runtime.materialize_values(model)` builds
+    them from their seed, or a checkpoint stores their recipe.
+
+    Returns the same model object, with a `TransformReport` attached as
+    `model.memcompile_report`; `return_report=True` returns `(model, report)` instead.
     """
     if not isinstance(model, nn.Module):
         raise MemcompileError(f"transform needs a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +85,7 @@ def transform(
         layers = [layers]
     params_before = count_parameters(model)
     state = TransformState(model, config, None if layers is None else list(layers))
+    state.lazy_values = lazy_init
     run_passes(state)
     params_after = count_parameters(model)
     removed = sum(c.ffn_params for c in state.converted) if config.mode == "replace" else 0

@@ -27,11 +27,8 @@ class FFNMatch:
 
 @dataclass
 class Capture:
-    """One traced module: `graph_module` is `module` traced with its children as leaves.
-
-    For a split FFN (e.g. BERT's intermediate/output pair) `partner` is the capture of the
-    module that holds the output projection.
-    """
+    """One traced module: `graph_module` is `module` traced with its children as leaves
+    (`whole_model`: the model itself is the graph)."""
 
     path: str
     module: nn.Module
@@ -85,3 +82,4 @@ class TransformState:
     selected: list[FFNBlock] = field(default_factory=list)
     converted: list[ConvertedBlock] = field(default_factory=list)
     pool: MemoryPool | None = None
+    lazy_values: bool = False  # value tables on the meta device, built later from their recipe

@@ -8,6 +8,7 @@ an `fx.GraphModule` is searched as one graph.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -41,25 +42,62 @@ class LeafTracer(fx.Tracer):
         return True
 
 
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _forward_parameters(module: nn.Module) -> list[inspect.Parameter]:
+    return list(inspect.signature(module.forward).parameters.values())
+
+
+def is_specialized(module: nn.Module) -> bool:
+    """True when tracing fixes some of the forward's arguments (defaults, *args, **kwargs):
+    its graph is then right for default calls only, so it must not replace the module."""
+    return any(p.default is not p.empty or p.kind in _VARIADIC for p in _forward_parameters(module))
+
+
+@contextlib.contextmanager
+def _without_variadic_arguments(module: nn.Module):
+    """Temporarily give the module a forward without *args/**kwargs, which fx cannot trace
+    (a `**kwargs` proxy cannot be unpacked); the original forward runs with none of them."""
+    params = _forward_parameters(module)
+    if not any(p.kind in _VARIADIC for p in params):
+        yield
+        return
+    cls = type(module)
+    named = [p for p in params if p.kind in _NAMED]
+    defaults = {p.name: p.default for p in named if p.default is not p.empty}
+    signature = ", ".join(
+        f"{p.name}=_defaults[{p.name!r}]" if p.name in defaults else p.name for p in named
+    )
+    call = ", ".join(f"{p.name}={p.name}" for p in named)
+    namespace = {"_defaults": defaults, "_original": cls.forward}
+    exec(f"def forward(self, {signature}):\n    return _original(self, {call})", namespace)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"]})
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+
+
 def trace_module(module: nn.Module) -> fx.GraphModule | None:
     """The module's forward as a graph over its children, or None if it does not trace.
 
-    Arguments with defaults are fixed to their defaults, so Python control flow on flags
-    such as `use_cache=False` traces.
+    Arguments with defaults are fixed to their defaults (so Python control flow on flags
+    such as `use_cache=False` traces) and *args/**kwargs are left out: see `is_specialized`.
     """
-    params = list(inspect.signature(module.forward).parameters.values())
-    concrete = {
-        p.name: p.default
-        for p in params[1:]
-        if p.default is not inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
     try:
-        graph = LeafTracer().trace(module, concrete_args=concrete or None)
+        with _without_variadic_arguments(module):
+            concrete = {
+                p.name: p.default
+                for p in _forward_parameters(module)[1:]
+                if p.default is not p.empty and p.kind in _NAMED
+            }
+            graph = LeafTracer().trace(module, concrete_args=concrete or None)
+            return fx.GraphModule(module, graph, class_name=type(module).__name__)
     except Exception as error:  # noqa: BLE001 - arbitrary user code: any failure means "skip"
         log.debug("not traceable alone: %s (%s)", type(module).__name__, error)
         return None
-    return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
 def _converted_subtrees(model: nn.Module) -> set[str]:

@@ -1,27 +1,37 @@
 """rewrite: put a MemoryLayer in place of (replace) or beside (augment) each chosen FFN.
 
-Three ways, by how the FFN sits in the model:
-- the FFN is a whole module (`mlp`): swap the module for the layer, or for
+Four ways, by how the FFN sits in the model, tried in this order:
+- "module": the FFN is a whole module (`mlp`): swap it for the layer, or for
   `AugmentedFFN(mlp, layer)`;
-- the FFN is split over two sibling modules (BERT's intermediate/output): swap both;
-- otherwise (the FFN shares its module with other code, or the model is one fx graph):
-  rewrite the graph, and the module becomes that GraphModule.
+- "split": the FFN is split over two sibling modules (BERT's intermediate/output): swap both;
+- "children": the FFN is up -> act -> down child modules inside a bigger forward (OPT's
+  decoder layer): swap the three children, the forward itself stays as written;
+- "graph": otherwise (or when the model is one fx graph) rewrite the traced graph, and the
+  module becomes that GraphModule. A graph traced with fixed arguments (defaults, **kwargs)
+  is right for default calls only, so such a block is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import zlib
 
 import torch.fx as fx
 from torch import nn
 
-from ..runtime import MemoryLayer
+from ..runtime import MemcompileError, MemoryLayer
 from ..runtime.init import derive_seed
-from ..runtime.wrappers import CONVERTED_MARK, AugmentedFFN, SplitFFNEntry, SplitFFNExit
-from .activations import skip_back
+from ..runtime.wrappers import (
+    CONVERTED_MARK,
+    AugmentedFFN,
+    PackedActivation,
+    SplitFFNEntry,
+    SplitFFNExit,
+)
+from .activations import is_pass_through, skip_back
 from .blocks import ConvertedBlock, FFNBlock, TransformState
-from .capture import trace_module
+from .capture import is_specialized, trace_module
 from .share import check_shareable
 
 log = logging.getLogger(__name__)
@@ -80,6 +90,68 @@ def _swap_split(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augment: 
     _set_submodule(model, block.exit_path, new_down)
     original, replacement = nn.Sequential(head, down), nn.Sequential(new_head, new_down)
     return ConvertedBlock(block, layer, original, replacement, _count(head, down))
+
+
+def _swappable_children(block: FFNBlock) -> tuple[str, str, str] | None:
+    """(up, act, down) child names when the FFN is three call_module nodes of direct
+    children, each called once, with only pass-through nodes between them."""
+    if block.kind != "mlp" or block.capture.whole_model:
+        return None
+    gm, match = block.capture.graph_module, block.match
+    calls = [n for n in match.interior if n.op == "call_module"]
+    others = [n for n in match.interior if n.op != "call_module"]
+    if any(not is_pass_through(gm, n) for n in others):
+        return None
+    named = [n for n in calls if not is_pass_through(gm, n)]
+    if len(named) != 2 or any("." in n.target for n in (*named, match.exit)):
+        return None
+    up, act = sorted(named, key=lambda n: n.target != match.linears[0])
+    targets = (up.target, act.target, match.exit.target)
+    counts = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    if any(counts.count(target) != 1 for target in targets):
+        return None
+    reads = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    if any(read.startswith(f"{target}.") for read in reads for target in targets):
+        return None  # the forward reads e.g. `self.fc2.weight`: the children must stay
+    return targets
+
+
+def _swap_children(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augment: bool):
+    up_name, act_name, down_name = _swappable_children(block)
+    parent = block.capture.module
+    up, act, down = (getattr(parent, name) for name in (up_name, act_name, down_name))
+    if augment:
+        new = SplitFFNEntry(up, layer), PackedActivation(act, block.d_hidden)
+        new += (SplitFFNExit(down, block.d_hidden),)
+    else:
+        new = layer, nn.Identity(), nn.Identity()
+    for name, module in zip((up_name, act_name, down_name), new):
+        setattr(parent, name, module)
+    original, replacement = nn.Sequential(up, act, down), nn.Sequential(*new)
+    return ConvertedBlock(block, layer, original, replacement, _count(up, down))
+
+
+def _strategy(block: FFNBlock) -> str:
+    if block.kind == "split":
+        return "split"
+    if _is_whole_module(block):
+        return "module"
+    if _swappable_children(block) is not None:
+        return "children"
+    if not block.capture.whole_model and is_specialized(block.capture.module):
+        raise MemcompileError(
+            f"block {block.label} ({block.path}): its FFN shares "
+            f"{type(block.capture.module).__name__}.forward with other code that takes "
+            "optional arguments, which a rewritten graph could not keep; this layout is not "
+            "supported yet, choose other layers"
+        )
+    return "graph"
+
+
+def block_seed(seed: int, block: FFNBlock) -> int:
+    """A layer's seed: from the config seed and the block's path, so a block gets the same
+    memory whether it is converted alone, with others, or in a later transform."""
+    return derive_seed(seed, zlib.crc32(block.path.encode()))
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
@@ -195,12 +267,19 @@ def rewrite(state: TransformState) -> None:
     """Build a MemoryLayer per selected block and put it into the model."""
     config, model = state.config, state.model
     augment = config.mode == "augment"
-    positions = {block.path: i for i, block in enumerate(state.blocks)}
-    # Resolve every config and check sharing first, so a bad request leaves the model as is.
+    # Resolve every config, choose every strategy and check sharing first, so a bad request
+    # leaves the model as it was.
     configs = [config.resolve(block.d_model, block.d_out) for block in state.selected]
+    strategies = [_strategy(block) for block in state.selected]
     if config.share_values:
         check_shareable(model, {(c.n_keys**2, c.v_dim) for c in configs})
-    for block, resolved in zip(state.selected, configs):
+    swap = {
+        "split": _swap_split,
+        "module": _swap_module,
+        "children": _swap_children,
+        "graph": _rewrite_graph,
+    }
+    for block, resolved, strategy in zip(state.selected, configs, strategies):
         weight = _exit_projection(model, block).weight
         layer = MemoryLayer(
             block.d_model,
@@ -208,14 +287,10 @@ def rewrite(state: TransformState) -> None:
             resolved,
             augment=augment,
             own_values=not resolved.share_values,
-            seed=derive_seed(resolved.seed, positions[block.path]),
+            lazy_values=state.lazy_values,
+            seed=block_seed(resolved.seed, block),
             dtype=resolved.torch_dtype or weight.dtype,
             device=weight.device,
         )
-        if block.kind == "split":
-            converted = _swap_split(model, block, layer, augment)
-        elif _is_whole_module(block):
-            converted = _swap_module(model, block, layer, augment)
-        else:
-            converted = _rewrite_graph(model, block, layer, augment)
-        state.converted.append(converted)
+        log.debug("block %s: %s rewrite", block.label, strategy)
+        state.converted.append(swap[strategy](model, block, layer, augment))

@@ -45,7 +45,12 @@ def share(state: TransformState) -> None:
     if pool is None:
         weight = layers[0].query.weight
         pool = MemoryPool(
-            rows, v_dim, seed=state.config.seed, dtype=weight.dtype, device=weight.device
+            rows,
+            v_dim,
+            seed=state.config.seed,
+            dtype=weight.dtype,
+            device=weight.device,
+            lazy=state.lazy_values,
         )
         state.model.add_module(POOL_NAME, pool)
     for layer in layers:

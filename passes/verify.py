@@ -37,6 +37,9 @@ def verify(state: TransformState) -> None:
         if converted.original is None:
             log.debug("verify: %s was rewritten as a graph: not probed", converted.block.path)
             continue
+        if any(p.is_meta for p in converted.layer.parameters()) or state.lazy_values:
+            log.debug("verify: %s has lazy values: not probed", converted.block.path)
+            continue
         weight = next(converted.original.parameters())
         probe = torch.randn(2, 3, converted.block.d_model, generator=generator)
         probe = probe.to(dtype=weight.dtype, device=weight.device)

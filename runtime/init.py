@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 ROWS_PER_BLOCK = 4096
-# Tag of the shared pool's stream; layers use their position among the model's FFN blocks.
+# Tag of the shared pool's stream (a layer's own streams derive from its block's path).
 POOL_SEED_TAG = 1 << 20
 _MIX = 0x9E3779B97F4A7C15
 

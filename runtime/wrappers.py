@@ -30,7 +30,7 @@ class AugmentedFFN(nn.Module):
 
 
 class SplitFFNEntry(nn.Module):
-    """First half of a split FFN (e.g. BERT's `intermediate`) in augment mode.
+    """First half of a split FFN (BERT's `intermediate`, or an up projection) in augment mode.
 
     Returns [first_half(x), memory(x)] concatenated on the last dim; `SplitFFNExit` in the
     sibling module splits them again, so the memory output reaches the down projection
@@ -47,6 +47,24 @@ class SplitFFNEntry(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.ffn(x)
         return torch.cat([hidden, self.memory(x).to(hidden.dtype)], dim=-1)
+
+
+class PackedActivation(nn.Module):
+    """The activation of an FFN whose hidden state travels packed with a memory output
+    ([hidden, memory] on the last dim): applied to the hidden part only."""
+
+    _memcompile_converted = True
+
+    def __init__(self, act: nn.Module, d_hidden: int) -> None:
+        super().__init__()
+        self.act = act
+        self.d_hidden = d_hidden
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        # Contiguous, as in the original block: strided inputs take other (not bit-identical)
+        # elementwise loops.
+        hidden = self.act(packed[..., : self.d_hidden].contiguous())
+        return torch.cat([hidden, packed[..., self.d_hidden :]], dim=-1)
 
 
 class SplitFFNExit(nn.Module):

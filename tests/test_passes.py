@@ -376,3 +376,71 @@ def test_graph_rewrite_keeps_unused_children_and_buffer_persistence():
         k.startswith(("layers.0.memory.", "layers.1.memory.", "memcompile_pool.")) for k in new_keys
     )
     assert "layers.0.scale" not in model.state_dict()  # still non-persistent
+
+
+# ---------------------------------------------------------------- rewrite strategies, seeds
+
+
+class GatedInlineWithOption(nn.Module):
+    """A gated FFN inside a forward that takes an optional argument: its traced graph would
+    be right for the default call only, so it cannot replace the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x, scale=None):
+        h = F.silu(self.gate(x)) * self.up(x)
+        y = x + self.down(h)
+        return y if scale is None else y * scale
+
+
+class InlineWithKwargs(nn.Module):
+    """OPT's layout: fc1 -> act -> fc2 children inside a forward with **kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.act = nn.LayerNorm(D), nn.Linear(D, H), nn.ReLU()
+        self.fc2 = nn.Linear(H, D)
+
+    def forward(self, x, mask=None, **kwargs):
+        if mask is not None:
+            x = x * mask
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def test_inline_ffn_in_a_forward_with_options_swaps_its_children():
+    torch.manual_seed(0)
+    model = nn.Sequential(InlineWithKwargs(), InlineWithKwargs()).eval()
+    x, mask = torch.randn(2, 5, D), torch.rand(2, 5, 1)
+    expected = model[1](model[0](x, mask=mask, extra=1), mask=mask)
+    memcompile.transform(model, [0, 1], mode="augment", **SMALL)
+    assert type(model[0]) is InlineWithKwargs  # the forward is kept, with its options
+    assert torch.equal(model[1](model[0](x, mask=mask, extra=1), mask=mask), expected)
+
+    replaced = nn.Sequential(InlineWithKwargs(), InlineWithKwargs())
+    memcompile.transform(replaced, [1], **SMALL)
+    assert isinstance(replaced[1].fc1, MemoryLayer) and not hasattr(replaced[1].fc2, "weight")
+    assert replaced[1](x, mask=mask).shape == x.shape
+
+
+def test_ffn_sharing_a_forward_with_options_is_refused_before_any_change():
+    model = nn.Sequential(GatedInlineWithOption(), GatedInlineWithOption())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemcompileError, match="optional arguments") as error:
+        memcompile.transform(model, [0, 1], **SMALL)
+    assert "\n" not in str(error.value)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_block_gets_the_same_memory_whether_converted_alone_or_later():
+    options = dict(SMALL, share_values=False)
+    together = memcompile.transform(build("gelu_module"), [0, 1], **options)
+    stepwise = memcompile.transform(build("gelu_module"), [0], **options)
+    memcompile.transform(stepwise, [1], **options)
+    assert together.state_dict().keys() == stepwise.state_dict().keys()
+    for name, tensor in together.state_dict().items():
+        assert torch.equal(tensor, stepwise.state_dict()[name]), name
+    layers = memories(together)
+    assert not torch.equal(layers[0].keys, layers[1].keys)  # each block its own stream
