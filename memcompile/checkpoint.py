@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import RECIPE_ATTRIBUTE, transform
-from .runtime import MemcompileError, MemoryConfig
+from .runtime import MemcompileError, MemoryConfig, materialize_values
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,28 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+def _lazy_recipes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Init recipes of the value tables still on the meta device (never materialised)."""
+    recipes = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_meta:
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0])
+        recipe = getattr(owner, "values_init", None)
+        if not name.endswith(".values") or recipe is None:
+            raise MemcompileError(
+                f"{name} is on the meta device and has no init recipe: materialise the model "
+                "before saving it"
+            )
+        recipes[name] = {
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "std": recipe.std,
+            "seed": recipe.seed,
+        }
+    return recipes
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -130,6 +152,8 @@ def save(
         "transforms": getattr(model, RECIPE_ATTRIBUTE, []),
     }
     tensors, manifest["aliases"] = _unique_tensors(model)
+    manifest["lazy_values"] = _lazy_recipes(model, tensors)
+    tensors = {name: t for name, t in tensors.items() if name not in manifest["lazy_values"]}
     with atomic_directory(path, force=force) as tmp:
         if pickled_source is not None:
             shutil.copyfile(pickled_source, tmp / PICKLED_SOURCE)
@@ -170,20 +194,32 @@ def _copy_in(model: nn.Module, name: str, saved: torch.Tensor) -> None:
             f"checkpoint tensor {name} has shape {tuple(saved.shape)}, the rebuilt model "
             f"{tuple(target.shape)}: the checkpoint does not match its manifest"
         )
+    if target.is_meta:  # a lazily created value table: it gets its first real storage
+        module._parameters[attr] = nn.Parameter(saved, requires_grad=target.requires_grad)
+        return
     # Replacing .data keeps the Parameter object, so tied weights stay tied.
     target.data = saved.to(target.device)
 
 
-def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
-    """Rebuild a checkpoint's model: base model, transforms re-applied, saved tensors copied in."""
+def load(
+    path: str | os.PathLike, *, trust_pickle: bool = False, materialize: bool = True
+) -> nn.Module:
+    """Rebuild a checkpoint's model: base model, transforms re-applied, saved tensors copied in.
+
+    Value tables stored as an init recipe (`--lazy-init`) are built from it, chunk by chunk,
+    unless `materialize=False` leaves them on the meta device (for
+    `memcompile.runtime.materialize_values` on their final device).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     model = build_source(manifest["source"], path, trust_pickle)
     for step in manifest["transforms"]:
         config = MemoryConfig(**step["config"])
-        transform(model, layers=step["layers"], config=config)
+        # Values are created lazily: saved ones are copied in, the rest built from recipes.
+        transform(model, layers=step["layers"], config=config, lazy_init=True)
     saved = load_file(str(path / WEIGHTS))
-    expected = set(model.state_dict()) - set(manifest.get("aliases", {}))
+    lazy = manifest.get("lazy_values", {})
+    expected = set(model.state_dict()) - set(manifest.get("aliases", {})) - set(lazy)
     missing, unexpected = expected - set(saved), set(saved) - expected
     if missing or unexpected:
         raise MemcompileError(
@@ -192,4 +228,11 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
         )
     for name, tensor in saved.items():
         _copy_in(model, name, tensor)
+    for name, recipe in lazy.items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        rebuilt = owner.values_init
+        if (rebuilt.std, rebuilt.seed) != (recipe["std"], recipe["seed"]):
+            raise MemcompileError(f"{name}: the checkpoint's init recipe does not match")
+    if materialize:
+        materialize_values(model)
     return model.eval()

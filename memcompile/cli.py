@@ -264,6 +264,11 @@ def inspect(
 @_model_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="checkpoint directory")
 @click.option("--force", is_flag=True, help="overwrite an existing output")
+@click.option(
+    "--lazy-init",
+    is_flag=True,
+    help="store the value tables' init recipe instead of their bytes (large memories)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @_fail_cleanly
@@ -274,6 +279,7 @@ def convert(
     mode,
     output,
     force,
+    lazy_init,
     as_json,
     quiet,
     trust_remote_code,
@@ -301,7 +307,9 @@ def convert(
             "convert MoE blocks; `memcompile inspect` lists them"
         )
     with steps("converting"):
-        model, report = transform(loaded.model, layers=wanted, config=config, return_report=True)
+        model, report = transform(
+            loaded.model, layers=wanted, config=config, lazy_init=lazy_init, return_report=True
+        )
     with steps(f"saving {output}"):
         checkpoint.save(model, output, force=force, pickled_source=loaded.pickled_source)
     result = {

@@ -1,0 +1,90 @@
+"""Lazy value tables: stored as an init recipe, built chunk by chunk, the same tensor as an
+eager init whatever the chunk size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import memcompile
+from memcompile.cli import main
+from memcompile.runtime import MemoryConfig, MemoryLayer, MemoryPool, materialize_values
+from memcompile.runtime.init import ROWS_PER_BLOCK
+
+from models import CASES, VOCAB, build
+
+LLAMA = next(c for c in CASES if c.name == "llama")
+OPTIONS = dict(mem_size=128**2, knn=4, heads=2)  # 16,384 rows: several init blocks
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 1000, ROWS_PER_BLOCK, 5000, 128**2])
+def test_materialised_table_does_not_depend_on_the_chunk_size(chunk_rows):
+    eager = MemoryPool(128**2, 8, seed=3)
+    lazy = MemoryPool(128**2, 8, seed=3, lazy=True)
+    assert lazy.values.is_meta
+    built = lazy.values_init.materialize((128**2, 8), torch.float32, "cpu", chunk_rows)
+    assert torch.equal(built, eager.values.detach())
+    assert built.std().item() == pytest.approx(8**-0.5, rel=0.02)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_lazy_transform_then_materialise_equals_eager(share):
+    eager = memcompile.transform(build(LLAMA), [0, 2], share_values=share, **OPTIONS)
+    lazy = memcompile.transform(build(LLAMA), [0, 2], share_values=share, lazy_init=True, **OPTIONS)
+    metas = [n for n, p in lazy.named_parameters() if p.is_meta]
+    assert metas and all(n.endswith("values") for n in metas)
+    assert len(metas) == (1 if share else 2)
+    assert materialize_values(lazy) == len(metas)
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(tensor, lazy.state_dict()[name]), name
+
+
+def test_single_layer_lazy_values():
+    config = MemoryConfig(mem_size=64**2, knn=4, heads=2).resolve(16)
+    eager = MemoryLayer(16, 16, config, seed=5)
+    lazy = MemoryLayer(16, 16, config, seed=5, lazy_values=True)
+    assert lazy.values.is_meta and not lazy.keys.is_meta
+    materialize_values(lazy, chunk_rows=777)
+    assert torch.equal(lazy.values, eager.values)
+    x = torch.randn(3, 16)
+    assert torch.equal(lazy(x), eager(x))
+
+
+def test_cli_lazy_init_stores_the_recipe_and_loads_the_same_model(tmp_path):
+    source = tmp_path / "hf"
+    build(LLAMA).save_pretrained(source)
+    args = [
+        "convert",
+        str(source),
+        "--layers",
+        "0,2",
+        "--mem-size",
+        str(128**2),
+        "--knn",
+        "4",
+        "--heads",
+        "2",
+        "--quiet",
+    ]
+    lazy_out, eager_out = tmp_path / "lazy", tmp_path / "eager"
+    assert CliRunner().invoke(main, [*args, "--lazy-init", "-o", str(lazy_out)]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "-o", str(eager_out)]).exit_code == 0
+
+    manifest = json.loads((lazy_out / "memcompile.json").read_text())
+    assert list(manifest["lazy_values"]) == ["memcompile_pool.values"]
+    assert manifest["lazy_values"]["memcompile_pool.values"]["shape"] == [128**2, 32]
+    with safe_open(str(lazy_out / "model.safetensors"), "pt") as stored:
+        assert "memcompile_pool.values" not in stored.keys()
+    lazy_size = (lazy_out / "model.safetensors").stat().st_size
+    eager_size = (eager_out / "model.safetensors").stat().st_size
+    assert eager_size - lazy_size >= 128**2 * 32 * 4
+
+    from_lazy, from_eager = memcompile.load(lazy_out), memcompile.load(eager_out)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(LLAMA.logits(from_lazy, ids), LLAMA.logits(from_eager, ids))
+    assert memcompile.load(lazy_out, materialize=False).memcompile_pool.values.is_meta
