@@ -1,13 +1,17 @@
-"""Convert the bundled example transformer and show what changed.
+"""`make demo`: convert the bundled example transformer with the `memcompile` CLI.
 
-Run by `make demo`. It builds the seeded example model (tiny_transformer.py), lists its FFN
-blocks, converts two of them in augment mode (outputs must stay bit-identical) and in
-replace mode (FFNs removed), and prints parameter counts and the output checks.
+The seeded example model (tiny_transformer.py) is exported with torch.export to
+build/demo/example.pt2; `memcompile inspect` lists its FFN blocks; `memcompile convert`
+turns blocks 1 and 2 into memory layers, once in augment mode (outputs must stay
+bit-identical) and once in replace mode (FFNs removed); then both converted programs run
+on an input of another shape than the export's, against the original.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,66 +19,83 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memcompile  # noqa: E402
+import memcompile  # noqa: E402, F401  (registers the memcompile ops for torch.export.load)
 
 from tiny_transformer import build_model  # noqa: E402
 
+CLI = [sys.executable, "-m", "memcompile.cli"]
 
-def _parse_layers(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+
+def run(*args: str) -> str:
+    print("$ memcompile " + " ".join(args), flush=True)
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"memcompile {args[0]} failed:\n{done.stderr}")
+    return done.stdout
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="1,2", help="block indices to convert, e.g. 1,2")
+    parser.add_argument("--layers", default="1,2", help="block indices to convert")
     parser.add_argument("--mem-size", default="64K", help="value rows, e.g. 64K = 256**2")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("build/demo"))
     args = parser.parse_args()
 
-    original = build_model(args.seed).eval()
-    ids = torch.randint(
-        0, original.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)
+    model = build_model(seed=0).eval()
+    example = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=128)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    source = args.out / "example.pt2"
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=(dims,)), source)
+    print(f"exported the example model to {source}\n")
+
+    print(run("inspect", str(source), "--mem-size", args.mem_size, "--quiet"))
+    probe = torch.randint(
+        0, model.cfg.vocab_size, (3, 25), generator=torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
-        reference = original(ids)
-
-    blocks = memcompile.find_ffn_blocks(original)
-    print(f"example model: {memcompile.count_parameters(original):,} parameters")
-    print(f"FFN blocks found: {len(blocks)}")
-    print(f"  {'index':>5}  {'path':<16} {'kind':<6} {'d_model':>7} {'d_hidden':>8}  activation")
-    for b in blocks:
-        widths = f"{b.d_model:>7} {b.d_hidden:>8}"
-        print(f"  {b.label:>5}  {b.path:<16} {b.kind:<6} {widths}  {b.activation}")
-
-    layers = _parse_layers(args.layers)
+        reference = torch.export.load(source).module()(probe)
+    ok = True
     for mode in ("augment", "replace"):
-        model = build_model(args.seed).eval()
-        model, report = memcompile.transform(
-            model, layers=layers, mem_size=args.mem_size, mode=mode, return_report=True
+        target = args.out / f"example-{mode}.pt2"
+        result = json.loads(
+            run(
+                "convert",
+                str(source),
+                "--layers",
+                args.layers,
+                "--mem-size",
+                args.mem_size,
+                "--mode",
+                mode,
+                "-o",
+                str(target),
+                "--force",
+                "--quiet",
+                "--json",
+            )
         )
+        converted = torch.export.load(target).module()
         with torch.no_grad():
-            out = model(ids)
-        print(f"\n{mode}: {report.summary()}")
+            out = converted(probe)
         print(
-            f"  parameters: {report.params_before:,} -> {report.params_after:,} "
-            f"(FFN removed {report.ffn_params_removed:,}, memory added "
-            f"{report.memory_params_added:,})"
+            f"  {mode}: {result['blocks_found']} FFN blocks found, converted "
+            f"{result['converted']}; parameters {result['params_before']:,} -> "
+            f"{result['params_after']:,}"
         )
         if mode == "augment":
             same = torch.equal(out, reference)
-            print(f"  output check: identical to the original: {same}")
-            if not same:
-                return 1
+            ok &= same
+            print(f"  output check (batch 3, 25 tokens): identical to the original: {same}\n")
         else:
-            ok = out.shape == reference.shape and bool(torch.isfinite(out).all())
-            diff = (out - reference).abs().max().item()
+            finite = out.shape == reference.shape and bool(torch.isfinite(out).all())
+            ok &= finite
+            change = (out - reference).abs().max().item()
             print(
-                f"  output check: shape {tuple(out.shape)} as before, finite: {ok}; "
-                f"max |change| {diff:.3g} (the memory is untrained)"
+                f"  output check: shape {tuple(out.shape)} as before, finite: {finite}; "
+                f"max |change| {change:.3g} (the new memory is untrained)\n"
             )
-            if not ok:
-                return 1
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

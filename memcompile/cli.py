@@ -24,6 +24,7 @@ Examples:
   memcompile convert ./my-hf-model --layers 4,12 --mem-size 1M -o ./my-hf-model-mem
   memcompile convert ./ckpt --layers 8 --mem-size 1M -o ./ckpt2   # convert more layers
   memcompile convert model.pt --trust-pickle --layers 1 -o out      # a torch.save()d module
+  memcompile convert model.pt2 --layers 1,2 --mem-size 64K -o model-mem.pt2  # torch.export
 """
 
 
@@ -296,6 +297,11 @@ def convert(
 
     if Path(output).exists() and not force:
         raise MemcompileError(f"{output} already exists: choose another output or pass --force")
+    if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
+        raise MemcompileError(
+            "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "
+            f"does: got {model_path} -> {output}"
+        )
     config = _memory_config(mem_size, mode=mode, **memory_options)
     wanted = [part.strip() for part in layers.split(",") if part.strip()]
     steps = _Steps(quiet or as_json)
@@ -310,8 +316,16 @@ def convert(
         model, report = transform(
             loaded.model, layers=wanted, config=config, lazy_init=lazy_init, return_report=True
         )
-    with steps(f"saving {output}"):
-        checkpoint.save(model, output, force=force, pickled_source=loaded.pickled_source)
+    if loaded.kind == "program":
+        from .program import reexport, save_program
+
+        with steps("exporting"):
+            program = reexport(loaded.program, model)
+        with steps(f"saving {output}"):
+            save_program(program, output, force=force)
+    else:
+        with steps(f"saving {output}"):
+            checkpoint.save(model, output, force=force, pickled_source=loaded.pickled_source)
     result = {
         "output": str(output),
         "blocks_found": len(report.blocks_found),

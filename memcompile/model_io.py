@@ -1,6 +1,7 @@
 """Reading the models `memcompile convert` and `inspect` accept, detected from the path.
 
 - a memcompile checkpoint directory (`memcompile.json`): rebuilt with `checkpoint.load`;
+- a torch.export program (`.pt2`): its module, one graph of ATen ops;
 - an HF model directory (`config.json` + safetensors): transformers' Auto classes, never
   remote code unless asked;
 - a pickled full module (`torch.save(model)`): refused unless the user trusts it, since
@@ -34,8 +35,9 @@ PICKLE_RISK = (
 @dataclass
 class LoadedModel:
     model: nn.Module
-    kind: str  # "checkpoint" | "hf" | "pickle" | "state_dict"
+    kind: str  # "checkpoint" | "hf" | "pickle" | "state_dict" | "program"
     pickled_source: Path | None = None  # the trusted pickle a non-HF model was built from
+    program: torch.export.ExportedProgram | None = None  # for a .pt2 input
 
 
 def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
@@ -134,4 +136,9 @@ def load_model(
             f"{path} is a directory with neither memcompile.json nor config.json: give a "
             "memcompile checkpoint or an HF model directory"
         )
+    if path.suffix == ".pt2":
+        from .program import load_program
+
+        program = load_program(path)
+        return LoadedModel(program.module(), "program", program=program)
     return _load_file(path, trust_pickle, config)

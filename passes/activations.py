@@ -21,11 +21,24 @@ _FUNCTION_ACTIVATIONS = {
     F.softplus: "softplus",
     torch.tanh: "tanh",
     torch.sigmoid: "sigmoid",
+    # ATen ops, as they appear in torch.export programs
+    torch.ops.aten.relu.default: "relu",
+    torch.ops.aten.silu.default: "silu",
+    torch.ops.aten.tanh.default: "tanh",
+    torch.ops.aten.sigmoid.default: "sigmoid",
+    torch.ops.aten.mish.default: "mish",
 }
+_GELU = {F.gelu, torch.ops.aten.gelu.default}
 _METHOD_ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-_PASS_THROUGH_FUNCTIONS = {F.dropout}
+_PASS_THROUGH_FUNCTIONS = {
+    F.dropout,
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.alias.default,
+}
 _PASS_THROUGH_METHODS = {"contiguous", "to", "type_as", "float"}
-MULTIPLY = {operator.mul, torch.mul, "mul"}
+MULTIPLY = {operator.mul, torch.mul, "mul", torch.ops.aten.mul.Tensor}
 
 # Reference curves an activation module is compared with, to name it.
 _REFERENCE_CURVES = {
@@ -77,7 +90,7 @@ def name_activation_module(module: nn.Module) -> str | None:
 def activation_name(root: nn.Module, node: fx.Node) -> str | None:
     """The activation a node applies, or None if it is not an activation."""
     if node.op == "call_function":
-        if node.target is F.gelu:
+        if node.target in _GELU:
             approximate = node.kwargs.get("approximate", "none")
             return "gelu_tanh" if approximate == "tanh" else "gelu"
         return _FUNCTION_ACTIVATIONS.get(node.target)

@@ -24,6 +24,9 @@ from .capture import is_projection, projection_shape
 
 log = logging.getLogger(__name__)
 
+_LINEAR_FUNCTIONS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
+_CHUNKS = {"chunk", torch.chunk, torch.ops.aten.chunk.default}
+
 
 class _Matcher:
     def __init__(self, capture: Capture) -> None:
@@ -31,10 +34,24 @@ class _Matcher:
         self.root = capture.graph_module
 
     def projection(self, node: fx.Node) -> tuple[int, int] | None:
-        if not isinstance(node, fx.Node) or node.op != "call_module":
+        """(in, out) features if the node is a projection: a Linear/Conv1D module call, or
+        `aten.linear(x, weight, bias)` on parameters (torch.export programs)."""
+        if not isinstance(node, fx.Node):
             return None
-        module = self.root.get_submodule(node.target)
-        return projection_shape(module) if is_projection(module) else None
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            return projection_shape(module) if is_projection(module) else None
+        if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                shape = self.root.get_parameter(weight.target).shape
+                return (shape[1], shape[0]) if len(shape) == 2 else None
+        return None
+
+    @staticmethod
+    def projection_path(node: fx.Node) -> str:
+        """Module path of a projection node: the module called, or the owner of the weight."""
+        return node.target if node.op == "call_module" else node.args[1].target.rpartition(".")[0]
 
     def back(self, node):
         return skip_back(self.root, node)
@@ -56,11 +73,13 @@ class _Matcher:
         if node.target is not operator.getitem:
             return None
         chunk, item = node.args
-        if not isinstance(chunk, fx.Node) or chunk.target not in ("chunk", torch.chunk):
+        if not isinstance(chunk, fx.Node) or chunk.target not in _CHUNKS:
             return None
         chunks = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
         dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
-        if chunks != 2 or dim != -1:
+        value = chunk.meta.get("val")
+        last = -1 if value is None else value[0].dim() - 1
+        if chunks != 2 or dim not in (-1, last):
             return None
         return chunk, item
 
@@ -96,7 +115,7 @@ class _Matcher:
                 return None  # a hidden activation is used outside the FFN: not separable
         order = {n: i for i, n in enumerate(self.root.graph.nodes)}
         interior = sorted(ffn_nodes, key=order.__getitem__)  # each node once
-        targets = tuple(n.target for n in linears) + (down.target,)
+        targets = tuple(self.projection_path(n) for n in (*linears, down))
         m = FFNMatch(entry=entry, exit=down, interior=tuple(interior), linears=targets)
         return m, kind, name, d_model, d_hidden, down_shape[1]
 

@@ -50,7 +50,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def _exit_projection(model: nn.Module, block: FFNBlock) -> nn.Module:
     if block.kind == "split":
         return model.get_submodule(block.exit_path)
-    return block.capture.graph_module.get_submodule(block.match.exit.target)
+    return block.capture.graph_module.get_submodule(block.match.linears[-1])
 
 
 def _is_whole_module(block: FFNBlock) -> bool:

@@ -1,0 +1,75 @@
+"""torch.export programs (`.pt2`): converted at graph level and written back as `.pt2`.
+
+The program's module (`ExportedProgram.module()`) is one FX graph of ATen ops; the passes
+match FFNs on it (projections are `aten.linear` on parameters, the block path comes from
+the parameters' owners), rewrite it, and the result is exported again with the program's
+example inputs and its dynamic dimensions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .runtime import MemcompileError
+
+log = logging.getLogger(__name__)
+
+
+def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.load(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
+        raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
+
+
+def _dynamic_shapes(program: torch.export.ExportedProgram):
+    """The program's dynamic dimensions, as `dynamic_shapes` for re-exporting it."""
+    args, kwargs = program.example_inputs
+    if kwargs:
+        return None
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    specs = []
+    for name in program.graph_signature.user_inputs:
+        value = placeholders[name].meta.get("val")
+        shape = getattr(value, "shape", ())
+        specs.append(
+            {
+                d: torch.export.Dim.AUTO
+                for d, size in enumerate(shape)
+                if isinstance(size, torch.SymInt)
+            }
+            or None
+        )
+    return tuple(specs) if len(specs) == len(args) else None
+
+
+def reexport(program: torch.export.ExportedProgram, module: torch.nn.Module):
+    """Export `module` (the converted program module) with `program`'s inputs and dims."""
+    args, kwargs = program.example_inputs
+    return torch.export.export(module, args, kwargs, dynamic_shapes=_dynamic_shapes(program))
+
+
+def save_program(
+    program: torch.export.ExportedProgram, path: str | os.PathLike, *, force: bool = False
+) -> Path:
+    """Write a `.pt2` atomically: a temporary file beside `path`, renamed into place."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise MemcompileError(f"{path}: a torch.export program is written as a .pt2 file")
+    if path.exists() and not force:
+        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".pt2", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,113 @@
+"""torch.export programs (.pt2): `memcompile convert` rewrites the ATen graph and writes a
+.pt2 back; dynamic batch and sequence dimensions survive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from memcompile.cli import main
+
+from models import CASES, VOCAB, build
+
+EXAMPLE = next(c for c in CASES if c.name == "example")
+SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
+
+
+class GatedStack(nn.Module):
+    """SwiGLU blocks and fused gate_up blocks (Phi-3 style), in one plain module."""
+
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.gate = nn.ModuleList(nn.Linear(d, h) for _ in range(2))
+        self.up = nn.ModuleList(nn.Linear(d, h) for _ in range(2))
+        self.down = nn.ModuleList(nn.Linear(h, d) for _ in range(2))
+        self.gate_up = nn.Linear(d, 2 * h)
+        self.fused_down = nn.Linear(h, d)
+
+    def forward(self, x):
+        for gate, up, down in zip(self.gate, self.up, self.down):
+            x = x + down(F.silu(gate(x)) * up(x))
+        a, b = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.fused_down(F.gelu(a) * b)
+
+
+def _export(model, example, path):
+    dims = {0: torch.export.Dim("batch", max=32), 1: torch.export.Dim("seq", max=64)}
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=(dims,))
+    torch.export.save(program, path)
+    return program
+
+
+def _convert(source, out, *args):
+    return CliRunner().invoke(
+        main, ["convert", str(source), *map(str, args), *SMALL, "-o", str(out)]
+    )
+
+
+def test_program_augment_is_exact_on_new_shapes_and_replace_swaps_ops(tmp_path):
+    source = tmp_path / "example.pt2"
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    original = _export(build(EXAMPLE), ids, source)
+
+    result = _convert(source, tmp_path / "augment.pt2", "--layers", "0,2", "--mode", "augment")
+    assert result.exit_code == 0, result.output
+    converted = torch.export.load(tmp_path / "augment.pt2")
+    probe = torch.randint(1, VOCAB, (3, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(converted.module()(probe), original.module()(probe))
+
+    result = _convert(source, tmp_path / "replace.pt2", "--layers", "1")
+    assert result.exit_code == 0, result.output
+    replaced = torch.export.load(tmp_path / "replace.pt2")
+    ops = [n.target for n in replaced.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.memcompile.pk_topk.default) == 1
+    assert ops.count(torch.ops.memcompile.bag.default) == 1
+    names = set(replaced.state_dict)
+    assert "blocks.1.mlp.fc_in.weight" not in names and "blocks.0.mlp.fc_in.weight" in names
+    assert "blocks.1.mlp.memory.keys" in names and "memcompile_pool.values" in names
+    with torch.no_grad():
+        assert replaced.module()(probe).shape == (3, 21, VOCAB)
+
+
+def test_gated_and_fused_programs(tmp_path):
+    torch.manual_seed(0)
+    model = GatedStack()
+    source = tmp_path / "gated.pt2"
+    original = _export(model, torch.randn(2, 5, 16), source)
+    listed = CliRunner().invoke(main, ["inspect", str(source), "--json", "--quiet"])
+    assert listed.exit_code == 0, listed.output
+    blocks = json.loads(listed.output)["blocks"]
+    assert [(b["path"], b["kind"]) for b in blocks] == [
+        ("", "gated"),
+        ("", "gated"),
+        ("", "fused_gated"),
+    ] or [b["kind"] for b in blocks] == ["gated", "gated", "fused_gated"]
+
+    labels = ",".join(str(b["index"]) for b in blocks)
+    result = _convert(source, tmp_path / "out.pt2", "--layers", labels, "--mode", "augment")
+    assert result.exit_code == 0, result.output
+    x = torch.randn(4, 7, 16)
+    with torch.no_grad():
+        expected = original.module()(x)
+        assert torch.equal(torch.export.load(tmp_path / "out.pt2").module()(x), expected)
+
+
+@pytest.mark.parametrize(("source", "out"), [("a.pt2", "out"), ("a.pt", "out.pt2")])
+def test_program_in_program_out(tmp_path, source, out):
+    (tmp_path / source).write_bytes(b"")
+    result = _convert(tmp_path / source, tmp_path / out, "--layers", "0")
+    assert result.exit_code == 2 and ".pt2" in result.output
+    assert not (tmp_path / out).exists()
+
+
+def test_not_a_program(tmp_path):
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    result = _convert(tmp_path / "bad.pt2", tmp_path / "out.pt2", "--layers", "0")
+    assert result.exit_code == 2 and "not a torch.export program" in result.output
+    assert not (tmp_path / "out.pt2").exists()
