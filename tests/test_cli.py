@@ -231,3 +231,19 @@ def test_console_script_exit_codes(hf_dir, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: layer 5")
     usage = subprocess.run([exe, "convert", hf_dir], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_remote_code_is_refused_without_trust(tmp_path):
+    model_dir, out = tmp_path / "mystery", tmp_path / "out"
+    model_dir.mkdir()
+    config = {
+        "model_type": "mystery",
+        "architectures": ["MysteryModel"],
+        "auto_map": {"AutoConfig": "configuration_mystery.MysteryConfig"},
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_mystery.py").write_text("raise SystemExit('code ran')\n")
+    result = _run("convert", model_dir, "--layers", "0", *SMALL, "-o", out)
+    assert result.exit_code == 2
+    assert "--trust-remote-code" in result.output and "code ran" not in result.output
+    assert not out.exists() and not _leftovers(tmp_path, "out")
