@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from zoo import VOCAB, ZOO  # noqa: F401  (VOCAB is re-exported to the tests)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-VOCAB = 97
 
 
 @dataclass(frozen=True)
@@ -40,66 +39,9 @@ class ModelCase:
         )
 
 
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        n_layer=3,
-        n_embd=32,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        num_hidden_layers=3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def _phi3():
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    cfg = Phi3Config(
-        num_hidden_layers=3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return Phi3ForCausalLM(cfg)
-
-
-def _bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    cfg = BertConfig(
-        num_hidden_layers=3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return BertForMaskedLM(cfg)
+def _zoo(name: str) -> Callable[[], nn.Module]:
+    """The zoo's builder for an architecture (tests/zoo.py holds the configs)."""
+    return next(case for case in ZOO if case.name == name).build
 
 
 def _example():
@@ -109,10 +51,10 @@ def _example():
 
 
 CASES = [
-    ModelCase("gpt2", _gpt2, 3, "mlp", causal_lm=True),
-    ModelCase("llama", _llama, 3, "gated", causal_lm=True),
-    ModelCase("phi3", _phi3, 3, "fused_gated", causal_lm=True),
-    ModelCase("bert", _bert, 3, "split", causal_lm=False),
+    ModelCase("gpt2", _zoo("gpt2"), 3, "mlp", causal_lm=True),
+    ModelCase("llama", _zoo("llama"), 3, "gated", causal_lm=True),
+    ModelCase("phi3", _zoo("phi3"), 3, "fused_gated", causal_lm=True),
+    ModelCase("bert", _zoo("bert"), 3, "split", causal_lm=False),
     ModelCase("example", _example, 3, "mlp", causal_lm=False, hf=False),
 ]
 

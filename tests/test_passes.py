@@ -61,13 +61,7 @@ def memories(model: nn.Module) -> list[MemoryLayer]:
     return [m for m in model.modules() if isinstance(m, MemoryLayer)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- replace mode

@@ -21,13 +21,7 @@ D, H = 16, 48  # d_model, d_hidden of every FFN below
 SMALL = {"mem_size": 256, "knn": 4, "heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- FFN modules, one per pattern
