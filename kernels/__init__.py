@@ -1,5 +1,11 @@
-"""The memory-layer ops: `memcompile::pk_topk` and `memcompile::bag`."""
+"""The memory-layer ops: `memcompile::pk_topk` and `memcompile::bag`.
 
+Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed.
+"""
+
+from .cuda import register_cuda_kernels
 from .ops import bag, pk_topk
 
-__all__ = ["bag", "pk_topk"]
+CUDA_KERNELS = register_cuda_kernels()
+
+__all__ = ["CUDA_KERNELS", "bag", "pk_topk"]

@@ -1,0 +1,141 @@
+"""Triton kernels of `memcompile::bag`: the weighted bag forward and its backward.
+
+Forward: one program per (token, v-block) sums `heads*knn` gathered rows in float32.
+Backward: a reverse index (the (token, pick) pairs sorted by row, stably) gives each row
+its list of pairs; one program per row accumulates that row's value gradient and, in the
+same pass, the weight gradient of each of its pairs (a dot of the row with the token's
+output gradient). No atomics: the result is deterministic. With `rows` given, only those
+rows are computed (a row-sparse value gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_PICKS_PER_STEP = 16  # (token, pick) pairs a backward program handles at once
+
+
+@triton.jit
+def _bag_forward_kernel(
+    values, indices, weights, out, picks, v_dim,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_dim
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(0, picks, BLOCK_B):
+        offs = start + tl.arange(0, BLOCK_B)
+        pick_mask = offs < picks
+        rows = tl.load(indices + token * picks + offs, mask=pick_mask, other=0)
+        w = tl.load(weights + token * picks + offs, mask=pick_mask, other=0.0).to(tl.float32)
+        tile = tl.load(
+            values + rows[:, None] * v_dim + cols[None, :],
+            mask=pick_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(tile * w[:, None], axis=0)
+    tl.store(out + token * v_dim + cols, acc.to(out.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _bag_backward_kernel(
+    grad_out, values, weights, order, offsets, row_ids, grad_values, grad_weights,
+    picks, v_dim,
+    BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    program = tl.program_id(0).to(tl.int64)
+    row = tl.load(row_ids + program).to(tl.int64)
+    first = tl.load(offsets + row)
+    last = tl.load(offsets + row + 1)
+    for v_start in range(0, v_dim, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_dim
+        value_row = tl.load(values + row * v_dim + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for start in range(first, last, BLOCK_P):
+            offs = start + tl.arange(0, BLOCK_P)
+            pair_mask = offs < last
+            pair = tl.load(order + offs, mask=pair_mask, other=0)  # flat token * picks + pick
+            token = pair // picks
+            w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
+            g = tl.load(
+                grad_out + token[:, None] * v_dim + cols[None, :],
+                mask=pair_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(g * w[:, None], axis=0)
+            partial = tl.sum(g * value_row[None, :], axis=1)
+            if v_start > 0:
+                partial += tl.load(grad_weights + pair, mask=pair_mask, other=0.0)
+            tl.store(grad_weights + pair, partial, mask=pair_mask)
+        out_cols = program * v_dim + cols
+        tl.store(grad_values + out_cols, acc.to(grad_values.dtype.element_ty), mask=col_mask)
+
+
+def _block_v(v_dim: int, cap: int) -> int:
+    return min(triton.next_power_of_2(max(v_dim, 1)), cap)
+
+
+def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    values, indices, weights = values.contiguous(), indices.contiguous(), weights.contiguous()
+    n, picks = indices.shape
+    v_dim = values.shape[1]
+    out = values.new_empty(n, v_dim)
+    if n == 0 or picks == 0:
+        return out.zero_()
+    block_v = _block_v(v_dim, 256)
+    block_b = min(triton.next_power_of_2(picks), 32)
+    grid = (n, triton.cdiv(v_dim, block_v))
+    _bag_forward_kernel[grid](values, indices, weights, out, picks, v_dim,
+                              BLOCK_B=block_b, BLOCK_V=block_v)  # fmt: skip
+    return out
+
+
+def reverse_index(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): flat (token, pick) positions sorted by row, stably, and each row's
+    [offsets[r], offsets[r+1]) range in `order`. No host synchronisation."""
+    flat = indices.reshape(-1)
+    sorted_rows, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(n_rows + 1, device=flat.device, dtype=sorted_rows.dtype)
+    offsets = torch.searchsorted(sorted_rows, bounds)
+    return order, offsets
+
+
+def bag_backward(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_values, grad_weights). With `rows` (int64, distinct), grad_values holds only those
+    rows' gradients, in that order: the row-sparse form."""
+    grad_out, values = grad_out.contiguous(), values.contiguous()
+    indices, weights = indices.contiguous(), weights.contiguous()
+    n, picks = indices.shape
+    n_rows, v_dim = values.shape
+    row_ids = torch.arange(n_rows, device=values.device) if rows is None else rows.contiguous()
+    grad_values = values.new_empty(row_ids.shape[0], v_dim)
+    grad_weights = torch.zeros(n, picks, dtype=torch.float32, device=values.device)
+    if row_ids.shape[0] == 0:
+        return grad_values, grad_weights.to(weights.dtype)
+    order, offsets = reverse_index(indices, n_rows)
+    block_v = _block_v(v_dim, 512)
+    _bag_backward_kernel[(row_ids.shape[0],)](
+        grad_out, values, weights, order, offsets, row_ids, grad_values, grad_weights,
+        picks, v_dim, BLOCK_P=_PICKS_PER_STEP, BLOCK_V=block_v,
+    )  # fmt: skip
+    return grad_values, grad_weights.to(weights.dtype)
+
+
+def bag_backward_sparse(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, grad_rows, grad_weights): the value gradient of the touched rows only, for
+    optimizers that update rows (torch.unique synchronises with the host once)."""
+    rows = torch.unique(indices)
+    grad_rows, grad_weights = bag_backward(grad_out, values, indices, weights, rows)
+    return rows, grad_rows, grad_weights

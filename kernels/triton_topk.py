@@ -1,0 +1,102 @@
+"""Triton kernel of `memcompile::pk_topk`: product-key top-k, fused.
+
+One program per (block of tokens, head): each query half is scored against its sub-keys
+with `tl.dot`, block by block, keeping a running top-K of (score, key) pairs packed into
+one sortable int64 (an order-preserving integer image of the float32 score in the high
+half, the index in the low half); then the K x K candidate sums and their top-K. Only the
+final scores and indices reach memory. K is knn rounded up to a power of two (tl.topk's
+requirement); the extra candidates never change the exact top-knn.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pack(score, index):
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (index.to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _unpack(key):
+    high = (key >> 32).to(tl.int32)
+    score = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return score, key & 0xFFFFFFFF
+
+
+@triton.jit
+def _half_topk(
+    q, keys, tokens, token_mask, head, half, heads, n_keys,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    dims = tl.arange(0, HALF_P)
+    dim_mask = dims < HALF
+    q_ptrs = q + (tokens[:, None] * heads + head) * (2 * HALF) + half * HALF + dims[None, :]
+    qh = tl.load(q_ptrs, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+    key_base = keys + ((head * 2 + half) * n_keys).to(tl.int64) * HALF
+    best = _pack(tl.full((BLOCK_N, K), float("-inf"), tl.float32), tl.zeros((BLOCK_N, K), tl.int64))
+    for start in range(0, n_keys, BLOCK_K):
+        rows = start + tl.arange(0, BLOCK_K)
+        row_mask = rows < n_keys
+        kt = tl.load(key_base + rows[:, None] * HALF + dims[None, :],
+                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
+        scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
+        scores = tl.where(row_mask[None, :], scores, float("-inf"))
+        packed = _pack(scores, tl.broadcast_to(rows[None, :], (BLOCK_N, BLOCK_K)))
+        block_best = tl.topk(packed, K)
+        both = tl.reshape(tl.join(best, block_best), (BLOCK_N, 2 * K))
+        best = tl.topk(both, K)
+    return best
+
+
+@triton.jit
+def _pk_topk_kernel(
+    q, keys, scores_out, indices_out, n_tokens, heads, n_keys, knn,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    token_mask = tokens < n_tokens
+    best1 = _half_topk(q, keys, tokens, token_mask, head, 0, heads, n_keys,
+                       HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
+    best2 = _half_topk(q, keys, tokens, token_mask, head, 1, heads, n_keys,
+                       HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
+    s1, i1 = _unpack(best1)
+    s2, i2 = _unpack(best2)
+    sums = tl.reshape(s1[:, :, None] + s2[:, None, :], (BLOCK_N, K * K))
+    ids = tl.reshape(i1[:, :, None] * n_keys + i2[:, None, :], (BLOCK_N, K * K))
+    scores, indices = _unpack(tl.topk(_pack(sums, ids), K))
+    cols = tl.arange(0, K)
+    out = (tokens[:, None] * heads + head) * knn + cols[None, :]
+    mask = token_mask[:, None] & (cols[None, :] < knn)
+    tl.store(scores_out + out, scores, mask=mask)
+    tl.store(indices_out + out, indices, mask=mask)
+
+
+def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (float32) and indices (int64), (N, heads, knn), as `reference.pk_topk`."""
+    q, keys = q.contiguous(), keys.to(q.dtype).contiguous()
+    n, heads, k_dim = q.shape
+    n_keys, half = keys.shape[2], keys.shape[3]
+    scores = torch.empty(n, heads, knn, dtype=torch.float32, device=q.device)
+    indices = torch.empty(n, heads, knn, dtype=torch.int64, device=q.device)
+    if n == 0:
+        return scores, indices
+    k = triton.next_power_of_2(knn)
+    block_k = max(k, 16, min(128, triton.next_power_of_2(n_keys)))
+    block_n = 16
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(n, block_n), heads)
+    _pk_topk_kernel[grid](
+        q, keys, scores, indices, n, heads, n_keys, knn,
+        HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
+        BLOCK_K=block_k, K=k, PRECISION=precision,
+    )  # fmt: skip
+    return scores, indices
