@@ -1,0 +1,187 @@
+"""GPU benchmark of the memory-layer kernels: ours (Triton) against baselines in the same run.
+
+For the "small" and "1.3B-like" configs of ANCHORS.md (bf16 table, one bag of
+heads*knn = 128 rows per token): bag forward, bag forward+backward, pk_topk forward and
+forward+backward, the whole Memory+ layer forward+backward, and a dense SwiGLU FFN
+(hidden 4*d) forward+backward of the same d_model; medians of triton.testing.do_bench;
+achieved bandwidth against a device-to-device copy measured in the same run. Also checks
+that a training step of the layer makes no host-device synchronisation.
+Writes benchmarks/results/kernels.json (or --out) and prints a Markdown table.
+
+    python benchmarks/bench_kernels.py [--configs small,1.3B] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = {
+    "small": dict(tokens=8192, n_keys=512, v_dim=1024),
+    "1.3B": dict(tokens=16384, n_keys=1024, v_dim=2048),
+}
+HEADS, KNN, HALF = 4, 32, 256
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def torch_lookup(values, indices, weights):
+    """What a user writes in plain torch: gather then weighted sum."""
+    return (values[indices] * weights[..., None].to(values.dtype)).sum(1)
+
+
+def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
+    from memcompile.kernels import cuda, ops, reference
+    from memcompile.runtime import MemoryConfig, MemoryLayer
+
+    dev, dt = "cuda", torch.bfloat16
+    rows_total, picks = n_keys**2, HEADS * KNN
+    g = torch.Generator(device=dev).manual_seed(0)
+    values = torch.randn(rows_total, v_dim, device=dev, generator=g).to(dt)
+    indices = torch.randint(0, rows_total, (tokens, picks), device=dev, generator=g)
+    weights = torch.softmax(torch.randn(tokens, picks, device=dev, generator=g), -1)
+    grad = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt)
+    bag_bytes = tokens * picks * v_dim * 2  # rows gathered, as ANCHORS.md counts them
+    results = []
+
+    def record(what, impl, ms, moved=None):
+        row = {"config": name, "what": what, "impl": impl, "ms": round(ms, 4)}
+        if moved is not None:
+            row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
+            row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)
+        results.append(row)
+
+    offsets = torch.arange(tokens, device=dev) * picks
+    record("bag fwd", "torch F.embedding_bag",
+           bench(lambda: F.embedding_bag(indices.view(-1), values, offsets, mode="sum",
+                                         per_sample_weights=weights.view(-1).to(dt))),
+           bag_bytes)  # fmt: skip
+    record(
+        "bag fwd",
+        "memcompile triton",
+        bench(lambda: cuda.bag_cuda(values, indices, weights)),
+        bag_bytes,
+    )
+
+    values32 = values.float().requires_grad_()
+    w32 = weights.view(-1).clone().requires_grad_()
+
+    def torch_bag_step():
+        out = F.embedding_bag(indices.view(-1), values32, offsets, mode="sum",
+                              per_sample_weights=w32)  # fmt: skip
+        out.backward(grad.float())
+
+    record("bag fwd+bwd", "torch F.embedding_bag (fp32 table)", bench(torch_bag_step))
+
+    def our_bag_step():
+        out = cuda.bag_cuda(values, indices, weights)
+        cuda.bag_backward_cuda(grad, values, indices, weights)
+        return out
+
+    record("bag fwd+bwd", "memcompile triton", bench(our_bag_step))
+
+    q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
+    keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
+    record("pk_topk fwd", "torch reference", bench(lambda: reference.pk_topk(q, keys, KNN)))
+    record("pk_topk fwd", "memcompile triton", bench(lambda: cuda.pk_topk_cuda(q, keys, KNN)))
+    qg, kg = q.clone().requires_grad_(), keys.clone().requires_grad_()
+
+    def topk_step():
+        scores, _ = ops.pk_topk(qg, kg, KNN)
+        scores.sum().backward()
+
+    record("pk_topk fwd+bwd", "memcompile (triton fwd, torch bwd)", bench(topk_step))
+
+    d = v_dim
+    config = MemoryConfig(mem_size=rows_total, heads=HEADS, knn=KNN, k_dim=2 * HALF,
+                          v_dim=v_dim).resolve(d)  # fmt: skip
+    layer = MemoryLayer(d, d, config, device=dev, dtype=dt)
+    x = torch.randn(tokens, d, device=dev, generator=g).to(dt).requires_grad_()
+    gy = torch.randn(tokens, d, device=dev, generator=g).to(dt)
+
+    def layer_step():
+        layer(x).backward(gy)
+
+    record("Memory+ layer fwd+bwd", "memcompile", bench(layer_step))
+    ffn = torch.nn.ModuleDict({
+        "gate": torch.nn.Linear(d, 4 * d, bias=False), "up": torch.nn.Linear(d, 4 * d, bias=False),
+        "down": torch.nn.Linear(4 * d, d, bias=False)}).to(dev, dt)  # fmt: skip
+
+    def ffn_step():
+        ffn["down"](F.silu(ffn["gate"](x)) * ffn["up"](x)).backward(gy)
+
+    record("dense SwiGLU FFN fwd+bwd", "torch (cuBLAS)", bench(ffn_step))
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer_step()
+        sync_free = True
+    except RuntimeError as error:
+        sync_free = str(error)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    results.append({"config": name, "what": "no host sync in a layer step", "ok": sync_free})
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="small,1.3B")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(
+            "bench_kernels.py needs a CUDA GPU (kernel_check.py runs on the CPU)", file=sys.stderr
+        )
+        return 2
+    copy_bw = copy_bandwidth()
+    rows = []
+    for name in args.configs.split(","):
+        rows += run_config(name, **CONFIGS[name], copy_bw=copy_bw)
+        torch.cuda.empty_cache()
+    result = {
+        "benchmark": "kernels",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "copy_TB/s": round(copy_bw / 1e12, 3),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"device {result['device']}, copy {result['copy_TB/s']} TB/s")
+    print("| config | what | implementation | ms | TB/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "ms" in r:
+            print(
+                f"| {r['config']} | {r['what']} | {r['impl']} | {r['ms']} | {r.get('TB/s', '')} |"
+            )
+        else:
+            print(f"| {r['config']} | {r['what']} | | {r['ok']} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

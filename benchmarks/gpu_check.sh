@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One GPU session, under 5 minutes: CUDA correctness of the kernels, then the benchmark.
+# Results go to $OUT (the device tool's output folder) or benchmarks/results.
+# The device machine has torch and triton but no network: memcompile is not pip-installed
+# there, its package layout (passes/, kernels/, runtime/ inside memcompile) is assembled
+# in a temporary folder put on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+pkg="$(mktemp -d)"
+cp -r memcompile "$pkg/memcompile"
+for sub in passes kernels runtime; do cp -r "$sub" "$pkg/memcompile/$sub"; done
+export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
+python benchmarks/kernel_check.py --json "$out/kernel_check.json"
+python benchmarks/bench_kernels.py --out "$out" | tee "$out/bench_kernels.md"
