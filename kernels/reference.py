@@ -8,6 +8,7 @@ chunks of tokens so CPU memory stays bounded.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Elements of the (tokens, picks, v_dim) gather materialised at once by `bag`.
 _BAG_CHUNK_ELEMENTS = 1 << 24
@@ -29,17 +30,20 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
     n_keys**2 rows.
     """
     acc = accumulation_dtype(q.dtype)
+    n, heads, _ = q.shape
     n_keys, half = keys.shape[2], keys.shape[3]
-    q1, q2 = q.to(acc).split(half, dim=-1)
-    keys = keys.to(acc)
-    s1 = torch.einsum("nhd,hkd->nhk", q1, keys[:, 0])
-    s2 = torch.einsum("nhd,hkd->nhk", q2, keys[:, 1])
-    v1, i1 = s1.topk(knn, dim=-1)
-    v2, i2 = s2.topk(knn, dim=-1)
-    candidates = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
-    candidate_ids = (i1.unsqueeze(-1) * n_keys + i2.unsqueeze(-2)).flatten(-2)
-    scores, best = candidates.topk(knn, dim=-1)
-    return scores, candidate_ids.gather(-1, best)
+    # Both halves of every head in one batched product: (2H, n_keys, half) @ (2H, half, N).
+    sub_keys = keys.to(acc).reshape(heads * 2, n_keys, half)
+    halves = q.to(acc).reshape(n, heads * 2, half).permute(1, 2, 0)
+    scores = torch.bmm(sub_keys, halves).transpose(1, 2)  # (2H, N, n_keys)
+    best, best_ids = scores.topk(knn, dim=-1)
+    best, best_ids = best.view(heads, 2, n, knn), best_ids.view(heads, 2, n, knn)
+    candidates = (best[:, 0, :, :, None] + best[:, 1, :, None, :]).flatten(-2)
+    candidate_ids = (best_ids[:, 0, :, :, None] * n_keys + best_ids[:, 1, :, None, :]).flatten(-2)
+    top, picked = candidates.topk(knn, dim=-1)  # (H, N, knn)
+    return top.transpose(0, 1).contiguous(), candidate_ids.gather(-1, picked).transpose(
+        0, 1
+    ).contiguous()
 
 
 def pk_topk_backward(
@@ -71,6 +75,9 @@ def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> t
     values: (rows, v_dim); indices, weights: (N, B). Returns (N, v_dim) in values.dtype.
     """
     acc = accumulation_dtype(values.dtype)
+    if values.dtype == acc and values.device.type == "cpu":
+        # float32/float64 tables accumulate in their own dtype: embedding_bag's fused loop.
+        return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights.to(acc))
     n, picks = indices.shape
     out = values.new_empty(n, values.shape[1])
     step = _token_chunk(picks, values.shape[1])
