@@ -2,7 +2,7 @@
 
 from .config import MemoryConfig, parse_mem_size
 from .errors import MemcompileError
-from .init import ValuesInit, materialize_values
+from .init import ValuesInit, materialize_values, offload_values
 from .memory_layer import MemoryLayer, MemoryPool
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "MemoryPool",
     "ValuesInit",
     "materialize_values",
+    "offload_values",
     "parse_mem_size",
 ]

@@ -111,3 +111,21 @@ def materialize_values(
         module.values = nn.Parameter(table, requires_grad=values.requires_grad)
         built += 1
     return built
+
+
+def offload_values(model: nn.Module, pin: bool = True) -> int:
+    """Move every value table of `model` to host memory (pinned when CUDA is there and
+    `pin`), leaving the rest where it is: a memory larger than the GPU still serves, each
+    lookup summing its rows on the host. Call it after `model.to(device)`, which would
+    move the tables back. Returns how many tables moved."""
+    moved = 0
+    for module in model.modules():
+        values = module._parameters.get("values")
+        if values is None or values.is_meta:
+            continue
+        host = values.detach().to("cpu")
+        if pin and torch.cuda.is_available():
+            host = host.pin_memory()
+        module.values = nn.Parameter(host, requires_grad=values.requires_grad)
+        moved += 1
+    return moved

@@ -139,7 +139,14 @@ class MemoryLayer(nn.Module):
         # no `promote_types` call is traced into exported graphs.
         probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), -1)
         picks = self.heads * self.knn
-        return ops.bag(self.value_table, indices.view(-1, picks), probs.view(-1, picks))
+        values = self.value_table
+        indices, probs = indices.view(-1, picks), probs.view(-1, picks)
+        if values.device != q.device:
+            # Host-resident values (see `offload_values`): the bag is summed where the table
+            # lives and only the (N, v_dim) result crosses to the device.
+            bag = ops.bag(values, indices.to(values.device), probs.to(values.device))
+            return bag.to(q.device, non_blocking=True)
+        return ops.bag(values, indices, probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -1,0 +1,183 @@
+"""Inference latency: a Memory+ layer against the dense SwiGLU FFN it replaces.
+
+Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
+4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
+fp32, eager), on a GPU when there is one (d_model 2048, 1024^2 values, bf16, eager and
+CUDA graph; host-resident values against device-resident). Then decode tokens/s of a
+small converted causal LM against its dense original. Medians. Writes
+benchmarks/results/inference.json (or --out) and prints a Markdown table.
+
+    python benchmarks/bench_inference.py [--tokens 1,8,64,512,4096] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memcompile
+from memcompile.runtime import MemoryConfig, MemoryLayer, offload_values
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, 4 * d, bias=False)
+        self.up = nn.Linear(d, 4 * d, bias=False)
+        self.down = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def time_cpu(fn, x, budget_s: float = 2.0) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(x)
+        times, start = [], time.perf_counter()
+        while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def time_cuda(fn, x, graph: bool) -> float:
+    import triton.testing
+
+    with torch.inference_mode():
+        if not graph:
+            return triton.testing.do_bench(lambda: fn(x), warmup=25, rep=200, return_mode="median")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            fn(x)
+        return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=200,
+                                       return_mode="median")  # fmt: skip
+
+
+def layer_rows(device, d, n_keys, dtype, token_counts):
+    config = MemoryConfig(mem_size=n_keys**2, heads=4, knn=32, k_dim=512).resolve(d)
+    memory = MemoryLayer(d, d, config, device=device, dtype=dtype).eval()
+    dense = SwiGLU(d).to(device, dtype).eval()
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, d, device=device, dtype=dtype)
+        modes = ["eager"] if device == "cpu" else ["eager", "cuda graph"]
+        for mode in modes:
+            if device == "cpu":
+                mem_ms, ffn_ms = time_cpu(memory, x), time_cpu(dense, x)
+            else:
+                graph = mode == "cuda graph"
+                mem_ms, ffn_ms = time_cuda(memory, x, graph), time_cuda(dense, x, graph)
+            rows.append({
+                "device": device, "d_model": d, "values": f"{n_keys}^2", "tokens": tokens,
+                "mode": mode, "memory_ms": round(mem_ms, 4), "ffn_ms": round(ffn_ms, 4),
+                "ratio": round(mem_ms / ffn_ms, 3),
+            })  # fmt: skip
+            print(
+                f"  {device} {mode:<10} {tokens:>5} tokens: memory {mem_ms:.3f} ms, "
+                f"FFN {ffn_ms:.3f} ms, ratio {mem_ms / ffn_ms:.2f}",
+                file=sys.stderr,
+            )
+    if device == "cuda":
+        x = torch.randn(1, d, device=device, dtype=dtype)
+        with torch.inference_mode():
+            expected = memory(x)
+        device_ms = time_cuda(memory, x, graph=False)
+        offload_values(memory)
+        with torch.inference_mode():
+            torch.testing.assert_close(memory(x), expected)
+        host_ms = time_cuda(memory, x, graph=False)
+        rows.append({"device": device, "d_model": d, "values": f"{n_keys}^2", "tokens": 1,
+                     "mode": "host-resident values", "memory_ms": round(host_ms, 4),
+                     "ffn_ms": None, "ratio": round(host_ms / device_ms, 3),
+                     "note": "ratio against device-resident values"})  # fmt: skip
+    return rows
+
+
+def decode_rows(device, dtype, new_tokens=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)  # fmt: skip
+    rows = []
+    for name in ("dense", "memory (layers 1,2; 256^2 values)"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device, dtype).eval()
+        if name != "dense":
+            memcompile.transform(model, layers=[1, 2], mem_size=256**2)
+        prompt = torch.randint(0, 4096, (1, 8), device=device)
+        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        with torch.inference_mode():
+            model.generate(prompt, **options)  # warm-up
+            times = []
+            for _ in range(3):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(prompt, **options)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        tps = new_tokens / statistics.median(times)
+        rows.append({"device": device, "model": name, "decode_tokens_per_s": round(tps, 1)})
+        print(f"  {device} decode {name}: {tps:.1f} tokens/s", file=sys.stderr)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,8,64,512,4096")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    counts = [int(t) for t in args.tokens.split(",")]
+    layers, decode = [], []
+    if not args.skip_cpu:
+        layers += layer_rows("cpu", 1024, 512, torch.float32, counts)
+        decode += decode_rows("cpu", torch.float32)
+    if torch.cuda.is_available():
+        layers += layer_rows("cuda", 2048, 1024, torch.bfloat16, counts)
+        decode += decode_rows("cuda", torch.bfloat16)
+    result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"{args.threads} torch threads",
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "torch": torch.__version__, "layers": layers, "decode": decode}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| device | d_model | values | tokens | mode | Memory+ ms | dense FFN ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in layers:
+        print(
+            f"| {r['device']} | {r['d_model']} | {r['values']} | {r['tokens']} | {r['mode']} | "
+            f"{r['memory_ms']} | {r['ffn_ms']} | {r['ratio']} |"
+        )
+    print("\n| device | model | decode tokens/s |")
+    print("|---|---|---|")
+    for r in decode:
+        print(f"| {r['device']} | {r['model']} | {r['decode_tokens_per_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
