@@ -31,19 +31,20 @@ def _unpack(key):
 
 @triton.jit
 def _half_topk(
-    q, keys, tokens, token_mask, head, half, heads, n_keys,
+    q, keys, tokens, token_mask, head, half, heads, n_keys, key_start, key_stop,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Packed top-K of one query half against sub-keys [key_start, key_stop)."""
     dims = tl.arange(0, HALF_P)
     dim_mask = dims < HALF
     q_ptrs = q + (tokens[:, None] * heads + head) * (2 * HALF) + half * HALF + dims[None, :]
     qh = tl.load(q_ptrs, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
     key_base = keys + ((head * 2 + half) * n_keys).to(tl.int64) * HALF
     best = _pack(tl.full((BLOCK_N, K), float("-inf"), tl.float32), tl.zeros((BLOCK_N, K), tl.int64))
-    for start in range(0, n_keys, BLOCK_K):
+    for start in range(key_start, key_stop, BLOCK_K):
         rows = start + tl.arange(0, BLOCK_K)
-        row_mask = rows < n_keys
+        row_mask = rows < key_stop
         kt = tl.load(key_base + rows[:, None] * HALF + dims[None, :],
                      mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
         scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
@@ -64,10 +65,20 @@ def _pk_topk_kernel(
     head = tl.program_id(1)
     tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     token_mask = tokens < n_tokens
-    best1 = _half_topk(q, keys, tokens, token_mask, head, 0, heads, n_keys,
+    best1 = _half_topk(q, keys, tokens, token_mask, head, 0, heads, n_keys, 0, n_keys,
                        HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
-    best2 = _half_topk(q, keys, tokens, token_mask, head, 1, heads, n_keys,
+    best2 = _half_topk(q, keys, tokens, token_mask, head, 1, heads, n_keys, 0, n_keys,
                        HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
+    _store_final(best1, best2, scores_out, indices_out, tokens, token_mask, head, heads,
+                 n_keys, knn, BLOCK_N, K)  # fmt: skip
+
+
+@triton.jit
+def _store_final(
+    best1, best2, scores_out, indices_out, tokens, token_mask, head, heads, n_keys, knn,
+    BLOCK_N: tl.constexpr, K: tl.constexpr,
+):  # fmt: skip
+    """The K x K candidate sums of both halves' top-K, their top-knn, stored."""
     s1, i1 = _unpack(best1)
     s2, i2 = _unpack(best2)
     sums = tl.reshape(s1[:, :, None] + s2[:, None, :], (BLOCK_N, K * K))
@@ -78,6 +89,47 @@ def _pk_topk_kernel(
     mask = token_mask[:, None] & (cols[None, :] < knn)
     tl.store(scores_out + out, scores, mask=mask)
     tl.store(indices_out + out, indices, mask=mask)
+
+
+@triton.jit
+def _split_topk_kernel(
+    q, keys, partial, n_tokens, heads, n_keys, keys_per_split,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Small batches: each program scores one (head, half) against one slice of the
+    sub-keys, so a single token still spreads over many programs."""
+    head_half = tl.program_id(1)
+    split = tl.program_id(2)
+    tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    token_mask = tokens < n_tokens
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, n_keys)
+    best = _half_topk(q, keys, tokens, token_mask, head_half // 2, head_half % 2, heads, n_keys,
+                      start, stop, HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
+    cols = tl.arange(0, K)
+    out = ((tokens[:, None] * heads * 2 + head_half) * SPLITS + split) * K + cols[None, :]
+    tl.store(partial + out, best, mask=token_mask[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial, scores_out, indices_out, n_tokens, heads, n_keys, knn,
+    BLOCK_N: tl.constexpr, K: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    token_mask = tokens < n_tokens
+    cols = tl.arange(0, SPLITS * K)
+    base = (tokens[:, None] * heads * 2 + head * 2) * SPLITS * K + cols[None, :]
+    best1 = tl.topk(tl.load(partial + base, mask=token_mask[:, None], other=0), K)
+    best2 = tl.topk(tl.load(partial + base + SPLITS * K, mask=token_mask[:, None], other=0), K)
+    _store_final(best1, best2, scores_out, indices_out, tokens, token_mask, head, heads,
+                 n_keys, knn, BLOCK_N, K)  # fmt: skip
+
+
+# Below this many (token block, head) programs, the key scan is split across programs.
+_SPLIT_BELOW_PROGRAMS = 64
 
 
 def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +144,23 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
     k = triton.next_power_of_2(knn)
     block_k = max(k, 16, min(128, triton.next_power_of_2(n_keys)))
     block_n = 16
+    shape = dict(HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
+                 BLOCK_K=block_k, K=k)  # fmt: skip
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(n, block_n), heads)
-    _pk_topk_kernel[grid](
-        q, keys, scores, indices, n, heads, n_keys, knn,
-        HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
-        BLOCK_K=block_k, K=k, PRECISION=precision,
+    token_blocks = triton.cdiv(n, block_n)
+    splits = min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k)))
+    if token_blocks * heads >= _SPLIT_BELOW_PROGRAMS or splits == 1:
+        _pk_topk_kernel[(token_blocks, heads)](
+            q, keys, scores, indices, n, heads, n_keys, knn, PRECISION=precision, **shape
+        )
+        return scores, indices
+    keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_k) * block_k
+    partial = torch.empty(n, heads, 2, splits, k, dtype=torch.int64, device=q.device)
+    _split_topk_kernel[(token_blocks, heads * 2, splits)](
+        q, keys, partial, n, heads, n_keys, keys_per_split, SPLITS=splits,
+        PRECISION=precision, **shape,
     )  # fmt: skip
+    _merge_splits_kernel[(token_blocks, heads)](
+        partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=block_n, K=k, SPLITS=splits
+    )
     return scores, indices

@@ -130,3 +130,19 @@ def test_pk_topk_matches_the_reference(n, heads, n_keys, k_dim, knn, dtype):
         torch.testing.assert_close(full.gather(-1, indices.cpu()), best, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(scores, ref_scores, rtol=2e-3, atol=2e-3)
     assert (scores[..., :-1] >= scores[..., 1:]).all()
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-keys", "one-program-per-head"])
+@pytest.mark.parametrize(("n", "knn"), [(1, 4), (19, 8)])
+def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, split, n, knn):
+    from memcompile.kernels import triton_topk
+
+    # Force the path: small batches split each key scan over programs, large ones do not.
+    monkeypatch.setattr(triton_topk, "_SPLIT_BELOW_PROGRAMS", 10**9 if split else 0)
+    g = torch.Generator().manual_seed(n)
+    q = _rand(n, 2, 32, generator=g)
+    keys = _rand(2, 2, 300, 16, generator=g)  # three key blocks per half, a ragged last one
+    scores, indices = triton_topk.pk_topk(q, keys, knn)
+    ref_scores, ref_indices = reference.pk_topk(q, keys, knn)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
