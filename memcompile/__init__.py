@@ -1,20 +1,29 @@
 """memcompile: compile the FFN blocks of PyTorch models into product-key memory layers."""
 
 from .api import TransformReport, count_parameters, find_ffn_blocks, transform
+from .calibrate import CalibrationReport, LayerCalibration, calibrate
 from .checkpoint import load, save
+from .onnx_export import export_onnx
 from .passes import FFNBlock
 from .runtime import MemcompileError, MemoryConfig, MemoryLayer, MemoryPool
+from .training import memory_values, param_groups
 
 __all__ = [
+    "CalibrationReport",
     "FFNBlock",
+    "LayerCalibration",
     "MemcompileError",
     "MemoryConfig",
     "MemoryLayer",
     "MemoryPool",
     "TransformReport",
+    "calibrate",
     "count_parameters",
+    "export_onnx",
     "find_ffn_blocks",
     "load",
+    "memory_values",
+    "param_groups",
     "save",
     "transform",
 ]

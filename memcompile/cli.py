@@ -341,5 +341,238 @@ def convert(
         click.echo(f"wrote {output}")
 
 
+EPILOG_EXPORT = """\b
+Examples:
+  memcompile export ./ckpt --onnx model.onnx                  # standard ONNX ops
+  memcompile export ./ckpt --onnx model.onnx --form custom    # com.memcompile nodes
+  memcompile export ./ckpt --onnx model-fp16.onnx --dtype float16 --opset 18
+Run it: memcompile.runtime.ort_session("model.onnx") (registers the native kernels).
+"""
+
+
+def _token_inputs(model, batch: int, seq_len: int) -> dict:
+    """Example token ids (and an attention mask, when the model takes one)."""
+    import inspect as pyinspect
+
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    parameters = pyinspect.signature(model.forward).parameters
+    if not vocab or "input_ids" not in parameters:
+        raise MemcompileError(
+            f"memcompile export makes token-id inputs, which {type(model).__name__} does not "
+            "take: call memcompile.export_onnx(model, example_inputs, path) from Python"
+        )
+    if batch < 1 or seq_len < 1:
+        raise MemcompileError(f"--batch and --seq-len must be positive, got {batch}, {seq_len}")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=generator)}
+    if "attention_mask" in parameters:
+        # One padded position: an all-ones mask would let the model skip masking when traced.
+        mask = torch.ones(batch, seq_len, dtype=torch.int64)
+        mask[0, 0] = 0 if seq_len > 1 else 1
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+@main.command(epilog=EPILOG_EXPORT)
+@click.argument("model_path", metavar="CKPT", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="ONNX file to write")
+@click.option(
+    "--form",
+    type=click.Choice(["decomposed", "custom"]),
+    default="decomposed",
+    show_default=True,
+    help="standard ONNX ops, or com.memcompile nodes with native kernels",
+)
+@click.option("--opset", type=int, help="ONNX opset, 18 to 23 (default 20)")
+@click.option(
+    "--seq-len", type=int, default=8, show_default=True, help="example length (stays dynamic)"
+)
+@click.option(
+    "--batch", type=int, default=2, show_default=True, help="example batch (stays dynamic)"
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"]), help="cast the model before export"
+)
+@click.option("--static", is_flag=True, help="fix batch and sequence to the example's")
+@_model_options
+@click.option("--force", is_flag=True, help="overwrite an existing output")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@_fail_cleanly
+def export(
+    model_path,
+    onnx_path,
+    form,
+    opset,
+    seq_len,
+    batch,
+    dtype,
+    static,
+    force,
+    as_json,
+    quiet,
+    trust_remote_code,
+    trust_pickle,
+    config_path,
+):
+    """Export CKPT (a converted checkpoint) to ONNX, with dynamic batch and sequence."""
+    from pathlib import Path
+
+    import onnx
+    import torch
+
+    from .onnx_export import export_onnx
+
+    if Path(onnx_path).exists() and not force:
+        raise MemcompileError(f"{onnx_path} already exists: choose another output or pass --force")
+    steps = _Steps(quiet or as_json)
+    loaded = _load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
+    inputs = _token_inputs(model, batch, seq_len)
+    with steps(f"exporting {onnx_path}"):
+        export_onnx(model, inputs, onnx_path, form=form, opset=opset, dynamic=not static)
+    exported = onnx.load(onnx_path, load_external_data=False)
+    result = {
+        "output": str(onnx_path),
+        "form": form,
+        "opset": next(o.version for o in exported.opset_import if o.domain == ""),
+        "inputs": [i.name for i in exported.graph.input],
+        "outputs": [o.name for o in exported.graph.output],
+        "custom_nodes": sum(n.domain == "com.memcompile" for n in exported.graph.node),
+        "bytes": Path(onnx_path).stat().st_size,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"wrote {onnx_path} ({form} form, opset {result['opset']}, inputs "
+            f"{', '.join(result['inputs'])} -> {', '.join(result['outputs'])}, "
+            f"{_human_bytes(result['bytes'])})"
+        )
+
+
+EPILOG_CALIBRATE = """\b
+Examples:
+  memcompile convert ./my-hf-model --layers 2,3 --mem-size 16K -o ./ckpt
+  memcompile calibrate ./ckpt --original ./my-hf-model --data texts.txt -o ./ckpt-cal
+  memcompile calibrate ./ckpt --original ./my-hf-model --synthetic --steps 100 -o ./ckpt-cal
+A replace-mode checkpoint holds no FFN weights: --original is the model it was converted
+from, whose FFNs the memory layers learn to imitate (and whose tokenizer reads --data).
+"""
+
+
+@main.command(epilog=EPILOG_CALIBRATE)
+@click.argument("model_path", metavar="CKPT", type=click.Path())
+@click.option(
+    "--original",
+    required=True,
+    type=click.Path(),
+    help="the model CKPT was converted from (HF directory, checkpoint or .pt)",
+)
+@click.option("--data", type=click.Path(dir_okay=False), help="text file, one sample per line")
+@click.option("--synthetic", is_flag=True, help="random token ids instead of text (smoke test)")
+@click.option("--steps", type=int, default=300, show_default=True, help="training steps")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate")
+@click.option("--max-length", type=int, default=128, show_default=True, help="tokens per text")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_model_options
+@click.option("-o", "--output", required=True, type=click.Path(), help="checkpoint directory")
+@click.option("--force", is_flag=True, help="overwrite an existing output")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@_fail_cleanly
+def calibrate(
+    model_path,
+    original,
+    data,
+    synthetic,
+    steps,
+    lr,
+    max_length,
+    seed,
+    output,
+    force,
+    as_json,
+    quiet,
+    trust_remote_code,
+    trust_pickle,
+    config_path,
+):
+    """Train the memory layers of CKPT to reproduce the FFNs they replaced; write OUTPUT."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from . import checkpoint
+    from .calibrate import calibrate as run_calibration
+    from .calibrate import synthetic_batches, text_batches
+
+    if Path(output).exists() and not force:
+        raise MemcompileError(f"{output} already exists: choose another output or pass --force")
+    if (data is None) == (not synthetic):
+        raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
+    if steps < 1:
+        raise MemcompileError(f"--steps must be at least 1, got {steps}")
+    texts = []
+    if data is not None:
+        try:
+            texts = [t.strip() for t in Path(data).read_text().splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise MemcompileError(f"cannot read --data {data}: {error}") from None
+        if not texts:
+            raise MemcompileError(f"--data {data} has no text: one sample per line")
+    if not checkpoint.is_checkpoint(model_path):
+        raise MemcompileError(
+            f"{model_path} is not a memcompile checkpoint: calibrate the output of "
+            "`memcompile convert --mode replace`"
+        )
+    steps_bar = _Steps(quiet or as_json)
+    loaded = _load(model_path, steps_bar, trust_remote_code, trust_pickle, None)
+    teacher = _load(original, steps_bar, trust_remote_code, trust_pickle, config_path).model
+    if texts:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(original)
+        except (OSError, ValueError, TypeError) as error:
+            raise MemcompileError(
+                f"--data needs the tokenizer of --original {original}, which has none "
+                f"({type(error).__name__}); use --synthetic or an HF model directory"
+            ) from None
+        batches = text_batches(tokenizer, texts, max_length=max_length)
+    else:
+        batches = synthetic_batches(teacher, seed=seed)
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="calibrating", file=sys.stderr, disable=quiet or as_json) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        report = run_calibration(
+            loaded.model, teacher, batches, steps=steps, lr=lr, seed=seed, callback=progress
+        )
+    with steps_bar(f"saving {output}"):
+        checkpoint.save(loaded.model, output, force=force, pickled_source=loaded.pickled_source)
+    if as_json:
+        result = {
+            "output": str(output),
+            "steps": steps,
+            "layers": [asdict(c) for c in report.layers],
+        }
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("relative error of each memory layer against the FFN it replaced (held-out tokens)")
+    click.echo(f"{'block':>10} {'path':<40} {'tokens':>8} {'before':>8} {'after':>8}")
+    for c in report.layers:
+        click.echo(
+            f"{c.index!s:>10} {c.path:<40} {c.tokens:>8,} {c.error_before:>8.3f} "
+            f"{c.error_after:>8.3f}"
+        )
+    click.echo(f"wrote {output}")
+
+
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from .config import MemoryConfig, parse_mem_size
 from .errors import MemcompileError
 from .init import ValuesInit, materialize_values, offload_values
 from .memory_layer import MemoryLayer, MemoryPool
+from .ort import ort_session
 
 __all__ = [
     "MemcompileError",
@@ -13,5 +14,6 @@ __all__ = [
     "ValuesInit",
     "materialize_values",
     "offload_values",
+    "ort_session",
     "parse_mem_size",
 ]

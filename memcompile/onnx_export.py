@@ -1,0 +1,262 @@
+"""`export_onnx`: a converted model to an ONNX file that ONNX Runtime runs.
+
+The model is exported with the dynamo-based `torch.onnx.export`; the memory-layer ops are
+lowered by `passes/lower_onnx.py` in the "decomposed" form (standard ONNX ops) or the
+"custom" form (`com.memcompile` nodes with ONNX function bodies, and native kernels in
+`memcompile.runtime.ort_session`). Dimension 0 of every input is the batch and dimension 1
+the sequence; both stay dynamic unless `dynamic=False`. The file is written to a temporary
+name beside `path` and renamed into place, so an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .runtime import MemcompileError, MemoryLayer
+
+log = logging.getLogger(__name__)
+
+FORMS = ("decomposed", "custom")
+# Above this many bytes of weights the tensors go to a `<name>.data` file beside the model
+# (a protobuf holds at most 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class _Outputs(nn.Module):
+    """Calls the model with named tensors and returns its tensor outputs as a tuple.
+
+    HF models return a ModelOutput (a dict): its tensors are kept, in order, and named by
+    their keys; caches are switched off (`use_cache=False`) so none is returned.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], extra: dict) -> None:
+        super().__init__()
+        self.model, self.names, self.extra = model, list(names), extra
+
+    def forward(self, *tensors: torch.Tensor):
+        out = self.model(**dict(zip(self.names, tensors)), **self.extra)
+        return tuple(tensor for _, tensor in _tensor_outputs(out))
+
+
+def _tensor_outputs(out) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return [("output", out)]
+    if isinstance(out, Mapping):
+        return [(str(k), v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [(f"output_{i}", v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _lowering():
+    """passes.lower_onnx, imported on use: onnx and onnxscript are an optional extra."""
+    try:
+        from .passes import lower_onnx
+    except ImportError as error:
+        raise MemcompileError(
+            f"ONNX export needs onnx and onnxscript ({error}): pip install 'memcompile[onnx]'"
+        ) from None
+    return lower_onnx
+
+
+def _check_options(form: str, opset: int | None) -> int:
+    lower_onnx = _lowering()
+    if form not in FORMS:
+        raise MemcompileError(f"unknown ONNX form {form!r}: choose one of {', '.join(FORMS)}")
+    if opset is None:
+        return lower_onnx.DEFAULT_OPSET
+    low, high = lower_onnx.MIN_OPSET, lower_onnx.MAX_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise MemcompileError(
+            f"ONNX opset {opset!r} is not supported: choose {low} to {high} "
+            f"(default {lower_onnx.DEFAULT_OPSET})"
+        )
+    return opset
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise MemcompileError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, MemoryLayer) for m in model.modules()):
+        raise MemcompileError(
+            f"{type(model).__name__} has no memory layers: convert it first with "
+            "memcompile.transform(model, layers=...) (or `memcompile convert`)"
+        )
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise MemcompileError(
+            f"{type(model).__name__} has tensors on the meta device (lazy value tables): call "
+            "memcompile.runtime.materialize_values(model) before exporting"
+        )
+
+
+def _named_inputs(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
+    """The example inputs by forward-parameter name: a tensor, a tuple or a dict of tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        named = dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        try:
+            bound = inspect.signature(model.forward).bind_partial(*example_inputs)
+        except TypeError as error:
+            raise MemcompileError(
+                f"example inputs do not fit the model's forward: {error}"
+            ) from None
+        named = dict(bound.arguments)
+    else:
+        raise MemcompileError(
+            "example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got "
+            f"{type(example_inputs).__name__}"
+        )
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise MemcompileError(
+                f"example input {name!r} is a {type(value).__name__}, not a tensor"
+            )
+    if not named:
+        raise MemcompileError("export_onnx needs at least one example input tensor")
+    return named
+
+
+def _check_dynamic_shapes(named: dict[str, torch.Tensor]) -> None:
+    for name, tensor in named.items():
+        shape = tuple(tensor.shape)
+        if len(shape) < 2 or min(shape[:2]) < 2:
+            raise MemcompileError(
+                f"example input {name!r} has shape {shape}: with dynamic batch and sequence "
+                "dimensions each input needs them as dims 0 and 1, both >= 2 (a size-1 "
+                "example would be fixed at 1), or pass dynamic=False"
+            )
+
+
+def _example_outputs(model: nn.Module, named: dict, extra: dict) -> list[str]:
+    """Runs the model once: an input it rejects is bad input. Returns the output names."""
+    try:
+        with torch.no_grad():
+            out = model(**named, **extra)
+    except Exception as error:  # noqa: BLE001 - any failure here is the example's fault
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in named.items())
+        raise MemcompileError(
+            f"{type(model).__name__} fails on the example inputs ({shapes}): "
+            f"{type(error).__name__}: {first}"
+        ) from None
+    names = [name for name, _ in _tensor_outputs(out)]
+    if not names:
+        raise MemcompileError(f"{type(model).__name__} returns no tensor to export")
+    return names
+
+
+def _extra_kwargs(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", False) else {}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its progress, logs that torchvision ops are unavailable and warns
+    that inputs share axis names (as meant here): none of it concerns a memcompile user."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _export(module: nn.Module, named: dict, outputs: list[str], form: str, opset: int, dynamic):
+    lower_onnx = _lowering()
+    shapes = None
+    if dynamic:
+        shapes = (tuple({0: "batch", 1: "seq"} for _ in named),)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            tuple(named.values()),
+            dynamo=True,
+            opset_version=opset,
+            custom_translation_table=lower_onnx.translation_table(form),
+            dynamic_shapes=shapes,
+            input_names=list(named),
+            output_names=outputs,
+            verbose=False,
+        )
+    model = program.model
+    for node in model.graph.all_nodes():
+        # The exporter's debug records (Python stack traces with local paths, FX nodes).
+        node.metadata_props.clear()
+    if form == "custom":
+        lower_onnx.attach_functions(model)
+    model.producer_name = "memcompile"
+    model.metadata_props["memcompile.form"] = form
+    return model
+
+
+def _write(model, path: Path) -> None:
+    """Saves the ir.Model at `path`, through a temporary directory beside it."""
+    from onnxscript import ir
+
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    data_name = f"{path.name}.data" if weights > EXTERNAL_DATA_BYTES else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        ir.save(model, staged, external_data=data_name)
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    form: str = "decomposed",
+    opset: int | None = None,
+    dynamic: bool = True,
+) -> Path:
+    """Export a model with memory layers to the ONNX file `path`; returns the path.
+
+    `example_inputs`: a tensor, a tuple (positional) or a dict (by name) of tensors that
+    the model accepts, e.g. `{"input_ids": ids}`. `form`: "decomposed" (standard ONNX ops,
+    any ONNX Runtime provider) or "custom" (`com.memcompile` nodes with function bodies;
+    `memcompile.runtime.ort_session` runs them with native kernels). `opset`: the ONNX
+    opset, 18 to 23 (default 20). `dynamic`: batch (dim 0) and sequence (dim 1) of every
+    input are dynamic. Inputs are named as the forward's parameters, outputs as the
+    model's (`logits`, `last_hidden_state`, ...). An existing file is replaced.
+    """
+    opset = _check_options(form, opset)
+    _check_model(model)
+    named = _named_inputs(model, example_inputs)
+    if dynamic:
+        _check_dynamic_shapes(named)
+    extra = _extra_kwargs(model)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        outputs = _example_outputs(model, named, extra)
+        module = _Outputs(model, list(named), extra).eval()
+        onnx_model = _export(module, named, outputs, form, opset, dynamic)
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
+    path = Path(path)
+    _write(onnx_model, path)
+    counts = _lowering().custom_nodes(onnx_model)
+    log.info("wrote %s (%s form, opset %d, custom nodes %s)", path, form, opset, counts or "none")
+    return path

@@ -1,0 +1,89 @@
+"""The training recipe for converted models: memory values in their own optimizer group.
+
+Memory Layers at Scale (Berges et al. 2024) trains the value tables with their own, higher,
+fixed learning rate and no weight decay: each value row only gets a gradient from the few
+tokens that pick it, so it needs bigger steps than the dense weights, and weight decay would
+pull the rows that are rarely picked back to zero between their updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from torch import nn
+
+from .runtime import MemcompileError, MemoryLayer, MemoryPool
+
+log = logging.getLogger(__name__)
+
+VALUES_GROUP = "memory_values"
+DEFAULT_GROUP = "default"
+
+
+def memory_values(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The value tables of every memory layer of `model`, each shared table once.
+
+    That is the shared `MemoryPool.values` (`memcompile_pool.values` at the model root)
+    and the own `values` of layers converted with `share_values=False`.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, MemoryPool):
+            tables = [module.values]
+        elif isinstance(module, MemoryLayer):
+            # A layer reads a pool that may sit outside `model` (attach_pool): include it.
+            tables = [module.value_table] if module._pool or "values" in module._parameters else []
+        else:
+            continue
+        for table in tables:
+            if id(table) not in seen:
+                seen.add(id(table))
+                yield table
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    value_lr: float = 1e-3,
+) -> list[dict]:
+    """Optimizer parameter groups: memory values apart, with `value_lr` and no weight decay.
+
+    Returns `[{"name": "default", "params": [...], "lr": lr, "weight_decay": weight_decay},
+    {"name": "memory_values", "params": [...], "lr": value_lr, "weight_decay": 0.0}]`, ready
+    for `torch.optim.AdamW(param_groups(model, 3e-4, 0.1))`. Every other trainable parameter
+    (requires_grad) goes into the first group unchanged, each shared tensor once; frozen
+    parameters are left out, and so is an empty group: a model without memory values gets
+    the first group only, so the same code trains a dense baseline. A learning-rate
+    scheduler scales every group; give it one schedule per group (e.g.
+    `LambdaLR(opt, [schedule, lambda step: 1.0])`) to keep the value rate fixed.
+    """
+    for name, value in (("lr", lr), ("value_lr", value_lr)):
+        if not value > 0:
+            raise MemcompileError(f"{name} must be positive, got {value!r}")
+    if not weight_decay >= 0:
+        raise MemcompileError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    values = [v for v in memory_values(model) if v.requires_grad]
+    if any(v.is_meta for v in values):
+        raise MemcompileError(
+            "the model's value tables are still on the meta device (lazy init): call "
+            "memcompile.runtime.materialize_values(model) before building the optimizer"
+        )
+    value_ids = {id(v) for v in values}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
+    if not rest and not values:
+        raise MemcompileError("the model has no trainable parameters (requires_grad)")
+    groups = [{"name": DEFAULT_GROUP, "params": rest, "lr": lr, "weight_decay": weight_decay}]
+    if values:
+        groups.append({"name": VALUES_GROUP, "params": values, "lr": value_lr, "weight_decay": 0.0})
+    groups = [group for group in groups if group["params"]]
+    log.info(
+        "param_groups: %d tensors at lr %g, %d value tables (%d rows) at lr %g",
+        len(rest),
+        lr,
+        len(values),
+        sum(v.shape[0] for v in values),
+        value_lr,
+    )
+    return groups
