@@ -15,7 +15,7 @@ It reports exact-match recall of all stored facts (the greedy prediction is the 
 FLOPs per token and parameter counts, and writes JSON and a PNG plot of recall against
 training steps.
 
-    python examples/factual_recall.py            # full run (~15 min on 2 CPU cores)
+    python examples/factual_recall.py            # full run (15-20 min on 2 CPU cores)
     python examples/factual_recall.py --quick    # a few minutes; what the test runs
 """
 

@@ -71,6 +71,12 @@ def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> n
     return cls._from_config(config)
 
 
+def refuse_existing(path: str | os.PathLike, force: bool) -> None:
+    """Bad input unless `path` is free or the user passed --force."""
+    if Path(path).exists() and not force:
+        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, force: bool = False):
     """Yields a temporary directory beside `path`; renames it to `path` if the block succeeds.
@@ -79,8 +85,7 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False):
     included, the temporary directory is removed and nothing is left at `path`.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+    refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .checkpoint import refuse_existing
 from .runtime import MemcompileError
 
 EPILOG_INSPECT = """\b
@@ -295,8 +296,7 @@ def convert(
     from .api import transform
     from .passes.moe import find_moe_blocks
 
-    if Path(output).exists() and not force:
-        raise MemcompileError(f"{output} already exists: choose another output or pass --force")
+    refuse_existing(output, force)
     if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
         raise MemcompileError(
             "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "
@@ -425,8 +425,7 @@ def export(
 
     from .onnx_export import export_onnx
 
-    if Path(onnx_path).exists() and not force:
-        raise MemcompileError(f"{onnx_path} already exists: choose another output or pass --force")
+    refuse_existing(onnx_path, force)
     steps = _Steps(quiet or as_json)
     loaded = _load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
@@ -508,8 +507,7 @@ def calibrate(
     from .calibrate import calibrate as run_calibration
     from .calibrate import synthetic_batches, text_batches
 
-    if Path(output).exists() and not force:
-        raise MemcompileError(f"{output} already exists: choose another output or pass --force")
+    refuse_existing(output, force)
     if (data is None) == (not synthetic):
         raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
     if steps < 1:

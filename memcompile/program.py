@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import refuse_existing
 from .runtime import MemcompileError
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,7 @@ def save_program(
     path = Path(path)
     if path.suffix != ".pt2":
         raise MemcompileError(f"{path}: a torch.export program is written as a .pt2 file")
-    if path.exists() and not force:
-        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+    refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".pt2", dir=path.parent)
     os.close(handle)

@@ -1,0 +1,151 @@
+"""The Triton kernels against the PyTorch reference: on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, fp32 and fp16, tiny shapes), on a GPU natively when there is one.
+
+Run by test_triton_kernels.py in a process of its own: Triton fixes the interpreter mode
+when it is first imported, and TRITON_INTERPRET must not leak into the other tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from memcompile.kernels import cuda, reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rand(*shape, dtype=torch.float32, generator):
+    return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+def _bag_inputs(n, picks, rows, v_dim, dtype, seed=0, hot_row=None):
+    g = torch.Generator().manual_seed(seed)
+    values = _rand(rows, v_dim, dtype=dtype, generator=g)
+    indices = torch.randint(0, rows, (n, picks), generator=g)
+    if hot_row is not None:
+        indices[:, ::2] = hot_row  # one row picked by every token, several times per bag
+    weights = torch.rand(n, picks, generator=g)
+    return values, indices.to(DEVICE), weights.to(DEVICE)
+
+
+def _close(got, want, dtype):
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+BAG_CASES = [
+    # n, picks, rows, v_dim, hot row
+    (6, 8, 40, 96, None),
+    (5, 12, 30, 320, 7),
+    (4, 1, 10, 96, None),  # bags of one
+    (3, 48, 20, 96, 0),  # many picks per bag, one hot row
+    (3, 8, 16, 640, 2),  # v_dim above one backward block
+    (0, 8, 16, 96, None),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "picks", "rows", "v_dim", "hot"), BAG_CASES)
+def test_bag_forward_and_backward_match_the_reference(n, picks, rows, v_dim, hot, dtype):
+    values, indices, weights = _bag_inputs(n, picks, rows, v_dim, dtype, hot_row=hot)
+    out = cuda.bag_cuda(values, indices, weights)
+    assert out.dtype == dtype and out.shape == (n, v_dim)
+    _close(out, reference.bag(values, indices, weights), dtype)
+
+    grad = _rand(n, v_dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grad_values, grad_weights = cuda.bag_backward_cuda(grad, values, indices, weights)
+    ref_values, ref_weights = reference.bag_backward(grad, values, indices, weights)
+    assert grad_values.shape == values.shape and grad_weights.shape == weights.shape
+    assert torch.isfinite(grad_values.float()).all()
+    _close(grad_values, ref_values, dtype)
+    _close(grad_weights, ref_weights, dtype)
+
+
+def test_bag_backward_is_deterministic_and_handles_stride_zero_gradients():
+    values, indices, weights = _bag_inputs(9, 16, 12, 96, torch.float32, hot_row=3)
+    grad = torch.ones(1, 1, device=DEVICE).expand(9, 96)  # as from out.sum().backward()
+    first = cuda.bag_backward_cuda(grad, values, indices, weights)
+    second = cuda.bag_backward_cuda(grad, values, indices, weights)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    ref = reference.bag_backward(grad.contiguous(), values, indices, weights)
+    _close(first[0], ref[0], torch.float32)
+    strided = values.t().contiguous().t()  # same values, column-major
+    _close(cuda.bag_cuda(strided, indices, weights), reference.bag(values, indices, weights),
+           torch.float32)  # fmt: skip
+
+
+def test_row_sparse_value_gradient_holds_exactly_the_touched_rows():
+    from memcompile.kernels import triton_bag
+
+    values, indices, weights = _bag_inputs(5, 6, 50, 96, torch.float32, hot_row=4)
+    grad = _rand(5, 96, generator=torch.Generator().manual_seed(2))
+    rows, grad_rows, grad_weights = triton_bag.bag_backward_sparse(grad, values, indices, weights)
+    dense, ref_weights = reference.bag_backward(grad, values, indices, weights)
+    assert torch.equal(rows.cpu(), torch.unique(indices).cpu())
+    _close(grad_rows, dense[rows], torch.float32)
+    _close(grad_weights, ref_weights, torch.float32)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows.cpu()] = False
+    assert torch.count_nonzero(dense[untouched.to(DEVICE)]) == 0
+
+
+def _all_pair_scores(q, keys):
+    """Scores of every full key [k1_i ; k2_j]: (N, heads, n_keys**2), brute force."""
+    half = keys.shape[-1]
+    s1 = torch.einsum("nhd,hkd->nhk", q[..., :half], keys[:, 0])
+    s2 = torch.einsum("nhd,hkd->nhk", q[..., half:], keys[:, 1])
+    return (s1[..., :, None] + s2[..., None, :]).flatten(-2)
+
+
+TOPK_CASES = [
+    # n, heads, n_keys, k_dim, knn
+    (5, 2, 16, 32, 1),
+    (7, 2, 16, 32, 8),
+    (20, 1, 40, 16, 3),  # n_keys and knn not powers of two
+    (3, 3, 8, 20, 8),  # knn == n_keys, half width 10
+    (18, 1, 300, 32, 4),  # several key blocks per half
+    (0, 2, 16, 32, 4),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "heads", "n_keys", "k_dim", "knn"), TOPK_CASES)
+def test_pk_topk_matches_the_reference(n, heads, n_keys, k_dim, knn, dtype):
+    g = torch.Generator().manual_seed(n_keys + knn)
+    q = _rand(n, heads, k_dim, dtype=dtype, generator=g)
+    keys = _rand(heads, 2, n_keys, k_dim // 2, dtype=dtype, generator=g)
+    scores, indices = cuda.pk_topk_cuda(q, keys, knn)
+    ref_scores, ref_indices = reference.pk_topk(q, keys, knn)
+    assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+    assert scores.shape == indices.shape == (n, heads, knn)
+    if dtype == torch.float32:
+        assert torch.equal(indices, ref_indices)
+    else:  # half-precision scores may order near-ties differently: compare true scores
+        full = _all_pair_scores(q.double().cpu(), keys.double().cpu())
+        best = full.topk(knn, dim=-1).values
+        torch.testing.assert_close(full.gather(-1, indices.cpu()), best, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(scores, ref_scores, rtol=2e-3, atol=2e-3)
+    assert (scores[..., :-1] >= scores[..., 1:]).all()
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-keys", "one-program-per-head"])
+@pytest.mark.parametrize(("n", "knn"), [(1, 4), (19, 8)])
+def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, split, n, knn):
+    from memcompile.kernels import triton_topk
+
+    # Force the path: small batches split each key scan over programs, large ones do not.
+    monkeypatch.setattr(triton_topk, "_SPLIT_BELOW_PROGRAMS", 10**9 if split else 0)
+    g = torch.Generator().manual_seed(n)
+    q = _rand(n, 2, 32, generator=g)
+    keys = _rand(2, 2, 300, 16, generator=g)  # three key blocks per half, a ragged last one
+    scores, indices = triton_topk.pk_topk(q, keys, knn)
+    ref_scores, ref_indices = reference.pk_topk(q, keys, knn)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
