@@ -58,7 +58,8 @@ def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> n
                 "loading it runs the code it contains; pass trust_pickle=True (--trust-pickle) "
                 "only if you trust it"
             )
-        return torch.load(directory / PICKLED_SOURCE, map_location="cpu", weights_only=False)
+        path = directory / PICKLED_SOURCE  # reached only with trust_pickle=True, checked above
+        return torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle given
     if source.get("kind") != "transformers":
         raise MemcompileError(f"unknown source model kind {source.get('kind')!r} in {MANIFEST}")
     import transformers
