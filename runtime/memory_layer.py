@@ -41,6 +41,10 @@ class MemoryPool(nn.Module):
         self.values_init = ValuesInit(v_dim**-0.5, derive_seed(seed, POOL_SEED_TAG))
         self.values = self.values_init.new_table((n_rows, v_dim), dtype, device, lazy)
 
+    # Replaces `ops.bag` for this table (sharded execution, fused value updates); called as
+    # bag_impl(values, indices, weights) with indices and weights of shape (N, heads*knn).
+    bag_impl = None
+
     def extra_repr(self) -> str:
         return f"rows={self.values.shape[0]}, v_dim={self.values.shape[1]}"
 
@@ -57,6 +61,7 @@ class MemoryLayer(nn.Module):
     """
 
     _memcompile_converted = True
+    bag_impl = None  # as MemoryPool.bag_impl, for a layer that owns its values
 
     def __init__(
         self,
@@ -122,6 +127,11 @@ class MemoryLayer(nn.Module):
         self._pool[:] = [pool]
 
     @property
+    def values_owner(self) -> nn.Module:
+        """The module holding this layer's value table: its shared pool, or the layer itself."""
+        return self._pool[0] if self._pool else self
+
+    @property
     def value_table(self) -> torch.Tensor:
         if self._pool:
             return self._pool[0].values
@@ -141,6 +151,9 @@ class MemoryLayer(nn.Module):
         picks = self.heads * self.knn
         values = self.value_table
         indices, probs = indices.view(-1, picks), probs.view(-1, picks)
+        bag_impl = self.values_owner.bag_impl
+        if bag_impl is not None:
+            return bag_impl(values, indices, probs)
         if values.device != q.device:
             # Host-resident values (see `offload_values`): the bag is summed where the table
             # lives and only the (N, v_dim) result crosses to the device.
