@@ -5,8 +5,24 @@ from .errors import MemcompileError
 from .init import ValuesInit, materialize_values, offload_values
 from .memory_layer import MemoryLayer, MemoryPool
 from .ort import ort_session
+from .plan import (
+    BandwidthModel,
+    Mesh,
+    Plan,
+    load_plan,
+    model_fingerprint,
+    parse_bytes,
+    save_plan,
+)
 
 __all__ = [
+    "BandwidthModel",
+    "Mesh",
+    "Plan",
+    "load_plan",
+    "model_fingerprint",
+    "parse_bytes",
+    "save_plan",
     "MemcompileError",
     "MemoryConfig",
     "MemoryLayer",
