@@ -5,6 +5,7 @@ from .calibrate import CalibrationReport, LayerCalibration, calibrate
 from .checkpoint import load, save
 from .onnx_export import export_onnx
 from .passes import FFNBlock
+from .planning import plan
 from .runtime import MemcompileError, MemoryConfig, MemoryLayer, MemoryPool
 from .training import memory_values, param_groups
 
@@ -24,6 +25,7 @@ __all__ = [
     "load",
     "memory_values",
     "param_groups",
+    "plan",
     "save",
     "transform",
 ]
