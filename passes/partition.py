@@ -195,17 +195,25 @@ def _gb(n: float) -> str:
 
 
 def _gpus_needed(model: nn.Module, table: Table, config: PartitionConfig) -> str:
-    """The smallest mesh (whole nodes past one) on which `table` fits alone, sharded."""
-    gpn = config.mesh.gpus_per_node
-    worlds = [*range(2, gpn + 1), *range(2 * gpn, 1 << 20, gpn)]
-    for world in worlds:
-        mesh = Mesh(min(world, gpn), max(1, world // gpn))
-        trial = replace(config, mesh=mesh, strategy=None)
+    """The fewest GPUs (sharding `table` over all of them) on which it fits alone."""
+
+    def fits(world: int) -> str | None:
+        trial = replace(config, mesh=Mesh(world), strategy=None)
         _, dense, _ = _dense(model, [table], trial)
         for opt in _candidates(table, trial):
             if opt.strategy != "replicate" and _fits(opt, [sum(dense)] * world, trial):
-                return f"at least {world} GPUs of this size ({opt.strategy})"
-    return "more GPUs than this planner tries"
+                return opt.strategy
+        return None
+
+    low, high = config.mesh.world_size, max(2, 2 * config.mesh.world_size)
+    while fits(high) is None:  # per-rank bytes fall as the mesh grows: search, then bisect
+        if high >= 1 << 16:
+            return "more than 65536 GPUs"
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return f"at least {high} GPUs of this size ({fits(high)})"
 
 
 def _choose(model, tables, config, dense_bytes) -> list[tuple[Table, Option, list[Option]]]:

@@ -188,7 +188,8 @@ class Plan:
         for rank, memory in zip(body["ranks"], self.ranks):
             rank["total"] = memory.total
         body["mesh"]["world_size"] = self.mesh.world_size
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **body}
+        # Through JSON and back: lists, not tuples, exactly what a plan file holds.
+        return json.loads(json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, **body}))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
