@@ -1,0 +1,6 @@
+"""`python -m memcompile.cli`: the same as the `memcompile` command."""
+
+from . import main
+
+if __name__ == "__main__":
+    main()

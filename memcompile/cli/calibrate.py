@@ -1,0 +1,136 @@
+"""`memcompile calibrate`: train a checkpoint's memory layers to imitate the FFNs they replaced."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..checkpoint import refuse_existing
+from ..runtime import MemcompileError
+from .common import (
+    checkpoint_output_options,
+    echo_json,
+    fail_cleanly,
+    load,
+    model_options,
+    result_options,
+    steps_for,
+)
+
+EPILOG_CALIBRATE = """\b
+Examples:
+  memcompile convert ./my-hf-model --layers 2,3 --mem-size 16K -o ./ckpt
+  memcompile calibrate ./ckpt --original ./my-hf-model --data texts.txt -o ./ckpt-cal
+  memcompile calibrate ./ckpt --original ./my-hf-model --synthetic --steps 100 -o ./ckpt-cal
+A replace-mode checkpoint holds no FFN weights: --original is the model it was converted
+from, whose FFNs the memory layers learn to imitate (and whose tokenizer reads --data).
+"""
+
+
+@click.command("calibrate", epilog=EPILOG_CALIBRATE)
+@click.argument("model_path", metavar="CKPT", type=click.Path())
+@click.option(
+    "--original",
+    required=True,
+    type=click.Path(),
+    help="the model CKPT was converted from (HF directory, checkpoint or .pt)",
+)
+@click.option("--data", type=click.Path(dir_okay=False), help="text file, one sample per line")
+@click.option("--synthetic", is_flag=True, help="random token ids instead of text (smoke test)")
+@click.option("--steps", type=int, default=300, show_default=True, help="training steps")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate")
+@click.option("--max-length", type=int, default=128, show_default=True, help="tokens per text")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@checkpoint_output_options
+@result_options
+@fail_cleanly
+def calibrate(
+    model_path,
+    original,
+    data,
+    synthetic,
+    steps,
+    lr,
+    max_length,
+    seed,
+    output,
+    force,
+    as_json,
+    quiet,
+    trust_remote_code,
+    trust_pickle,
+    config_path,
+):
+    """Train the memory layers of CKPT to reproduce the FFNs they replaced; write OUTPUT."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .. import checkpoint
+    from ..calibrate import calibrate as run_calibration
+    from ..calibrate import synthetic_batches, text_batches
+
+    refuse_existing(output, force)
+    if (data is None) == (not synthetic):
+        raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
+    if steps < 1:
+        raise MemcompileError(f"--steps must be at least 1, got {steps}")
+    texts = []
+    if data is not None:
+        try:
+            texts = [t.strip() for t in Path(data).read_text().splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise MemcompileError(f"cannot read --data {data}: {error}") from None
+        if not texts:
+            raise MemcompileError(f"--data {data} has no text: one sample per line")
+    if not checkpoint.is_checkpoint(model_path):
+        raise MemcompileError(
+            f"{model_path} is not a memcompile checkpoint: calibrate the output of "
+            "`memcompile convert --mode replace`"
+        )
+    steps_bar = steps_for(quiet, as_json)
+    loaded = load(model_path, steps_bar, trust_remote_code, trust_pickle, None)
+    teacher = load(original, steps_bar, trust_remote_code, trust_pickle, config_path).model
+    if texts:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(original)
+        except (OSError, ValueError, TypeError) as error:
+            raise MemcompileError(
+                f"--data needs the tokenizer of --original {original}, which has none "
+                f"({type(error).__name__}); use --synthetic or an HF model directory"
+            ) from None
+        batches = text_batches(tokenizer, texts, max_length=max_length)
+    else:
+        batches = synthetic_batches(teacher, seed=seed)
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="calibrating", file=sys.stderr, disable=quiet or as_json) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        report = run_calibration(
+            loaded.model, teacher, batches, steps=steps, lr=lr, seed=seed, callback=progress
+        )
+    with steps_bar(f"saving {output}"):
+        checkpoint.save(loaded.model, output, force=force, pickled_source=loaded.pickled_source)
+    if as_json:
+        result = {
+            "output": str(output),
+            "steps": steps,
+            "layers": [asdict(c) for c in report.layers],
+        }
+        echo_json(result)
+        return
+    click.echo("relative error of each memory layer against the FFN it replaced (held-out tokens)")
+    click.echo(f"{'block':>10} {'path':<40} {'tokens':>8} {'before':>8} {'after':>8}")
+    for c in report.layers:
+        click.echo(
+            f"{c.index!s:>10} {c.path:<40} {c.tokens:>8,} {c.error_before:>8.3f} "
+            f"{c.error_after:>8.3f}"
+        )
+    click.echo(f"wrote {output}")
