@@ -278,6 +278,12 @@ def plan_model(model: nn.Module, config: PartitionConfig) -> Plan:
             "the model has no memory layers: convert it first (memcompile convert / transform)"
         )
     dense_plan, dense_memory, times = _dense(model, tables, config)
+    if sum(dense_memory) > config.budget:
+        raise MemcompileError(
+            f"the dense part alone does not fit: it needs {_gb(sum(dense_memory))} per rank "
+            f"({dense_plan.strategy}), {_gb(config.budget)} of each GPU is usable: give more "
+            "GPU memory (--gpu-mem), more GPUs or fewer tokens per step"
+        )
     chosen = _choose(model, tables, config, sum(dense_memory))
     world = config.mesh.world_size
     ranks = tuple(

@@ -1,4 +1,4 @@
-"""The `memcompile` command line: inspect and convert models.
+"""The `memcompile` command line: inspect, convert, export, calibrate and plan models.
 
 Exit codes: 0 success, 2 bad input or usage, 1 internal error.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibrate, convert, export, inspect_cmd
+from . import calibrate, convert, export, inspect_cmd, plan
 
 EPILOG_MAIN = inspect_cmd.EPILOG_INSPECT.replace(
     "Examples:", "Examples:\n  memcompile convert --help"
@@ -24,7 +24,13 @@ def main() -> None:
 
 
 # A new command: a module here defining a click.command, imported above and listed here.
-COMMANDS = [inspect_cmd.inspect, convert.convert, export.export, calibrate.calibrate]
+COMMANDS = [
+    inspect_cmd.inspect,
+    convert.convert,
+    export.export,
+    calibrate.calibrate,
+    plan.plan,
+]
 for _command in COMMANDS:
     main.add_command(_command)
 
