@@ -15,3 +15,6 @@ export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
 python benchmarks/kernel_check.py --json "$out/kernel_check.json"
 python benchmarks/bench_kernels.py --out "$out" | tee "$out/bench_kernels.md"
+# Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
+python benchmarks/bench_inference.py --skip-cpu --out "$out" | tee "$out/bench_inference.md" \
+  || echo "bench_inference.py failed (kernel results above are still valid)"
