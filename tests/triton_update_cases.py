@@ -1,0 +1,122 @@
+"""The Triton kernels of the fused value update against its PyTorch path: on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1, fp32 and fp16, tiny shapes), on a GPU natively
+(there also bf16, with and without stochastic rounding).
+
+Run by test_fused_updates.py in a process of its own (see triton_cases.py for why)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from memcompile.kernels import fused_update, triton_update  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = [
+    # n, picks, rows, v_dim, hot row (picked by every token, several times per bag)
+    (6, 8, 40, 48, None),
+    (5, 12, 30, 100, 7),  # v_dim not a power of two
+    (3, 16, 12, 20, 0),  # many pairs per row: several pair blocks per program
+    (4, 1, 50, 16, None),  # bags of one, most rows untouched
+    (0, 4, 10, 16, None),  # empty batch
+]
+
+
+def _problem(n, picks, rows, v_dim, hot, dtype, optimizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, v_dim, generator=g).to(DEVICE, dtype)
+    indices = torch.randint(0, rows, (n, picks), generator=g)
+    if hot is not None:
+        indices[:, ::2] = hot
+    weights = torch.rand(n, picks, generator=g)
+    grad_out = torch.randn(n, v_dim, generator=g).to(DEVICE, dtype)
+    shape_a, shape_b = fused_update.state_shapes(optimizer, (rows, v_dim))
+    state_a = torch.rand(shape_a, generator=g)  # a state from earlier steps
+    state_b = torch.rand(shape_b, generator=g)
+    return [values, state_a.to(DEVICE), state_b.to(DEVICE), indices.to(DEVICE),
+            weights.to(DEVICE), grad_out]  # fmt: skip
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize(("n", "picks", "rows", "v_dim", "hot"), CASES)
+def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimizer, dtype):
+    args = _problem(n, picks, rows, v_dim, hot, dtype, optimizer)
+    ref = [t.clone() for t in args]
+    hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, v_dim, 3, 11, False, True)
+    grad_w = triton_update.fused_row_update(*args, None, None, *hyper)
+    want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
+    for got, want in zip(args[:3], ref[:3]):  # values and state, updated in place
+        _close(got, want, dtype)
+    _close(grad_w, want_w, dtype)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[args[3].reshape(-1).cpu()] = False
+    assert torch.equal(args[0][untouched.to(DEVICE)], ref[0][untouched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_given_row_norms_and_clip_scale_and_no_weight_gradient(optimizer):
+    """The two-pass form (column shards, clipping): row norms from outside, gradient scaled."""
+    args = _problem(7, 6, 24, 40, 3, torch.float32, optimizer, seed=1)
+    ref = [t.clone() for t in args]
+    row_sq = triton_update.row_grad_sq(args[0], args[3], args[4], args[5])
+    _close(row_sq, fused_update.row_grad_sq_reference(args[0], args[3], args[4], args[5]),
+           torch.float32)  # fmt: skip
+    row_sq = row_sq * 2.5  # as if other column shards added theirs
+    scale = torch.tensor([0.3], device=DEVICE)
+    hyper = (optimizer, 0.05, 1e-8, 0.9, 0.999, 0.0, 100, 1, 5, False, False)
+    out = triton_update.fused_row_update(*args, row_sq, scale, *hyper)
+    fused_update.fused_row_update_reference(*ref, row_sq.clone(), scale, *hyper)
+    assert out.numel() == 0
+    for got, want in zip(args[:3], ref[:3]):
+        _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "picks", "rows", "v_dim"), [(5, 40, 30, 300), (3, 7, 9, 20)])
+def test_weight_gradient_alone(n, picks, rows, v_dim, dtype):
+    values, _, _, indices, _, grad_out = _problem(n, picks, rows, v_dim, 2, dtype, "adam")
+    got = triton_update.bag_weight_grad(grad_out, values, indices)
+    assert got.dtype == torch.float32 and got.shape == (n, picks)
+    _close(got, fused_update.weight_grad_reference(grad_out, values, indices), dtype)
+
+
+def test_fused_update_is_deterministic():
+    first = _problem(9, 16, 12, 64, 3, torch.float32, "adam", seed=2)
+    second = [t.clone() for t in first]
+    hyper = ("adam", 0.01, 1e-8, 0.9, 0.999, 0.0, 64, 2, 0, False, True)
+    w1 = triton_update.fused_row_update(*first, None, None, *hyper)
+    w2 = triton_update.fused_row_update(*second, None, None, *hyper)
+    assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
+    args = _problem(64, 32, 16, 256, None, torch.bfloat16, "rowwise_adagrad", seed=3)
+    exact = [t.clone() for t in args]
+    exact[0] = exact[0].float()
+    hyper = ("rowwise_adagrad", 1e-3, 1e-8, 0.9, 0.999, 0.0, 256, 1, 7)
+    triton_update.fused_row_update(*args, None, None, *hyper, True, False)
+    fused_update.fused_row_update_reference(*exact, None, None, *hyper, False, False)
+    x = exact[0]
+    toward_zero = (x.view(torch.int32) & -65536).view(torch.float32)
+    away = (toward_zero.view(torch.int32) + 65536).view(torch.float32)
+    got = args[0].float()
+    assert ((got == toward_zero) | (got == away)).all()
+    nearest = x.to(torch.bfloat16).float()
+    assert (got != nearest).any()  # not round-to-nearest
+    assert (got - x).mean().abs() < 0.1 * (got - x).abs().mean()  # unbiased
