@@ -49,17 +49,23 @@ def model_source(model: nn.Module) -> dict:
     )
 
 
+def load_trusted_pickle(path: Path, trust_pickle: bool, refusal: str):
+    """The one place memcompile unpickles: only with the user's explicit trust flag, else
+    MemcompileError(refusal)."""
+    if not trust_pickle:
+        raise MemcompileError(refusal)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> nn.Module:
     """The base model of a checkpoint, with fresh weights (the saved ones are copied in later)."""
     if source.get("kind") == "pickle":
-        if not trust_pickle:
-            raise MemcompileError(
-                f"{directory} rebuilds its model from a pickled module ({PICKLED_SOURCE}): "
-                "loading it runs the code it contains; pass trust_pickle=True (--trust-pickle) "
-                "only if you trust it"
-            )
-        path = directory / PICKLED_SOURCE  # reached only with trust_pickle=True, checked above
-        return torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle given
+        refusal = (
+            f"{directory} rebuilds its model from a pickled module ({PICKLED_SOURCE}): "
+            "loading it runs the code it contains; pass trust_pickle=True (--trust-pickle) "
+            "only if you trust it"
+        )
+        return load_trusted_pickle(directory / PICKLED_SOURCE, trust_pickle, refusal)
     if source.get("kind") != "transformers":
         raise MemcompileError(f"unknown source model kind {source.get('kind')!r} in {MANIFEST}")
     import transformers

@@ -90,9 +90,8 @@ def _load_file(path: Path, trust_pickle: bool, config: str | None) -> LoadedMode
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        if not trust_pickle:
-            raise MemcompileError(PICKLE_RISK.format(path=path)) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user
+        refusal = PICKLE_RISK.format(path=path)
+        obj = checkpoint.load_trusted_pickle(path, trust_pickle, refusal)
     except (RuntimeError, EOFError, OSError) as error:
         raise MemcompileError(f"{path} is not a PyTorch file: {error}") from None
     if isinstance(obj, nn.Module):
