@@ -1,6 +1,8 @@
 """What runs: the memory layer, its config, and the error type."""
 
 from .config import MemoryConfig, parse_mem_size
+from .dist_checkpoint import load_distributed, save_distributed
+from .distributed import PlanMismatchError, apply_plan, init_distributed
 from .errors import MemcompileError
 from .init import ValuesInit, materialize_values, offload_values
 from .memory_layer import MemoryLayer, MemoryPool
@@ -14,8 +16,16 @@ from .plan import (
     parse_bytes,
     save_plan,
 )
+from .sharded_bag import CollectiveError, ShardedBag
 
 __all__ = [
+    "CollectiveError",
+    "PlanMismatchError",
+    "ShardedBag",
+    "apply_plan",
+    "init_distributed",
+    "load_distributed",
+    "save_distributed",
     "BandwidthModel",
     "Mesh",
     "Plan",
