@@ -168,7 +168,9 @@ def row_grad_sq(values, indices, weights, grad_out) -> torch.Tensor:
         return row_grad_sq_reference(values, indices, weights, grad_out)
     indices, weights, grad_out = indices.contiguous(), weights.contiguous(), grad_out.contiguous()
     n_rows, v_dim = values.shape
-    out = torch.empty(n_rows, dtype=torch.float32, device=values.device)
+    out = torch.zeros(n_rows, dtype=torch.float32, device=values.device)
+    if indices.numel() == 0:
+        return out
     order, offsets = reverse_index(indices, n_rows)
     block_v, block_p, warps = _blocks(v_dim)
     _row_sq_kernel[(n_rows,)](values, grad_out, weights, order, offsets, out,
@@ -197,8 +199,9 @@ def fused_row_update(
         return grad_w
     order, offsets = reverse_index(indices, n_rows)
     block_v, block_p, warps = _blocks(v_dim)
+    # Unused pointer arguments get a non-empty stand-in (a null pointer is refused on CUDA).
     _update_kernel[(n_rows,)](
-        values, state_a, state_b, grad_out, weights, order, offsets,
+        values, state_a, state_b if adam else state_a, grad_out, weights, order, offsets,
         grad_w if weight_grad else weights, row_sq if row_sq is not None else weights,
         scale if scale is not None else weights,
         indices.shape[1], v_dim, lr, eps, beta1, beta2, 1.0 - lr * weight_decay,
