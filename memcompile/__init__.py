@@ -7,7 +7,7 @@ from .onnx_export import export_onnx
 from .passes import FFNBlock
 from .planning import plan
 from .runtime import MemcompileError, MemoryConfig, MemoryLayer, MemoryPool
-from .training import memory_values, param_groups
+from .training import fuse_value_updates, memory_values, param_groups
 
 __all__ = [
     "CalibrationReport",
@@ -22,6 +22,7 @@ __all__ = [
     "count_parameters",
     "export_onnx",
     "find_ffn_blocks",
+    "fuse_value_updates",
     "load",
     "memory_values",
     "param_groups",

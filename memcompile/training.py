@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from torch import nn
 
 from .runtime import MemcompileError, MemoryLayer, MemoryPool
+from .runtime.fused_values import fuse_value_updates, fused_value_ids
+
+__all__ = ["fuse_value_updates", "memory_values", "param_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,9 @@ def param_groups(
     for `torch.optim.AdamW(param_groups(model, 3e-4, 0.1))`. Every other trainable parameter
     (requires_grad) goes into the first group unchanged, each shared tensor once; frozen
     parameters are left out, and so is an empty group: a model without memory values gets
-    the first group only, so the same code trains a dense baseline. A learning-rate
-    scheduler scales every group; give it one schedule per group (e.g.
+    the first group only, so the same code trains a dense baseline. Tables whose updates
+    are fused (`fuse_value_updates`) are left out of both groups: their own backward updates
+    them. A learning-rate scheduler scales every group; give it one schedule per group (e.g.
     `LambdaLR(opt, [schedule, lambda step: 1.0])`) to keep the value rate fixed.
     """
     for name, value in (("lr", lr), ("value_lr", value_lr)):
@@ -64,26 +68,30 @@ def param_groups(
             raise MemcompileError(f"{name} must be positive, got {value!r}")
     if not weight_decay >= 0:
         raise MemcompileError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    values = [v for v in memory_values(model) if v.requires_grad]
+    tables = list(memory_values(model))
+    fused = fused_value_ids(model)
+    values = [v for v in tables if v.requires_grad and id(v) not in fused]
     if any(v.is_meta for v in values):
         raise MemcompileError(
             "the model's value tables are still on the meta device (lazy init): call "
             "memcompile.runtime.materialize_values(model) before building the optimizer"
         )
-    value_ids = {id(v) for v in values}
+    value_ids = {id(v) for v in tables}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
     if not rest and not values:
-        raise MemcompileError("the model has no trainable parameters (requires_grad)")
+        fused_note = " besides its fused value tables" if fused else ""
+        raise MemcompileError(f"the model has no trainable parameters (requires_grad){fused_note}")
     groups = [{"name": DEFAULT_GROUP, "params": rest, "lr": lr, "weight_decay": weight_decay}]
     if values:
         groups.append({"name": VALUES_GROUP, "params": values, "lr": value_lr, "weight_decay": 0.0})
     groups = [group for group in groups if group["params"]]
     log.info(
-        "param_groups: %d tensors at lr %g, %d value tables (%d rows) at lr %g",
+        "param_groups: %d tensors at lr %g, %d value tables (%d rows) at lr %g, %d fused",
         len(rest),
         lr,
         len(values),
         sum(v.shape[0] for v in values),
         value_lr,
+        len(fused),
     )
     return groups

@@ -1,0 +1,362 @@
+"""Fused value updates: the memory values' optimizer step runs inside the bag's backward.
+
+`fuse_value_updates(model, "rowwise_adagrad" | "adam", lr)` gives each value table a
+`FusedTable` and installs it as the table owner's `bag_impl`. Its bag's backward returns the
+weight gradient only: the value gradient is never materialised. The table's rows touched
+by the step's tokens are updated in place, in the kernel that aggregates their gradients
+(`memcompile::fused_row_update`), with the optimizer state kept here (float32).
+
+Semantics:
+- One step per backward pass. Every reader of a table (several layers sharing one pool)
+  buffers its (indices, weights, output gradient) — activation-sized — and one update with
+  the summed gradient runs when the backward pass ends (an autograd final callback). With a
+  single reader per step the update runs in that reader's backward, in the kernel that also
+  computes the weight gradient. Values are therefore never stale inside a step.
+- Gradient accumulation: `accumulation_steps=k` buffers k backward passes and steps once on
+  their summed gradient, as a dense optimizer would after k micro-batches (scale the loss
+  as usual). `step_with=optimizer` refuses (MemcompileError) an update that comes before that
+  optimizer has stepped since the previous update: undeclared accumulation.
+- Clipping: `torch.nn.utils.clip_grad_norm_` cannot see a gradient that never exists, and
+  values have `.grad is None`. `max_grad_norm` clips each table by its own gradient norm
+  (`clip_grad_norm_`'s formula, max_norm / (norm + 1e-6) capped at 1); `last_grad_norm`.
+- Column shards (the colwise plan): give each rank's FusedTable its shard and a process
+  group; every rank must see the same indices. Row-wise Adagrad (and clipping) all-reduce
+  the per-row squared gradient norms, (rows,) float32 in a fixed layout, once per step.
+- Not with `retain_graph` double backward through one step (values change in place), nor
+  inside torch.compile graphs (the update is Python-side: the lookup graph-breaks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..kernels import fused_update as fused_ops
+from ..kernels import ops
+from .errors import MemcompileError
+from .memory_layer import MemoryLayer, MemoryPool
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = fused_ops.OPTIMIZERS
+_FORMAT = "memcompile.fused_value_updates"
+
+
+@dataclass(frozen=True)
+class ValueOptimizer:
+    """Hyperparameters of a fused value update."""
+
+    name: str  # "rowwise_adagrad" | "adam"
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam only
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW-style), touched rows only
+    max_grad_norm: float | None = None
+    accumulation_steps: int = 1
+    stochastic_rounding: bool = False  # bf16 tables only
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise MemcompileError(
+                f"unknown value optimizer {self.name!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
+        checks = [
+            (self.lr > 0, f"lr must be positive, got {self.lr!r}"),
+            (self.eps > 0, f"eps must be positive, got {self.eps!r}"),
+            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}"),
+            (isinstance(self.accumulation_steps, int) and self.accumulation_steps >= 1,
+             f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise MemcompileError(message)
+
+
+class _StepCounter:
+    """Counts the steps of the user's optimizer (the `step_with` guard)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.steps = 0
+        self.hook = optimizer.register_step_post_hook(self._count)
+
+    def _count(self, *_args) -> None:
+        self.steps += 1
+
+
+class _FusedBag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, weights, table):
+        ctx.table = table
+        ctx.save_for_backward(values, indices, weights)
+        return ops.bag(values, indices, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        update, want_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_w = ctx.table._backward(values, indices, weights, grad_out.contiguous(), update,
+                                     want_weights)  # fmt: skip
+        return None, None, None if grad_w is None else grad_w.to(weights.dtype), None
+
+
+class FusedTable:
+    """The fused optimizer of one value table (or one column shard of it).
+
+    Call it as a bag, `table(values, indices, weights)` (it is the owner's `bag_impl`); its
+    backward updates `values` in place. State: `step`, `state` (Adagrad: "sum" (rows,);
+    Adam: "exp_avg", "exp_avg_sq" (rows, v_dim)), `last_grad_norm` when clipping.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        optimizer: ValueOptimizer,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+    ) -> None:
+        if values.is_meta:
+            raise MemcompileError(
+                "the value table is still on the meta device (lazy init): call "
+                "memcompile.runtime.materialize_values(model) before fuse_value_updates"
+            )
+        if values.dim() != 2:
+            raise MemcompileError(f"a value table is (rows, v_dim), got {tuple(values.shape)}")
+        self.values, self.optimizer, self.seed = values, optimizer, seed
+        self.process_group = process_group
+        acc = fused_ops.accumulation_dtype(values.dtype)
+        shape_a, shape_b = fused_ops.state_shapes(optimizer.name, tuple(values.shape))
+        names = ("sum",) if optimizer.name == "rowwise_adagrad" else ("exp_avg", "exp_avg_sq")
+        tensors = [torch.zeros(s, dtype=acc, device=values.device) for s in (shape_a, shape_b)]
+        self.state = dict(zip(names, tensors))
+        self._state_a, self._state_b = tensors
+        self.step = 0
+        self.width = values.shape[1]
+        if process_group is not None:  # the full row width over the column shards
+            width = torch.tensor([self.width], device=values.device)
+            dist.all_reduce(width, group=process_group)
+            self.width = int(width)
+        self.last_grad_norm: torch.Tensor | None = None
+        self.step_counter: _StepCounter | None = None
+        self._counter_mark: int | None = None
+        self._forwards = 0  # grad-enabled lookups since the last update
+        self._pending: list[tuple[torch.Tensor, ...]] = []  # this backward pass
+        self._accumulated: list[tuple[torch.Tensor, ...]] = []  # earlier micro-batches
+        self._micro_batches = 0
+
+    def __call__(self, values, indices, weights) -> torch.Tensor:
+        return self.bag(values, indices, weights)
+
+    def bag(self, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        """`ops.bag(values, indices, weights)` whose backward steps `values` (this table)."""
+        if values is not self.values:
+            raise MemcompileError("this FusedTable updates another tensor than `values`")
+        if values.device != self._state_a.device:
+            raise MemcompileError(
+                f"values are on {values.device}, their fused optimizer state on "
+                f"{self._state_a.device}: move the model before fuse_value_updates"
+            )
+        if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
+            self._forwards += 1
+        return _FusedBag.apply(values, indices, weights, self)
+
+    # --- backward ---------------------------------------------------------------------
+
+    def _backward(self, values, indices, weights, grad_out, update: bool, want_weights: bool):
+        if not update:  # frozen values: the weight gradient only
+            return fused_ops.bag_weight_grad(grad_out, values, indices) if want_weights else None
+        alone = self._forwards == 1 and not (self._pending or self._accumulated)
+        if alone and self.optimizer.accumulation_steps == 1:
+            # The only reader of this step: weight gradient and update in one kernel.
+            return self._update(indices, weights.detach(), grad_out, want_weights)
+        grad_w = fused_ops.bag_weight_grad(grad_out, values, indices) if want_weights else None
+        self._pending.append((indices, weights.detach(), grad_out))
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        return grad_w
+
+    def _end_of_backward(self) -> None:
+        if not self._pending:  # another reader's callback already took this pass
+            return
+        self._accumulated += self._pending
+        self._pending = []
+        self._micro_batches += 1
+        if self._micro_batches < self.optimizer.accumulation_steps:
+            return
+        batches, self._accumulated, self._micro_batches = self._accumulated, [], 0
+        parts = list(zip(*batches))
+        self._update(*(torch.cat(p) if len(p) > 1 else p[0] for p in parts), False)
+
+    @torch.no_grad()
+    def _update(self, indices, weights, grad_out, want_weights: bool):
+        counter = self.step_counter
+        if counter is not None:
+            if self._counter_mark is not None and counter.steps == self._counter_mark:
+                self._pending, self._accumulated, self._micro_batches = [], [], 0
+                raise MemcompileError(
+                    "fused value update: a second backward before optimizer.step(); for "
+                    "gradient accumulation pass accumulation_steps=k to fuse_value_updates"
+                )
+            self._counter_mark = counter.steps
+        opt = self.optimizer
+        row_sq = scale = None
+        if opt.max_grad_norm is not None or (
+            self.process_group is not None and opt.name == "rowwise_adagrad"
+        ):
+            row_sq = fused_ops.row_grad_sq(self.values, indices, weights, grad_out)
+            if self.process_group is not None:
+                dist.all_reduce(row_sq, group=self.process_group)
+            if opt.max_grad_norm is not None:
+                self.last_grad_norm = row_sq.sum().sqrt()
+                scale = (opt.max_grad_norm / (self.last_grad_norm + 1e-6)).clamp(max=1.0)
+                scale = scale.reshape(1).float()
+            if opt.name == "adam":
+                row_sq = None
+        self.step += 1
+        self._forwards = 0
+        grad_w = fused_ops.fused_row_update(
+            self.values, self._state_a, self._state_b, indices, weights, grad_out, row_sq,
+            scale, opt.name, opt.lr, opt.eps, opt.betas[0], opt.betas[1], opt.weight_decay,
+            self.width, self.step, fused_ops.mix_seed(self.seed, self.step),
+            opt.stochastic_rounding, want_weights,
+        )  # fmt: skip
+        return grad_w if want_weights else None
+
+    # --- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """{"optimizer", "hyperparameters", "step", "seed", "state": {name: tensor}} (the
+        tensors themselves, as torch optimizers do: copy them to keep a snapshot)."""
+        return {
+            "optimizer": self.optimizer.name,
+            "hyperparameters": asdict(self.optimizer),
+            "step": self.step,
+            "seed": self.seed,
+            "state": dict(self.state),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("optimizer") != self.optimizer.name:
+            raise MemcompileError(
+                f"state of a {state.get('optimizer')!r} value optimizer cannot be loaded into "
+                f"a {self.optimizer.name!r} one"
+            )
+        if self._pending or self._accumulated:
+            raise MemcompileError("cannot load optimizer state in the middle of accumulation")
+        for name, tensor in self.state.items():
+            saved = state["state"][name]
+            if saved.shape != tensor.shape:
+                raise MemcompileError(
+                    f"optimizer state {name!r} is {tuple(saved.shape)}, this table needs "
+                    f"{tuple(tensor.shape)}"
+                )
+            tensor.copy_(saved)
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+
+
+class FusedValueUpdates:
+    """What `fuse_value_updates` returns: the tables and their owners, state, `remove()`."""
+
+    def __init__(self, owners: list[nn.Module], tables: list[FusedTable]) -> None:
+        self.owners, self.tables = owners, tables
+
+    @property
+    def step(self) -> int:
+        return self.tables[0].step
+
+    def step_with(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an update before `optimizer` has stepped since the previous one."""
+        counter = _StepCounter(optimizer)
+        for table in self.tables:
+            table.step_counter, table._counter_mark = counter, None
+
+    def state_dict(self) -> dict:
+        return {"format": _FORMAT, "version": 1,
+                "tables": [t.state_dict() for t in self.tables]}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != _FORMAT or len(state.get("tables", ())) != len(self.tables):
+            raise MemcompileError(
+                f"not the state of fused value updates of {len(self.tables)} table(s)"
+            )
+        for table, saved in zip(self.tables, state["tables"]):
+            table.load_state_dict(saved)
+
+    def remove(self) -> None:
+        """Back to ordinary autograd: the tables get `.grad` again; the state is dropped."""
+        for owner, table in zip(self.owners, self.tables):
+            if owner.__dict__.get("bag_impl") is table:
+                del owner.bag_impl
+            if table.step_counter is not None:
+                table.step_counter.hook.remove()
+
+
+def _value_owners(model: nn.Module) -> list[nn.Module]:
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, MemoryLayer) and (module._pool or "values" in module._parameters):
+            owners.setdefault(id(module.values_owner), module.values_owner)
+        elif isinstance(module, MemoryPool):
+            owners.setdefault(id(module), module)
+    return list(owners.values())
+
+
+def fused_value_ids(model: nn.Module) -> set[int]:
+    """ids of the value tables of `model` whose updates are fused (param_groups skips them)."""
+    return {
+        id(owner.values)
+        for owner in _value_owners(model)
+        if isinstance(owner.__dict__.get("bag_impl"), FusedTable)
+    }
+
+
+def fuse_value_updates(
+    model: nn.Module,
+    optimizer: str,
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    accumulation_steps: int = 1,
+    stochastic_rounding: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    seed: int = 0,
+    step_with: torch.optim.Optimizer | None = None,
+) -> FusedValueUpdates:
+    """Update every value table of `model` inside the backward pass (module docstring).
+
+    `optimizer`: "rowwise_adagrad" (one float32 state per row) or "adam" (lazy: per-element
+    moments of the touched rows). Train the other parameters with your optimizer over
+    `memcompile.param_groups(model, ...)`, which leaves fused tables out. Checkpoint
+    `handle.state_dict()` beside the model's; `handle.remove()` undoes the fusion.
+    """
+    rule = ValueOptimizer(optimizer, lr, tuple(betas), eps, weight_decay, max_grad_norm,
+                          accumulation_steps, stochastic_rounding)  # fmt: skip
+    owners = _value_owners(model)
+    if not owners:
+        raise MemcompileError("the model has no memory value tables to fuse updates into")
+    for owner in owners:
+        if owner.bag_impl is not None:
+            raise MemcompileError(
+                f"the value table of {type(owner).__name__} already has a bag_impl "
+                f"({type(owner.bag_impl).__name__}): call handle.remove() first"
+            )
+    tables = [FusedTable(o.values, rule, process_group=process_group, seed=seed + i)
+              for i, o in enumerate(owners)]  # fmt: skip
+    for owner, table in zip(owners, tables):
+        owner.bag_impl = table
+    handle = FusedValueUpdates(owners, tables)
+    if step_with is not None:
+        handle.step_with(step_with)
+    log.info("fused %s updates for %d value table(s), lr %g", optimizer, len(tables), lr)
+    return handle

@@ -1,0 +1,392 @@
+"""Fused value updates (`memcompile.fuse_value_updates`): each step against an independent
+float64 optimizer on the dense gradient, restricted to the touched rows; shared tables,
+gradient accumulation, clipping, column shards in two processes, resuming."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import memcompile
+from memcompile import MemcompileError
+from memcompile.kernels import ops
+from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+
+from models import CASES, VOCAB, build
+
+EXAMPLE = next(c for c in CASES if c.name == "example")
+SMALL = dict(mem_size=256, knn=4, heads=2)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(rows, v_dim, seed, n=6, picks=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, rows, (n, picks), generator=g), torch.rand(n, picks, generator=g),
+            torch.randn(n, v_dim, generator=g))  # fmt: skip
+
+
+def _dense(rows, batches):
+    """Float64 dense value gradient of bags (indices, weights, grad_out), and touched rows."""
+    v_dim = batches[0][2].shape[1]
+    grad, touched = torch.zeros(rows, v_dim, dtype=torch.float64), torch.zeros(rows, dtype=bool)
+    for idx, w, go in batches:
+        contrib = w.double()[..., None] * go.double()[:, None, :]
+        grad.index_add_(0, idx.reshape(-1), contrib.reshape(-1, v_dim))
+        touched[idx.reshape(-1)] = True
+    return grad, touched
+
+
+class Reference:
+    """Row-wise Adagrad / lazy Adam in float64, written from their textbook definitions."""
+
+    def __init__(self, values, name, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.w = values.detach().double().clone()
+        self.name, self.lr, self.betas, self.eps, self.wd = name, lr, betas, eps, weight_decay
+        self.sum = torch.zeros(self.w.shape[0], dtype=torch.float64)
+        self.m, self.v, self.t = torch.zeros_like(self.w), torch.zeros_like(self.w), 0
+
+    def step(self, grad, touched, max_norm=None):
+        if max_norm is not None:
+            grad = grad * min(1.0, max_norm / (grad.norm().item() + 1e-6))
+        self.t += 1
+        r, g = touched, grad[touched]
+        w = self.w[r] * (1 - self.lr * self.wd)
+        if self.name == "rowwise_adagrad":
+            self.sum[r] += g.pow(2).mean(1)
+            self.w[r] = w - self.lr * g / (self.sum[r].sqrt()[:, None] + self.eps)
+        else:
+            (b1, b2), t = self.betas, self.t
+            self.m[r] = b1 * self.m[r] + (1 - b1) * g
+            self.v[r] = b2 * self.v[r] + (1 - b2) * g * g
+            m_hat, v_hat = self.m[r] / (1 - b1**t), self.v[r] / (1 - b2**t)
+            self.w[r] = w - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+def _step(table, idx, w, go):
+    """One fused bag forward and backward; returns the weight gradient."""
+    w = w.clone().requires_grad_()
+    table.bag(table.values, idx, w).backward(go)
+    return w.grad
+
+
+def _close(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_steps_match_the_float64_reference_and_untouched_rows_keep_everything(name, weight_decay):
+    values = nn.Parameter(torch.randn(40, 12))
+    table = FusedTable(values, ValueOptimizer(name, 0.05, weight_decay=weight_decay))
+    ref = Reference(values, name, 0.05, weight_decay=weight_decay)
+    for seed in range(3):
+        idx, w, go = _batch(40, 12, seed)
+        if seed == 1:
+            idx[idx < 20] += 20  # rows 0-19 sit this step out: lazy moments, no decay
+        state_before = {k: v.clone() for k, v in table.state.items()}
+        before = values.detach().clone()
+        grad_w = _step(table, idx, w, go)
+        _, want_w = ops.bag_backward(go, before, idx, w)  # read before the step
+        torch.testing.assert_close(grad_w, want_w)
+        ref.step(*_dense(40, [(idx, w, go)]))
+        _close(values.detach(), ref.w)
+        untouched = ~_dense(40, [(idx, w, go)])[1]
+        assert torch.equal(values.detach()[untouched], before[untouched])
+        for key, state in table.state.items():
+            assert torch.equal(state[untouched], state_before[key][untouched])
+    assert values.grad is None and table.step == 3
+    if name == "adam":
+        _close(table.state["exp_avg"], ref.m)
+        _close(table.state["exp_avg_sq"], ref.v)
+    else:
+        _close(table.state["sum"], ref.sum)
+
+
+def _pool_model():
+    model = build(EXAMPLE)
+    memcompile.transform(model, layers=[0, 2], **SMALL)  # one pool read by two layers
+    return model
+
+
+def _ids(seed):
+    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shared_pool_gets_one_step_with_the_summed_gradient():
+    model = _pool_model()
+    dense = copy.deepcopy(model)
+    seen = []
+
+    def recorder(values, indices, weights):  # the unfused twin: record which rows are read
+        seen.append(indices)
+        return ops.bag(values, indices, weights)
+
+    dense.memcompile_pool.bag_impl = recorder
+    EXAMPLE.loss(dense, _ids(0)).backward()
+    assert len(seen) == 2
+    ref = Reference(model.memcompile_pool.values, "adam", 0.02, weight_decay=0.1)
+    touched = torch.zeros(256, dtype=torch.bool)
+    touched[torch.cat(seen).reshape(-1)] = True
+    ref.step(dense.memcompile_pool.values.grad.double(), touched)
+
+    handle = memcompile.fuse_value_updates(model, "adam", 0.02, weight_decay=0.1)
+    EXAMPLE.loss(model, _ids(0)).backward()
+    assert handle.step == 1 and model.memcompile_pool.values.grad is None
+    _close(model.memcompile_pool.values.detach(), ref.w)
+    for (name, p), q in zip(model.named_parameters(), dense.parameters()):
+        if name != "memcompile_pool.values":  # every other gradient as without fusion
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_discarded_lookup_takes_the_buffered_path_with_the_same_result():
+    twins = [nn.Parameter(torch.randn(30, 8)) for _ in range(2)]
+    twins[1].data.copy_(twins[0].data)
+    tables = [FusedTable(v, ValueOptimizer("adam", 0.01)) for v in twins]
+    idx, w, go = _batch(30, 8, 5)
+    grads = [_step(tables[0], idx, w, go)]  # the only reader: update inside its backward
+    tables[1].bag(twins[1], idx, w.clone().requires_grad_())  # graph dropped, never used
+    with torch.no_grad():
+        tables[1].bag(twins[1], idx, w)  # does not count
+    grads.append(_step(tables[1], idx, w, go))  # two lookups seen: end-of-backward update
+    assert torch.equal(twins[0], twins[1]) and torch.equal(*grads)
+    assert tables[0].step == tables[1].step == 1
+
+
+def test_accumulation_steps_step_once_on_the_summed_micro_batches():
+    values = nn.Parameter(torch.randn(25, 6))
+    table = FusedTable(values, ValueOptimizer("rowwise_adagrad", 0.1, accumulation_steps=2))
+    ref = Reference(values, "rowwise_adagrad", 0.1)
+    before = values.detach().clone()
+    micro = [_batch(25, 6, seed) for seed in (7, 8)]
+    _step(table, *micro[0])
+    assert torch.equal(values.detach(), before) and table.step == 0
+    _step(table, *micro[1])
+    assert table.step == 1
+    ref.step(*_dense(25, micro))
+    _close(values.detach(), ref.w)
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 2]], ids=["one-reader", "shared"])
+def test_step_with_refuses_a_second_backward_before_the_optimizer_steps(layers):
+    model = build(EXAMPLE)
+    memcompile.transform(model, layers=layers, **SMALL)
+    optimizer = torch.optim.SGD(memcompile.param_groups(model, 1e-3), lr=1e-3)
+    memcompile.fuse_value_updates(model, "adam", 1e-2, step_with=optimizer)
+    for seed in range(2):
+        EXAMPLE.loss(model, _ids(seed)).backward()
+        optimizer.step()
+    EXAMPLE.loss(model, _ids(2)).backward()
+    with pytest.raises(MemcompileError, match="second backward before optimizer.step"):
+        EXAMPLE.loss(model, _ids(3)).backward()
+
+
+@pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "under-the-bound"])
+def test_max_grad_norm_clips_by_the_tables_own_gradient_norm(name, max_norm):
+    values = nn.Parameter(torch.randn(30, 10))
+    table = FusedTable(values, ValueOptimizer(name, 0.05, max_grad_norm=max_norm))
+    ref = Reference(values, name, 0.05)
+    for seed in range(2):
+        batch = _batch(30, 10, seed)
+        _step(table, *batch)
+        grad, touched = _dense(30, [batch])
+        ref.step(grad, touched, max_norm)
+        torch.testing.assert_close(table.last_grad_norm.double(), grad.norm())
+    _close(values.detach(), ref.w)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _colwise_problem():
+    values = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+    return values, [_batch(20, 10, seed, n=8, picks=4) for seed in range(3)]
+
+
+OPTIMIZERS = [ValueOptimizer("rowwise_adagrad", 0.05, max_grad_norm=None),
+              ValueOptimizer("rowwise_adagrad", 0.05, max_grad_norm=0.3),
+              ValueOptimizer("adam", 0.05, weight_decay=0.1, max_grad_norm=0.3)]  # fmt: skip
+COLUMNS = [slice(0, 6), slice(6, 10)]  # uneven shards
+
+
+def _colwise_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    values, batches = _colwise_problem()
+    results = []
+    for opt in OPTIMIZERS:
+        shard = nn.Parameter(values[:, COLUMNS[rank]].clone())
+        table = FusedTable(shard, opt, process_group=dist.group.WORLD)
+        for idx, w, go in batches:
+            _step(table, idx, w, go[:, COLUMNS[rank]])
+        results.append({"values": shard.detach(), "state": table.state, "width": table.width})
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_column_shards_in_two_processes_equal_the_update_of_the_full_table(tmp_path):
+    torch.multiprocessing.spawn(_colwise_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    values, batches = _colwise_problem()
+    for k, opt in enumerate(OPTIMIZERS):
+        full = nn.Parameter(values.clone())
+        table = FusedTable(full, opt)
+        for batch in batches:
+            _step(table, *batch)
+        parts = [s[k] for s in shards]
+        assert [p["width"] for p in parts] == [10, 10]
+        got = torch.cat([p["values"] for p in parts], dim=1)
+        torch.testing.assert_close(got, full.detach(), rtol=1e-6, atol=1e-6)
+        if opt.name == "rowwise_adagrad":  # one state per row, the same on every rank
+            for p in parts:
+                torch.testing.assert_close(p["state"]["sum"], table.state["sum"])
+        else:
+            for key in ("exp_avg", "exp_avg_sq"):
+                both = torch.cat([p["state"][key] for p in parts], dim=1)
+                torch.testing.assert_close(both, table.state[key])
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "rounding"),
+    [("rowwise_adagrad", None, False), ("adam", None, False), ("adam", "bfloat16", True)],
+)
+def test_resuming_from_state_dicts_gives_a_bit_identical_next_step(name, dtype, rounding, tmp_path):
+    def make():
+        model = build(EXAMPLE)
+        memcompile.transform(model, layers=[0, 2], dtype=dtype, **SMALL)
+        handle = memcompile.fuse_value_updates(model, name, 0.02, stochastic_rounding=rounding)
+        return model, handle, torch.optim.AdamW(memcompile.param_groups(model, 1e-3))
+
+    def train(model, optimizer, seed):
+        optimizer.zero_grad()
+        EXAMPLE.loss(model, _ids(seed)).backward()
+        optimizer.step()
+
+    def snapshot(model, handle):
+        state = [t.clone() for table in handle.tables for t in table.state.values()]
+        return [p.detach().clone() for p in model.parameters()] + state
+
+    model, handle, optimizer = make()
+    for seed in range(3):
+        train(model, optimizer, seed)
+    saved = {"model": model.state_dict(), "values_optimizer": handle.state_dict(),
+             "optimizer": optimizer.state_dict()}  # fmt: skip
+    torch.save(saved, tmp_path / "ckpt.pt")
+    train(model, optimizer, 3)
+
+    fresh, fresh_handle, fresh_optimizer = make()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(saved["model"])
+    fresh_handle.load_state_dict(saved["values_optimizer"])
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    assert fresh_handle.step == 3
+    train(fresh, fresh_optimizer, 3)
+    assert all(map(torch.equal, snapshot(model, handle), snapshot(fresh, fresh_handle)))
+
+
+def test_bf16_values_keep_float32_state_and_round_to_the_nearest_or_stochastically():
+    start = torch.randn(16, 64).bfloat16()
+    idx, w, go = _batch(16, 64, 0, n=32, picks=8)
+    results = {}
+    for rounding in (False, True):
+        values = nn.Parameter(start.clone())
+        table = FusedTable(values, ValueOptimizer("adam", 0.05, stochastic_rounding=rounding))
+        _step(table, idx, w, go.bfloat16())
+        assert values.dtype == torch.bfloat16 and table.state["exp_avg"].dtype == torch.float32
+        results[rounding] = values.detach().double()
+    ref = Reference(start, "adam", 0.05)
+    ref.step(*_dense(16, [(idx, w, go.bfloat16())]))
+    torch.testing.assert_close(results[False], ref.w.bfloat16().double(), rtol=2**-8, atol=0)
+    torch.testing.assert_close(results[True], ref.w, rtol=2**-7, atol=0)  # within one step
+    assert not torch.equal(results[False], results[True])
+
+    # Steps smaller than half a bf16 spacing: nearest rounding loses them, stochastic keeps
+    # them on average.
+    for rounding in (False, True):
+        values = nn.Parameter(torch.ones(512, 64, dtype=torch.bfloat16))
+        opt = ValueOptimizer("rowwise_adagrad", 1e-3, stochastic_rounding=rounding)
+        table = FusedTable(values, opt)
+        _step(table, torch.arange(512)[:, None], torch.ones(512, 1), torch.ones(512, 64))
+        mean = values.detach().double().mean().item()
+        assert mean == 1.0 if not rounding else abs(mean - (1 - 1e-3)) < 1e-4
+
+
+def test_frozen_values_pass_the_weight_gradient_and_stay():
+    values = nn.Parameter(torch.randn(10, 4), requires_grad=False)
+    table = FusedTable(values, ValueOptimizer("adam", 0.1))
+    idx, w, go = _batch(10, 4, 1)
+    before = values.clone()
+    grad_w = _step(table, idx, w, go)
+    torch.testing.assert_close(grad_w, ops.bag_backward(go, values, idx, w)[1])
+    assert torch.equal(values, before) and table.step == 0
+
+
+def test_param_groups_leave_fused_tables_out_and_remove_undoes_the_fusion():
+    model = _pool_model()
+    handle = memcompile.fuse_value_updates(model, "rowwise_adagrad", 0.05)
+    pool = model.memcompile_pool
+    groups = memcompile.param_groups(model, lr=1e-3)
+    assert [g["name"] for g in groups] == ["default"]
+    assert all(p is not pool.values for p in groups[0]["params"])
+    assert len(groups[0]["params"]) == len(list(model.parameters())) - 1
+    with pytest.raises(MemcompileError, match="already has a bag_impl"):
+        memcompile.fuse_value_updates(model, "adam", 0.05)
+    handle.remove()
+    assert pool.bag_impl is None
+    assert [g["name"] for g in memcompile.param_groups(model, lr=1e-3)] == [
+        "default", "memory_values"]  # fmt: skip
+    EXAMPLE.loss(model, _ids(0)).backward()
+    assert pool.values.grad is not None
+
+
+def test_bad_arguments_are_one_line_errors():
+    model = _pool_model()
+    for kwargs, message in [
+        (dict(optimizer="sgd", lr=0.1), "unknown value optimizer 'sgd'"),
+        (dict(optimizer="adam", lr=0.0), "lr must be positive"),
+        (dict(optimizer="adam", lr=0.1, accumulation_steps=0), "accumulation_steps"),
+        (dict(optimizer="adam", lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(optimizer="adam", lr=0.1, betas=(0.9, 1.0)), "betas"),
+    ]:
+        with pytest.raises(MemcompileError, match=re.escape(message)):
+            memcompile.fuse_value_updates(model, **kwargs)
+    with pytest.raises(MemcompileError, match="no memory value tables"):
+        memcompile.fuse_value_updates(build(EXAMPLE), "adam", 0.1)
+    lazy = build(EXAMPLE)
+    memcompile.transform(lazy, layers=[1], lazy_init=True, **SMALL)
+    with pytest.raises(MemcompileError, match="meta device"):
+        memcompile.fuse_value_updates(lazy, "adam", 0.1)
+    handle = memcompile.fuse_value_updates(model, "adam", 0.1)
+    with pytest.raises(MemcompileError, match="'rowwise_adagrad' value optimizer"):
+        handle.load_state_dict({**handle.state_dict(), "tables": [
+            {**handle.tables[0].state_dict(), "optimizer": "rowwise_adagrad"}]})  # fmt: skip
+
+
+def test_triton_update_kernels_match_the_torch_path():
+    """tests/triton_update_cases.py in its own process (interpreter where there is no GPU)."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    cases = Path(__file__).with_name("triton_update_cases.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+        capture_output=True, text=True, env=env, cwd=cases.parent.parent,
+    )  # fmt: skip
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 28 and "skipped" not in summary, summary
