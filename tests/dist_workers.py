@@ -37,11 +37,12 @@ POOL, OWN, OWN3 = "memcompile_pool.values", "blocks.1.mlp.values", "blocks.3.mlp
 OPS = ("all_gather_into_tensor", "all_to_all_single", "all_reduce")
 
 
-def build() -> torch.nn.Module:
-    """4 blocks: 0 and 2 read the shared pool (two readers), 1 and 3 have their own table."""
+def build(lazy: bool = False) -> torch.nn.Module:
+    """4 blocks: 0 and 2 read the shared pool (two readers), 1 and 3 have their own table.
+    `lazy`: value tables on the meta device (apply_plan builds each rank's shard only)."""
     model = build_model(0, CFG)
-    memcompile.transform(model, layers=[0, 2], **SMALL)
-    memcompile.transform(model, layers=[1, 3], share_values=False, **SMALL)
+    memcompile.transform(model, layers=[0, 2], lazy_init=lazy, **SMALL)
+    memcompile.transform(model, layers=[1, 3], share_values=False, lazy_init=lazy, **SMALL)
     return model
 
 
@@ -125,7 +126,11 @@ class Counter:
             frame = sys._getframe(1)
             if self.phase and frame.f_globals.get("__name__", "").startswith("memcompile."):
                 local = frame.f_locals
-                table = local["spec"].table if "spec" in local else local["what"].split()[-1]
+                if "spec" in local:  # a sharded bag
+                    table = local["spec"].table
+                else:  # a gradient hook: "table <name>" or "parameter <name>" (dense)
+                    kind, _, table = local["what"].partition(" ")
+                    table = table if kind == "table" else "dense"
                 self.records.append((self.phase, table, op, sent_bytes(op, args, kwargs)))
             return original(*args, **kwargs)
 
@@ -159,11 +164,11 @@ def log_indices(model, plan, log: list) -> None:
         owner.bag_impl = recorder
 
 
-def train_worker(rank, world, plan_json, steps, ckpt=None, reload=False, uneven=False):
+def train_worker(rank, world, plan_json, steps, ckpt=None, reload=False, uneven=False, lazy=False):
     """Train `steps` AdamW steps under the plan; everything the test compares."""
     plan = Plan.from_json(plan_json)
     counter = Counter()
-    model = apply_plan(build(), plan)
+    model = apply_plan(build(lazy), plan)
     indices: list = []
     log_indices(model, plan, indices)
     opt = make_optimizer(model)
@@ -192,7 +197,7 @@ def train_worker(rank, world, plan_json, steps, ckpt=None, reload=False, uneven=
     if ckpt is not None:
         save_distributed(ckpt, model, opt)
     if reload:
-        again = apply_plan(build(), plan)
+        again = apply_plan(build(lazy), plan)
         opt2 = make_optimizer(again)
         load_distributed(ckpt, again, opt2)
         ids = batch(50, rank)
@@ -218,6 +223,9 @@ def load_worker(rank, world, plan_json, ckpt, steps_done):
     loss_fn(model(ids), ids).backward()
     opt.step()
     out["stepped"] = snapshot(model, grads=False)
+    weights_only = apply_plan(build(), plan)  # a checkpoint without the optimizer state
+    load_distributed(ckpt, weights_only)
+    out["weights_only"] = snapshot(weights_only, grads=False)
     return out
 
 
