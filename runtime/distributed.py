@@ -122,6 +122,12 @@ def check_plan(model: nn.Module, plan: Plan, world_size: int) -> None:
     for table in plan.tables:
         if table.name not in tables:
             raise PlanMismatchError(f"the plan's table {table.name} is not a value table here")
+        installed = tables[table.name][0].__dict__.get("bag_impl")
+        if installed is not None:
+            raise MemcompileError(
+                f"table {table.name} already has a bag_impl ({type(installed).__name__}): "
+                "apply_plan installs its own; apply a plan once, before fused value updates"
+            )
         shape = tuple(tables[table.name][1].shape)
         if shape != (table.rows, table.v_dim):
             raise PlanMismatchError(

@@ -18,6 +18,7 @@ from memcompile.passes.partition import PartitionConfig, find_tables, plan_model
 from memcompile.passes.plan_costs import option
 from memcompile.runtime import (
     CollectiveError,
+    MemcompileError,
     PlanMismatchError,
     apply_plan,
     load_distributed,
@@ -229,8 +230,9 @@ def load_worker(rank, world, plan_json, ckpt, steps_done):
     return out
 
 
-def refuse_worker(rank, world, plans: dict):
-    """apply_plan on bad plans: the message of each refusal, and no collective issued."""
+def refuse_worker(rank, world, plans: dict, good_json):
+    """apply_plan on bad plans, and twice on one model: the message of each refusal, and
+    no collective issued."""
     counter = Counter()
     out = {}
     for name, plan_json in plans.items():
@@ -240,6 +242,12 @@ def refuse_worker(rank, world, plans: dict):
         except PlanMismatchError as error:
             out[name] = str(error)
     out["collectives"] = counter.calls
+    model = apply_plan(build(), Plan.from_json(good_json))
+    try:
+        apply_plan(model, Plan.from_json(good_json))
+        out["twice"] = None
+    except MemcompileError as error:
+        out["twice"] = str(error)
     return out
 
 

@@ -247,13 +247,14 @@ def test_plans_for_another_world_or_model_are_refused_before_any_collective():
         ),
     )
     plans = {"four": four.to_json(), "model": wrong_model.to_json(), "shards": bad_shards.to_json()}
-    results = run_ranks(refuse_worker, 2, plans)
+    results = run_ranks(refuse_worker, 2, plans, good.to_json())
     for got in results:
         assert re.search(r"plan is for 4 ranks .* runs 2", got["four"]), got["four"]
         assert "made for another model" in got["model"], got["model"]
         assert "cols (15, 32)" in got["shards"] and "torch.chunk" in got["shards"]
         assert all("\n" not in got[k] for k in plans)
         assert got["collectives"] == 0
+        assert "already has a bag_impl (ShardedBag)" in got["twice"]
 
 
 @pytest.mark.parametrize("how", ["raise", "exit", "hang"])
