@@ -1,7 +1,7 @@
 """What runs: the memory layer, its config, and the error type."""
 
 from .config import MemoryConfig, parse_mem_size
-from .dist_checkpoint import load_distributed, save_distributed
+from .dist_checkpoint import full_state_dict, load_distributed, save_distributed
 from .distributed import PlanMismatchError, apply_plan, init_distributed
 from .errors import MemcompileError
 from .init import ValuesInit, materialize_values, offload_values
@@ -23,6 +23,7 @@ __all__ = [
     "PlanMismatchError",
     "ShardedBag",
     "apply_plan",
+    "full_state_dict",
     "init_distributed",
     "load_distributed",
     "save_distributed",

@@ -65,3 +65,13 @@ def load_distributed(
         optim_state_dict=state.get("optim", {}),
     )
     log.info("loaded the distributed checkpoint %s", path)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state dict of a planned model, on CPU, on rank 0 (other ranks
+    get an empty dict): e.g. to write a memcompile checkpoint after distributed training.
+    Every rank must call it (it gathers the shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

@@ -21,6 +21,7 @@ from memcompile.runtime import (
     MemcompileError,
     PlanMismatchError,
     apply_plan,
+    full_state_dict,
     load_distributed,
     save_distributed,
 )
@@ -227,6 +228,7 @@ def load_worker(rank, world, plan_json, ckpt, steps_done):
     weights_only = apply_plan(build(), plan)  # a checkpoint without the optimizer state
     load_distributed(ckpt, weights_only)
     out["weights_only"] = snapshot(weights_only, grads=False)
+    out["full"] = full_state_dict(model)
     return out
 
 

@@ -232,6 +232,11 @@ def test_checkpoint_of_four_ranks_loads_into_two(four_ranks):
         assert_same(plan, rank, got["params"], ref4["params"], "loaded")
         assert_same(plan, rank, got["stepped"], stepped, "loaded, then one step")
         assert_same(plan, rank, got["weights_only"], ref4["params"], "loaded without optimizer")
+    # The whole state dict, gathered on rank 0 (as for memcompile.save), after that step.
+    full = results[0]["full"]
+    assert set(full) == set(stepped) and results[1]["full"] == {}
+    for name, tensor in stepped.items():
+        torch.testing.assert_close(full[name], tensor, **TOL, msg=name)
 
 
 def test_plans_for_another_world_or_model_are_refused_before_any_collective():
