@@ -17,7 +17,7 @@ def plan(
     gpu_memory: int | str = "80GB",
     tokens_per_step: int = 16384,
     bandwidth: BandwidthModel | None = None,
-    strategy: str | None = None,
+    strategy: str | dict[str, str] | None = None,
     optimizer_bytes_per_param: int = 8,
 ) -> Plan:
     """Place the memory tables and the dense rest of `model` on `nodes` x `gpus_per_node` GPUs.
@@ -25,7 +25,8 @@ def plan(
     `mode` is "train" (dense part under FSDP2, gradients and AdamW state counted) or "infer"
     (dense part replicated; tables may stay in host memory). `tokens_per_step` counts all
     ranks together. `strategy` forces one of replicate / colwise / rowwise / host for every
-    table instead of the cheapest that fits. Save the plan with
+    table instead of the cheapest that fits, or, as {table name: strategy}, for some tables
+    (names as in `model.named_parameters()`, e.g. "memcompile_pool.values"). Save the plan with
     `memcompile.runtime.save_plan` and run it with `memcompile.runtime.apply_plan`.
     """
     config = PartitionConfig(

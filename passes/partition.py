@@ -51,22 +51,30 @@ class PartitionConfig:
     optimizer_bytes_per_param: int = 8  # AdamW: two fp32 moments
     headroom: float = 0.1  # of GPU memory, kept for workspace and fragmentation
     host_memory: int = 2 * 10**12  # per node, for the host strategy
-    strategy: str | None = None  # force one strategy for every table
+    # Force a strategy: one for every table, or {table name: strategy} for some of them.
+    strategy: str | dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise MemcompileError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise MemcompileError(
-                f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
-            )
-        if self.strategy == "host" and self.mode == "train":
-            raise MemcompileError("strategy 'host' serves inference only: use --mode infer")
+        forced = self.strategy.values() if isinstance(self.strategy, dict) else [self.strategy]
+        for strategy in forced:
+            if strategy is not None and strategy not in STRATEGIES:
+                raise MemcompileError(
+                    f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
+                )
+            if strategy == "host" and self.mode == "train":
+                raise MemcompileError("strategy 'host' serves inference only: use --mode infer")
         for name in ("gpu_memory", "tokens_per_step", "host_memory"):
             if getattr(self, name) < 1:
                 raise MemcompileError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.headroom < 1:
             raise MemcompileError(f"headroom is a fraction in [0, 1), got {self.headroom!r}")
+
+    def forced(self, table: str) -> str | None:
+        if isinstance(self.strategy, dict):
+            return self.strategy.get(table)
+        return self.strategy
 
     @property
     def budget(self) -> int:
@@ -172,8 +180,9 @@ def _candidates(table: Table, config: PartitionConfig) -> list[Option]:
             shapes += [("colwise", group), ("rowwise", group)]
     if config.mode == "infer":
         shapes.append(("host", 1))
-    if config.strategy is not None:
-        shapes = [s for s in shapes if s[0] == config.strategy] or [(config.strategy, world)]
+    forced = config.forced(table.name)
+    if forced is not None:
+        shapes = [s for s in shapes if s[0] == forced] or [(forced, world)]
     return [
         option(table, mesh, strategy, group, config.mode, config.tokens_per_rank,
                config.bandwidth, config.optimizer_bytes_per_param)
@@ -260,7 +269,7 @@ def _table_plan(table: Table, best: Option, options: list[Option], config) -> Ta
         f"{describe(best)}: fastest that fits, est. {best.step_time_s * 1e3:.2f} ms/step and "
         f"{_gb(peak)} per rank" + (f" (others: {others})" if others else "")
     )
-    if config.strategy is not None:
+    if config.forced(table.name) is not None:
         reason = f"{describe(best)}: forced by the caller"
     return TablePlan(
         name=table.name, rows=table.rows, v_dim=table.v_dim, dtype=_dtype(table),
@@ -277,6 +286,13 @@ def plan_model(model: nn.Module, config: PartitionConfig) -> Plan:
         raise MemcompileError(
             "the model has no memory layers: convert it first (memcompile convert / transform)"
         )
+    if isinstance(config.strategy, dict):
+        unknown = sorted(set(config.strategy) - {t.name for t in tables})
+        if unknown:
+            raise MemcompileError(
+                f"strategy names {unknown[0]!r}, not a value table of the model; tables: "
+                f"{', '.join(t.name for t in tables)}"
+            )
     dense_plan, dense_memory, times = _dense(model, tables, config)
     if sum(dense_memory) > config.budget:
         raise MemcompileError(

@@ -201,3 +201,14 @@ def test_plan_of_a_lazy_table_needs_no_memory():
     plan = plan_model(model, PartitionConfig(Mesh(8), tokens_per_step=16384))
     assert plan.tables[0].rows == 16 * 2**20
     assert isinstance(Plan.from_json(plan.to_json()), Plan)
+
+
+def test_strategy_can_be_forced_per_table():
+    model = converted(share_values=False)
+    forced = {"blocks.0.mlp.values": "rowwise", "blocks.1.mlp.values": "replicate"}
+    plan = memcompile.plan(model, 2, strategy=forced)
+    assert {t.name: t.strategy for t in plan.tables} == forced
+    with pytest.raises(MemcompileError, match="not a value table of the model"):
+        memcompile.plan(model, 2, strategy={"blocks.9.mlp.values": "colwise"})
+    with pytest.raises(MemcompileError, match="strategy must be one of"):
+        memcompile.plan(model, 2, strategy={"blocks.0.mlp.values": "striped"})
