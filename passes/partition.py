@@ -266,8 +266,9 @@ def _table_plan(table: Table, best: Option, options: list[Option], config) -> Ta
     others = "; ".join(f"{describe(o)}: {a.note}" for o, a in zip(
         [o for o in options if o is not best], alternatives))  # fmt: skip
     reason = (
-        f"{describe(best)}: fastest that fits, est. {best.step_time_s * 1e3:.2f} ms/step and "
-        f"{_gb(peak)} per rank" + (f" (others: {others})" if others else "")
+        f"{describe(best)}: fastest that fits, est. {best.step_time_s * 1e3:.2f} ms/step, "
+        f"{_gb(peak)} per rank with its gradients, optimizer state and activations"
+        + (f" (others: {others})" if others else "")
     )
     if config.forced(table.name) is not None:
         reason = f"{describe(best)}: forced by the caller"

@@ -23,7 +23,7 @@ def _gb(n: float) -> str:
 def _print_plan(plan) -> None:
     click.echo(plan.summary)
     click.echo("")
-    click.echo(f"{'table':<34} {'rows x v_dim':>18} {'strategy':<16} {'per rank':>11}  why")
+    click.echo(f"{'table':<34} {'rows x v_dim':>18} {'strategy':<16} {'shard':>11}  why")
     for t in plan.tables:
         where = t.strategy if t.strategy in ("replicate", "host") else (
             f"{t.strategy}/{t.group_size}" + (f" x{t.replicas}" if t.replicas > 1 else "")
