@@ -15,8 +15,14 @@ It reports exact-match recall of all stored facts (the greedy prediction is the 
 FLOPs per token and parameter counts, and writes JSON and a PNG plot of recall against
 training steps.
 
+`--value-optimizer` compares how the memory values train instead: the memory model once per
+listed optimizer, AdamW on every other parameter in all runs. `adamw` puts the values in
+AdamW's `memory_values` group; `fused-adagrad` and `fused-adam` update them inside the
+backward pass (`memcompile.fuse_value_updates`, row-wise Adagrad or lazy Adam).
+
     python examples/factual_recall.py            # full run (15-20 min on 2 CPU cores)
     python examples/factual_recall.py --quick    # a few minutes; what the test runs
+    python examples/factual_recall.py --quick --value-optimizer adamw,fused-adagrad,fused-adam
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from tiny_transformer import TinyConfig, TinyTransformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 3  # s1 s2 r -> object
+VALUE_OPTIMIZERS = {"adamw": None, "fused-adagrad": "rowwise_adagrad", "fused-adam": "adam"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,8 @@ class Setup:
     steps: int = 1500
     batch: int = 1024
     lr: float = 2e-3
-    value_lr: float = 1e-2
+    value_lr: float = 1e-2  # AdamW's and fused Adam's value learning rate
+    adagrad_value_lr: float = 5e-2  # row-wise Adagrad's (its steps shrink as rows are read)
     weight_decay: float = 0.0
     evals: int = 10  # recall measurements along training
     seed: int = 0
@@ -176,8 +184,14 @@ def recall(model: nn.Module, inputs: torch.Tensor, objects: torch.Tensor) -> flo
     return hits / len(inputs)
 
 
-def train(setup: Setup, model: nn.Module, inputs, objects, label: str) -> dict:
+def train(
+    setup: Setup, model: nn.Module, inputs, objects, label: str, value_optimizer: str = "adamw"
+) -> dict:
     """Train on shuffled epochs of all facts; measure recall `setup.evals` times."""
+    fused = VALUE_OPTIMIZERS[value_optimizer]
+    if fused is not None:
+        lr = setup.adagrad_value_lr if fused == "rowwise_adagrad" else setup.value_lr
+        memcompile.fuse_value_updates(model, fused, lr, weight_decay=setup.weight_decay)
     groups = memcompile.param_groups(model, setup.lr, setup.weight_decay, setup.value_lr)
     optimizer = torch.optim.AdamW(groups)
     generator = torch.Generator().manual_seed(setup.seed + 1)  # the same batches for all
@@ -243,16 +257,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(setup: Setup, quick: bool = False) -> dict:
+def run(setup: Setup, quick: bool = False, value_optimizers: tuple[str, ...] = ()) -> dict:
+    """The three models; or, with `value_optimizers`, the memory model once per optimizer."""
     inputs, objects = knowledge_base(setup)
-    memory = build(setup, "memory")
-    target = flops_per_token(memory)
-    wide = widen_to_match(setup, target)
-    models = [
-        ("dense", build(setup, "dense"), setup.d_hidden),
-        ("memory", memory, setup.d_hidden),
-        ("dense-wide", build(setup, "dense-wide", wide), wide),
-    ]
+    if value_optimizers:
+        models = [(f"memory {v}", build(setup, "memory"), setup.d_hidden, v)
+                  for v in value_optimizers]  # fmt: skip
+    else:
+        memory = build(setup, "memory")
+        wide = widen_to_match(setup, flops_per_token(memory))
+        models = [
+            ("dense", build(setup, "dense"), setup.d_hidden, "adamw"),
+            ("memory", memory, setup.d_hidden, "adamw"),
+            ("dense-wide", build(setup, "dense-wide", wide), wide, "adamw"),
+        ]
     print(
         f"{setup.facts:,} facts ({setup.subjects:,} subjects x {setup.relations} relations, "
         f"{setup.objects} objects), {setup.steps} steps of {setup.batch}: each fact seen "
@@ -260,13 +278,14 @@ def run(setup: Setup, quick: bool = False) -> dict:
         flush=True,
     )
     runs = []
-    for name, model, d_hidden in models:
-        info = {"name": name, "d_hidden": d_hidden, **describe(model)}
+    for name, model, d_hidden, value_optimizer in models:
+        info = {"name": name, "d_hidden": d_hidden, "value_optimizer": value_optimizer,
+                **describe(model)}  # fmt: skip
         print(
             f"{name}: {info['params']:,} params, {info['flops_per_token']:,} FLOPs/token",
             flush=True,
         )
-        runs.append({**info, **train(setup, model, inputs, objects, name)})
+        runs.append({**info, **train(setup, model, inputs, objects, name, value_optimizer)})
     return {
         "benchmark": "factual_recall",
         "quick": quick,
@@ -289,7 +308,7 @@ def table(result: dict) -> str:
     ]
     for r in result["models"]:
         rows.append(
-            f"| {r['name']} | {r['d_hidden'] if r['name'] != 'memory' else '-'} "
+            f"| {r['name']} | {'-' if r['name'].startswith('memory') else r['d_hidden']} "
             f"| {r['params'] / 1e6:.2f}M | {r['value_params'] / 1e6:.2f}M "
             f"| {r['flops_per_token']:,} | {r['recall']:.3f} | {r['seconds']:.0f} s |"
         )
@@ -301,6 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small run (a few minutes)")
     parser.add_argument("--steps", type=int, help="override the number of training steps")
     parser.add_argument(
+        "--value-optimizer",
+        help="compare value optimizers on the memory model: a comma-separated list of "
+        f"{', '.join(VALUE_OPTIMIZERS)} (e.g. adamw,fused-adagrad,fused-adam)",
+    )
+    parser.add_argument("--value-lr", type=float, help="override every value learning rate")
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -310,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--out",
         type=Path,
         help="JSON output; the PNG goes beside it (default: "
-        "benchmarks/results/factual_recall.json, build/factual_recall_quick.json with --quick)",
+        "benchmarks/results/factual_recall.json, build/factual_recall_quick.json with --quick; "
+        "factual_recall_fused(_quick).json in the same places with --value-optimizer)",
     )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
@@ -325,23 +351,39 @@ def _main(args: argparse.Namespace) -> dict:
     setup = QUICK if args.quick else FULL
     if args.steps:
         setup = replace(setup, steps=args.steps, evals=min(setup.evals, args.steps))
+    if args.value_lr:
+        setup = replace(setup, value_lr=args.value_lr, adagrad_value_lr=args.value_lr)
+    value_optimizers = tuple(args.value_optimizer.split(",")) if args.value_optimizer else ()
+    unknown = [v for v in value_optimizers if v not in VALUE_OPTIMIZERS]
+    if unknown:
+        raise SystemExit(f"unknown --value-optimizer {unknown}: use {', '.join(VALUE_OPTIMIZERS)}")
+    stem = "factual_recall_fused" if value_optimizers else "factual_recall"
     out = args.out or (
-        ROOT / "build" / "factual_recall_quick.json"
+        ROOT / "build" / f"{stem}_quick.json"
         if args.quick
-        else ROOT / "benchmarks" / "results" / "factual_recall.json"
+        else ROOT / "benchmarks" / "results" / f"{stem}.json"
     )
-    result = run(setup, quick=args.quick)
+    result = run(setup, quick=args.quick, value_optimizers=value_optimizers)
     by_name = {r["name"]: r for r in result["models"]}
+    if value_optimizers:
+        adamw = by_name.get("memory adamw")
+        for r in result["models"]:
+            if adamw is not None:
+                r["recall_vs_adamw"] = r["recall"] / max(adamw["recall"], 1e-9)
+        return _write(result, out)
     wide = by_name["dense-wide"]["recall"]
     result["memory_vs_equal_flops_dense"] = by_name["memory"]["recall"] / max(wide, 1e-9)
+    _write(result, out)
+    print(f"memory / equal-FLOPs dense recall: {result['memory_vs_equal_flops_dense']:.2f}x")
+    return result
+
+
+def _write(result: dict, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(table(result))
-    print(
-        f"memory / equal-FLOPs dense recall: {result['memory_vs_equal_flops_dense']:.2f}x; "
-        f"wrote {out} and {out.with_suffix('.png')}"
-    )
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 
 

@@ -5,6 +5,7 @@ gradient accumulation, clipping, column shards in two processes, resuming."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import socket
@@ -390,3 +391,19 @@ def test_triton_update_kernels_match_the_torch_path():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 28 and "skipped" not in summary, summary
+
+
+def test_factual_recall_example_compares_value_optimizers(tmp_path):
+    import factual_recall as fr
+
+    out = tmp_path / "fused.json"
+    names = ["adamw", "fused-adagrad", "fused-adam"]
+    argv = ["--quick", "--steps", "2", "--value-optimizer", ",".join(names), "--out", str(out)]
+    result = fr.main(argv)
+    assert [r["name"] for r in result["models"]] == [f"memory {n}" for n in names]
+    assert [r["value_optimizer"] for r in result["models"]] == names
+    assert result["models"][0]["recall_vs_adamw"] == 1.0
+    assert all(0.0 <= r["recall"] <= 1.0 and "recall_vs_adamw" in r for r in result["models"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    with pytest.raises(SystemExit, match="unknown --value-optimizer"):
+        fr.main(["--quick", "--value-optimizer", "sgd", "--out", str(out)])
