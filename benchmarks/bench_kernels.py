@@ -6,9 +6,15 @@ forward+backward, the whole Memory+ layer forward+backward, and a dense SwiGLU F
 (hidden 4*d) forward+backward of the same d_model; medians of triton.testing.do_bench;
 achieved bandwidth against a device-to-device copy measured in the same run. Also checks
 that a training step of the layer makes no host-device synchronisation.
+
+"values training step": the values' share of a training step (bag forward, backward and the
+optimizer step) with fused updates (`memcompile.fuse_value_updates`: row-wise Adagrad and
+lazy Adam, fp32 state, updated in the backward's kernel) against the unfused step (bag
+forward+backward with a dense value gradient, then `torch.optim.AdamW(fused=True)`), for
+bf16 and fp32 tables; first the fused kernels are checked against the PyTorch path.
 Writes benchmarks/results/kernels.json (or --out) and prints a Markdown table.
 
-    python benchmarks/bench_kernels.py [--configs small,1.3B] [--out DIR]
+    python benchmarks/bench_kernels.py [--configs small,1.3B] [--sections kernels,values]
 """
 
 from __future__ import annotations
@@ -144,9 +150,112 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     return results
 
 
+def check_fused_update() -> list[dict]:
+    """The Triton fused update against the PyTorch path (on the CPU) at a small size."""
+    from memcompile.kernels import fused_update, triton_update
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16):
+        for opt in fused_update.OPTIMIZERS:
+            values = torch.randn(256**2, 512, generator=g).to(dt)
+            indices = torch.randint(0, 256**2, (4096, 128), generator=g)
+            weights = torch.softmax(torch.randn(4096, 128, generator=g), -1)
+            grad = torch.randn(4096, 512, generator=g).to(dt)
+            shapes = fused_update.state_shapes(opt, tuple(values.shape))
+            state = [torch.rand(shape, generator=g) for shape in shapes]
+            cpu = [values.clone(), *[s.clone() for s in state], indices, weights, grad]
+            gpu = [t.cuda() for t in (values, *state, indices, weights, grad)]
+            hyper = (opt, 1e-2, 1e-8, 0.9, 0.999, 0.01, 512, 3, 1, False, True)
+            want_w = fused_update.fused_row_update_reference(*cpu, None, None, *hyper)
+            got_w = triton_update.fused_row_update(*gpu, None, None, *hyper)
+            err = max(
+                ((a.double().cpu() - b.double()).norm() / b.double().norm()).item()
+                for a, b in zip((gpu[0], gpu[1], got_w), (cpu[0], cpu[1], want_w))
+            )
+            tol = 1e-5 if dt == torch.float32 else 1e-2
+            rows.append({"config": "check", "what": f"fused update {opt} {str(dt)[6:]}",
+                         "ok": err < tol, "rel_err": err})  # fmt: skip
+    return rows
+
+
+def _unfused_step_ms(values, indices, weights, grad) -> float:
+    """Bag forward+backward (dense value gradient), then AdamW(fused=True) on the table."""
+    from memcompile.kernels import ops
+
+    values.requires_grad_()
+    adamw = torch.optim.AdamW([values], lr=1e-3, fused=True)
+
+    def step():
+        adamw.zero_grad(set_to_none=True)
+        weights.grad = None
+        ops.bag(values, indices, weights).backward(grad)
+        adamw.step()
+
+    ms = bench(step)
+    adamw.zero_grad(set_to_none=True)
+    values.requires_grad_(False)
+    return ms
+
+
+def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[float, object]:
+    """The fused step; and whether one step runs with no host synchronisation."""
+    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+
+    table = FusedTable(values.requires_grad_(), ValueOptimizer(optimizer, 1e-3))
+
+    def step():
+        weights.grad = None
+        table.bag(values, indices, weights).backward(grad)
+
+    ms = bench(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        sync_free = True
+    except RuntimeError as error:
+        sync_free = str(error)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    values.requires_grad_(False)
+    return ms, sync_free
+
+
+def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[dict]:
+    """Values' share of a training step: bag forward, backward and update, fused or not."""
+    dev, rows_total, picks = "cuda", n_keys**2, HEADS * KNN
+    g = torch.Generator(device=dev).manual_seed(0)
+    indices = torch.randint(0, rows_total, (tokens, picks), device=dev, generator=g)
+    weights = torch.softmax(torch.randn(tokens, picks, device=dev, generator=g), -1)
+    weights.requires_grad_()
+    results = []
+    for dt in (torch.bfloat16, torch.float32):
+        grad = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt)
+        start = torch.randn(rows_total, v_dim, device=dev, generator=g).to(dt)
+        what = f"values step (fwd+bwd+update), {str(dt)[6:]} table"
+        values = start.clone()
+        ms = _unfused_step_ms(values, indices, weights, grad)
+        results.append({"config": name, "what": what, "ms": round(ms, 4),
+                        "impl": "unfused: bag fwd+bwd, AdamW(fused=True)"})  # fmt: skip
+        torch.cuda.empty_cache()
+        for opt in ("rowwise_adagrad", "adam"):
+            values.copy_(start)
+            ms, sync_free = _fused_step_ms(values, indices, weights, grad, opt)
+            results.append({"config": name, "what": what, "ms": round(ms, 4),
+                            "impl": f"memcompile fused {opt} (fp32 state)"})  # fmt: skip
+            results.append({"config": name, "what": f"no host sync, fused {opt} {str(dt)[6:]}",
+                            "ok": sync_free})  # fmt: skip
+            torch.cuda.empty_cache()
+        del values, start
+        torch.cuda.empty_cache()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,1.3B")
+    parser.add_argument("--sections", default="kernels,values", help="kernels, values or both")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -155,10 +264,15 @@ def main() -> int:
         )
         return 2
     copy_bw = copy_bandwidth()
-    rows = []
+    sections = args.sections.split(",")
+    rows = check_fused_update() if "values" in sections else []
     for name in args.configs.split(","):
-        rows += run_config(name, **CONFIGS[name], copy_bw=copy_bw)
-        torch.cuda.empty_cache()
+        if "kernels" in sections:
+            rows += run_config(name, **CONFIGS[name], copy_bw=copy_bw)
+            torch.cuda.empty_cache()
+        if "values" in sections:
+            rows += values_step(name, **CONFIGS[name])
+            torch.cuda.empty_cache()
     result = {
         "benchmark": "kernels",
         "date": time.strftime("%Y-%m-%d"),
