@@ -3,11 +3,19 @@
 Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed.
 """
 
-from . import fused_update
-from .cuda import register_cuda_kernels
-from .ops import bag, pk_topk
+if __name__ != "memcompile.kernels":
+    # Imported as a top-level `kernels`: the repository root is on sys.path (`python -m
+    # pytest` or `python -c` there) and something probed that name (transformers imports
+    # `kernels` to look for the HF package of that name). Stay an empty package: running
+    # ops.py a second time would define the memcompile ops again, and torch frees the
+    # registered ones while memcompile still calls them (a crash, or "vector::reserve").
+    __all__: list[str] = []
+else:
+    from . import fused_update
+    from .cuda import register_cuda_kernels
+    from .ops import bag, pk_topk
 
-CUDA_KERNELS = register_cuda_kernels()
-fused_update.register_cuda_kernels()  # the fused value updates (triton_update.py)
+    CUDA_KERNELS = register_cuda_kernels()
+    fused_update.register_cuda_kernels()  # the fused value updates (triton_update.py)
 
-__all__ = ["CUDA_KERNELS", "bag", "pk_topk"]
+    __all__ = ["CUDA_KERNELS", "bag", "pk_topk"]

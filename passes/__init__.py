@@ -1,5 +1,8 @@
 """The compiler passes: capture, find_ffn, select, rewrite, share, verify."""
 
+if __name__ != "memcompile.passes":  # the repository root is on sys.path: see kernels/__init__.py
+    raise ImportError(f"{__file__} is memcompile.passes: import memcompile, not passes")
+
 from .blocks import FFNBlock, TransformState
 from .capture import capture
 from .find_ffn import find_ffn

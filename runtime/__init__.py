@@ -1,5 +1,8 @@
 """What runs: the memory layer, its config, and the error type."""
 
+if __name__ != "memcompile.runtime":  # the repository root is on sys.path: see kernels/__init__.py
+    raise ImportError(f"{__file__} is memcompile.runtime: import memcompile, not runtime")
+
 from .config import MemoryConfig, parse_mem_size
 from .dist_checkpoint import full_state_dict, load_distributed, save_distributed
 from .distributed import PlanMismatchError, apply_plan, init_distributed
