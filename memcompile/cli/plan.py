@@ -12,7 +12,9 @@ Examples:
   memcompile plan ./ckpt --gpus 8 --nodes 2 --tokens-per-step 65536 -o plan.json
   memcompile plan ./ckpt --gpus 1 --mode infer --gpu-mem 24GB -o serve.json
   memcompile plan ./ckpt --gpus 4 --strategy rowwise --json -o plan.json
-Run it: torchrun --nproc-per-node 8 examples/train_distributed.py --plan plan.json
+Run it under torchrun, in every rank (see examples/train_distributed.py):
+  model = memcompile.load("./ckpt", materialize=False)   # tables: each rank builds its shard
+  model = memcompile.runtime.apply_plan(model, memcompile.runtime.load_plan("plan.json"))
 """
 
 
