@@ -19,9 +19,10 @@ Semantics:
 - Clipping: `torch.nn.utils.clip_grad_norm_` cannot see a gradient that never exists, and
   values have `.grad is None`. `max_grad_norm` clips each table by its own gradient norm
   (`clip_grad_norm_`'s formula, max_norm / (norm + 1e-6) capped at 1); `last_grad_norm`.
-- Column shards (the colwise plan): give each rank's FusedTable its shard and a process
-  group; every rank must see the same indices. Row-wise Adagrad (and clipping) all-reduce
-  the per-row squared gradient norms, (rows,) float32 in a fixed layout, once per step.
+- Column shards (the colwise plan): after `apply_plan`, each rank's FusedTable holds its
+  columns and the plan's shard group (every rank of it sees every pick). Row-wise Adagrad
+  (and clipping) all-reduce the per-row squared gradient norms, (rows,) float32 in a fixed
+  layout, once per step.
 - Not with `retain_graph` double backward through one step (values change in place), nor
   inside torch.compile graphs (the update is Python-side: the lookup graph-breaks).
 """
@@ -40,6 +41,7 @@ from ..kernels import fused_update as fused_ops
 from ..kernels import ops
 from .errors import MemcompileError
 from .memory_layer import MemoryLayer, MemoryPool
+from .sharded_bag import ShardedBag
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,16 @@ class FusedTable:
     def __call__(self, values, indices, weights) -> torch.Tensor:
         return self.bag(values, indices, weights)
 
+    def note_lookup(self, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Count a lookup that will reach `backward_step` (how readers share one step)."""
+        if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
+            self._forwards += 1
+
+    def backward_step(self, values, indices, weights, grad_out, want_weights: bool):
+        """The backward of a lookup done elsewhere (a sharded bag): steps the rows, returns
+        the weight gradient (from the rows before the step) or None."""
+        return self._backward(values, indices, weights, grad_out, True, want_weights)
+
     def bag(self, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
         """`ops.bag(values, indices, weights)` whose backward steps `values` (this table)."""
         if values is not self.values:
@@ -165,8 +177,7 @@ class FusedTable:
                 f"values are on {values.device}, their fused optimizer state on "
                 f"{self._state_a.device}: move the model before fuse_value_updates"
             )
-        if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
-            self._forwards += 1
+        self.note_lookup(values, weights)
         return _FusedBag.apply(values, indices, weights, self)
 
     # --- backward ---------------------------------------------------------------------
@@ -295,6 +306,9 @@ class FusedValueUpdates:
         for owner, table in zip(self.owners, self.tables):
             if owner.__dict__.get("bag_impl") is table:
                 del owner.bag_impl
+            sharded = owner.__dict__.get("bag_impl")
+            if isinstance(sharded, ShardedBag) and sharded.fused is table:
+                sharded.fused = None
             if table.step_counter is not None:
                 table.step_counter.hook.remove()
 
@@ -311,11 +325,28 @@ def _value_owners(model: nn.Module) -> list[nn.Module]:
 
 def fused_value_ids(model: nn.Module) -> set[int]:
     """ids of the value tables of `model` whose updates are fused (param_groups skips them)."""
-    return {
-        id(owner.values)
-        for owner in _value_owners(model)
-        if isinstance(owner.__dict__.get("bag_impl"), FusedTable)
-    }
+    fused = set()
+    for owner in _value_owners(model):
+        bag_impl = owner.__dict__.get("bag_impl")
+        if isinstance(bag_impl, FusedTable) or getattr(bag_impl, "fused", None) is not None:
+            fused.add(id(owner.values))
+    return fused
+
+
+def _fusable_shards(bag_impl) -> bool:
+    """A colwise table laid out by apply_plan: every rank of its group sees every pick, so
+    each steps its columns (row-wise Adagrad all-reduces per-row sums over the group)."""
+    if not isinstance(bag_impl, ShardedBag) or bag_impl.fused is not None:
+        return False
+    spec = bag_impl.spec
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if spec.strategy != "colwise" or spec.size != world:
+        raise MemcompileError(
+            f"fused value updates take tables that are whole or split colwise over all "
+            f"ranks; {spec.table} is {spec.strategy} over {spec.size} of {world} ranks: plan "
+            "it colwise (strategy={name: 'colwise'}) or leave it to the optimizer"
+        )
+    return True
 
 
 def fuse_value_updates(
@@ -346,15 +377,21 @@ def fuse_value_updates(
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")
     for owner in owners:
-        if owner.bag_impl is not None:
+        if owner.bag_impl is not None and not _fusable_shards(owner.bag_impl):
             raise MemcompileError(
                 f"the value table of {type(owner).__name__} already has a bag_impl "
                 f"({type(owner.bag_impl).__name__}): call handle.remove() first"
             )
-    tables = [FusedTable(o.values, rule, process_group=process_group, seed=seed + i)
-              for i, o in enumerate(owners)]  # fmt: skip
-    for owner, table in zip(owners, tables):
-        owner.bag_impl = table
+    tables = []
+    for i, owner in enumerate(owners):
+        if isinstance(owner.bag_impl, ShardedBag):  # a colwise table of apply_plan
+            shard = owner.values.to_local().detach()  # the rank's columns, same storage
+            table = FusedTable(shard, rule, process_group=owner.bag_impl.spec.group, seed=seed + i)
+            owner.bag_impl.fused = table
+        else:
+            table = FusedTable(owner.values, rule, process_group=process_group, seed=seed + i)
+            owner.bag_impl = table
+        tables.append(table)
     handle = FusedValueUpdates(owners, tables)
     if step_with is not None:
         handle.step_with(step_with)

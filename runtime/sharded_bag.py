@@ -101,7 +101,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 class _ColwiseBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, indices, weights, spec: ShardSpec):
+    def forward(ctx, shard, indices, weights, spec: ShardSpec, fused=None):
         t = indices.shape[0]
         counts = _all_gather(spec, "token counts", indices.new_tensor([t]))
         tokens = counts.tolist()
@@ -124,7 +124,7 @@ class _ColwiseBag(torch.autograd.Function):
         )
         blocks = out.split([t * w for w in widths])
         ctx.save_for_backward(shard, all_indices, all_weights)
-        ctx.spec, ctx.tokens, ctx.t = spec, tokens, t
+        ctx.spec, ctx.tokens, ctx.t, ctx.fused = spec, tokens, t, fused
         return torch.cat([b.view(t, w) for b, w in zip(blocks, widths)], dim=1)
 
     @staticmethod
@@ -138,9 +138,21 @@ class _ColwiseBag(torch.autograd.Function):
         grad_local = _all_to_all(
             spec, "output gradients", torch.cat(blocks), sizes, [t_s * width for t_s in tokens]
         ).view(-1, width)
-        grad_shard, grad_weights = ops.bag_backward(grad_local, shard, all_indices, all_weights)
-        if spec.grad_scale != 1.0:
-            grad_shard = grad_shard.mul_(spec.grad_scale)
+        if ctx.fused is not None:
+            # Fused value updates (runtime/fused_values.py): this rank steps its columns of
+            # the picked rows in place; the table gets no gradient.
+            scale = spec.grad_scale
+            grad_weights = ctx.fused.backward_step(
+                shard.detach(), all_indices, all_weights, grad_local * scale,
+                ctx.needs_input_grad[2],
+            )  # fmt: skip
+            grad_shard = None
+            if grad_weights is not None and scale != 1.0:
+                grad_weights = grad_weights / scale
+        else:
+            grad_shard, grad_weights = ops.bag_backward(grad_local, shard, all_indices, all_weights)
+            if spec.grad_scale != 1.0:
+                grad_shard = grad_shard.mul_(spec.grad_scale)
         grad_w = None
         if ctx.needs_input_grad[2]:
             picks = all_indices.shape[1]
@@ -152,7 +164,7 @@ class _ColwiseBag(torch.autograd.Function):
                 [t * picks] * spec.size,
             )
             grad_w = back.view(spec.size, t, picks).sum(0)
-        return grad_shard, None, grad_w, None
+        return grad_shard, None, grad_w, None, None
 
 
 def _pack_pairs(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -164,7 +176,8 @@ def _pack_pairs(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor)
 
 class _RowwiseBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, indices, weights, spec: ShardSpec):
+    def forward(ctx, shard, indices, weights, spec: ShardSpec, fused=None):
+        assert fused is None, "fused value updates take colwise tables"  # fuse_value_updates
         g, (t, picks) = spec.size, indices.shape
         step = spec.row_ranges[0][1]  # torch.chunk rows per rank (the last may hold fewer)
         flat = indices.reshape(-1)
@@ -216,7 +229,7 @@ class _RowwiseBag(torch.autograd.Function):
             grad_w = torch.empty_like(back)
             grad_w[order] = back
             grad_w = grad_w.view(t, picks)
-        return grad_shard.to(shard.dtype), None, grad_w, None
+        return grad_shard.to(shard.dtype), None, grad_w, None, None
 
 
 class ShardedBag:
@@ -231,6 +244,7 @@ class ShardedBag:
             raise ValueError(f"ShardedBag splits colwise or rowwise, not {spec.strategy!r}")
         self.spec = spec
         self._fn = _ColwiseBag if spec.strategy == "colwise" else _RowwiseBag
+        self.fused = None  # a FusedTable of this rank's columns (fuse_value_updates)
 
     def __call__(
         self, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
@@ -243,7 +257,11 @@ class ShardedBag:
                 f"table {self.spec.table}: local shard is {tuple(local.shape)}, the plan "
                 f"gives rank {self.spec.index} of its group {(r1 - r0, c1 - c0)}"
             )
-        return self._fn.apply(local, indices.contiguous(), weights.contiguous(), self.spec)
+        if self.fused is not None:
+            self.fused.note_lookup(local, weights)
+        return self._fn.apply(
+            local, indices.contiguous(), weights.contiguous(), self.spec, self.fused
+        )
 
     def __repr__(self) -> str:
         s = self.spec
