@@ -41,6 +41,37 @@ def _bag_forward_kernel(
 
 
 @triton.jit
+def aggregate_row(
+    grad_out, weights, order, grad_weights, w_row, first, last, cols, col_mask, picks, v_dim,
+    accumulate, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """One value row's gradient over the columns `cols`, in float32: the sum of weight x
+    grad_out[token] over the row's (token, pick) pairs order[first:last] (the reverse
+    index). With WEIGHT_GRAD also each pair's weight gradient over these columns,
+    grad_out[token] . w_row, stored into grad_weights, or added to it when `accumulate`
+    (the row's later column blocks). Shared by the bag backward and the fused update."""
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(first, last, BLOCK_P):
+        offs = start + tl.arange(0, BLOCK_P)
+        pair_mask = offs < last
+        pair = tl.load(order + offs, mask=pair_mask, other=0)  # flat token * picks + pick
+        token = pair // picks
+        w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
+        g = tl.load(
+            grad_out + token[:, None] * v_dim + cols[None, :],
+            mask=pair_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(g * w[:, None], axis=0)
+        if WEIGHT_GRAD:
+            partial = tl.sum(g * w_row[None, :], axis=1)
+            if accumulate:
+                partial += tl.load(grad_weights + pair, mask=pair_mask, other=0.0)
+            tl.store(grad_weights + pair, partial, mask=pair_mask)
+    return acc
+
+
+@triton.jit
 def _bag_backward_kernel(
     grad_out, values, weights, order, offsets, row_ids, grad_values, grad_weights,
     picks, v_dim,
@@ -54,23 +85,10 @@ def _bag_backward_kernel(
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_dim
         value_row = tl.load(values + row * v_dim + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for start in range(first, last, BLOCK_P):
-            offs = start + tl.arange(0, BLOCK_P)
-            pair_mask = offs < last
-            pair = tl.load(order + offs, mask=pair_mask, other=0)  # flat token * picks + pick
-            token = pair // picks
-            w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
-            g = tl.load(
-                grad_out + token[:, None] * v_dim + cols[None, :],
-                mask=pair_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(g * w[:, None], axis=0)
-            partial = tl.sum(g * value_row[None, :], axis=1)
-            if v_start > 0:
-                partial += tl.load(grad_weights + pair, mask=pair_mask, other=0.0)
-            tl.store(grad_weights + pair, partial, mask=pair_mask)
+        acc = aggregate_row(
+            grad_out, weights, order, grad_weights, value_row, first, last, cols, col_mask,
+            picks, v_dim, v_start > 0, WEIGHT_GRAD=True, BLOCK_P=BLOCK_P, BLOCK_V=BLOCK_V,
+        )  # fmt: skip
         out_cols = program * v_dim + cols
         tl.store(grad_values + out_cols, acc.to(grad_values.dtype.element_ty), mask=col_mask)
 

@@ -22,34 +22,11 @@ from .fused_update import (
     row_grad_sq_reference,
     weight_grad_reference,
 )
-from .triton_bag import reverse_index
+from .triton_bag import aggregate_row, reverse_index
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ROW = 16384  # widest row one program holds in registers
 _TILE = 8192  # elements of a (pairs, v_dim) tile of output gradients
-
-
-@triton.jit
-def _aggregate_row(
-    grad_out, weights, order, grad_weights, w_row, first, last, cols, col_mask, picks, v_dim,
-    WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
-    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for start in range(first, last, BLOCK_P):
-        offs = start + tl.arange(0, BLOCK_P)
-        pair_mask = offs < last
-        pair = tl.load(order + offs, mask=pair_mask, other=0)  # flat token * picks + pick
-        token = pair // picks
-        w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
-        g = tl.load(
-            grad_out + token[:, None] * v_dim + cols[None, :],
-            mask=pair_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(g * w[:, None], axis=0)
-        if WEIGHT_GRAD:
-            tl.store(grad_weights + pair, tl.sum(g * w_row[None, :], axis=1), mask=pair_mask)
-    return acc
 
 
 @triton.jit
@@ -62,9 +39,9 @@ def _row_sq_kernel(
     last = tl.load(offsets + row + 1)
     cols = tl.arange(0, BLOCK_V)
     col_mask = cols < v_dim
-    acc = _aggregate_row(
+    acc = aggregate_row(
         grad_out, weights, order, weights, cols, first, last, cols, col_mask, picks, v_dim,
-        WEIGHT_GRAD=False, BLOCK_P=BLOCK_P, BLOCK_V=BLOCK_V,
+        False, WEIGHT_GRAD=False, BLOCK_P=BLOCK_P, BLOCK_V=BLOCK_V,
     )  # fmt: skip
     tl.store(row_sq + row, tl.sum(acc * acc, axis=0))
 
@@ -85,9 +62,9 @@ def _update_kernel(
         col_mask = cols < v_dim
         ptrs = row * v_dim + cols
         w_row = tl.load(values + ptrs, mask=col_mask, other=0.0).to(tl.float32)
-        g = _aggregate_row(grad_out, weights, order, grad_weights, w_row, first, last, cols,
-                           col_mask, picks, v_dim, WEIGHT_GRAD=WEIGHT_GRAD, BLOCK_P=BLOCK_P,
-                           BLOCK_V=BLOCK_V)  # fmt: skip
+        g = aggregate_row(grad_out, weights, order, grad_weights, w_row, first, last, cols,
+                          col_mask, picks, v_dim, False, WEIGHT_GRAD=WEIGHT_GRAD,
+                          BLOCK_P=BLOCK_P, BLOCK_V=BLOCK_V)  # fmt: skip
         gain = 1.0
         if HAS_SCALE:
             gain = tl.load(scale).to(tl.float32)

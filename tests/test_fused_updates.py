@@ -9,8 +9,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -375,22 +373,6 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(MemcompileError, match="'rowwise_adagrad' value optimizer"):
         handle.load_state_dict({**handle.state_dict(), "tables": [
             {**handle.tables[0].state_dict(), "optimizer": "rowwise_adagrad"}]})  # fmt: skip
-
-
-def test_triton_update_kernels_match_the_torch_path():
-    """tests/triton_update_cases.py in its own process (interpreter where there is no GPU)."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    cases = Path(__file__).with_name("triton_update_cases.py")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
-        capture_output=True, text=True, env=env, cwd=cases.parent.parent,
-    )  # fmt: skip
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 28 and "skipped" not in summary, summary
 
 
 def test_factual_recall_example_compares_value_optimizers(tmp_path):
