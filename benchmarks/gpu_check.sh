@@ -18,3 +18,10 @@ python benchmarks/bench_kernels.py --out "$out" | tee "$out/bench_kernels.md"
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 python benchmarks/bench_inference.py --skip-cpu --out "$out" | tee "$out/bench_inference.md" \
   || echo "bench_inference.py failed (kernel results above are still valid)"
+# The CUDA side of the tests: Triton kernels natively (bf16 included) and a converted LM
+# decoding under torch.compile(mode="reduce-overhead"). Run from outside the repository so
+# the assembled package, not the bare memcompile/ folder, is imported.
+repo="$(pwd)"
+(cd /tmp && timeout 300 python -m pytest -q -p no:cacheprovider \
+  "$repo/tests/test_triton_kernels.py" "$repo/tests/test_generate_compiled.py") \
+  | tee "$out/gpu_tests.txt" || echo "GPU tests failed (see gpu_tests.txt)"

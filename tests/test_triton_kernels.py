@@ -25,7 +25,9 @@ def test_triton_kernels_match_the_reference(cases, minimum):
     path = Path(__file__).with_name(cases)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
-        capture_output=True, text=True, env=env, cwd=path.parent.parent,
+        # cwd tests/: from the repository root, `-m pytest` would import the bare memcompile/
+        # folder (without passes/, kernels/, runtime/) ahead of the installed package.
+        capture_output=True, text=True, env=env, cwd=path.parent,
     )  # fmt: skip
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
