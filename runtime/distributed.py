@@ -25,7 +25,7 @@ from .errors import MemcompileError
 from .init import normal_rows_
 from .memory_layer import MemoryLayer, MemoryPool
 from .plan import Plan, TablePlan, chunk_ranges, model_fingerprint
-from .sharded_bag import CollectiveError, ShardedBag, ShardSpec
+from .sharded_bag import ShardedBag, ShardSpec, run_collective
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,7 @@ def _sum_grads_hook(what: str, group, divide: int):
             return
         with torch.no_grad():
             grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-            try:
-                dist.all_reduce(grad, group=group)
-            except Exception as error:
-                line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise CollectiveError(
-                    f"{what}: all_reduce of gradients failed on rank "
-                    f"{dist.get_rank()} (a peer rank raised, exited or timed out): {line[:300]}"
-                ) from error
+            run_collective(what, "all_reduce", "gradients", grad, group=group)
             if divide != 1:
                 grad.div_(divide)
 

@@ -64,17 +64,22 @@ class ShardSpec:
         return [(0, self.v_dim)] * self.size
 
 
-def _call(spec: ShardSpec, op: str, what: str, *args, **kwargs) -> None:
-    """`torch.distributed.<op>(*args, group=spec.group)`; a failure becomes one line."""
+def run_collective(label: str, op: str, what: str, *args, **kwargs) -> None:
+    """`torch.distributed.<op>(*args, **kwargs)`; a failure becomes one CollectiveError line
+    "<label>: <op> of <what> failed on rank R (...)"."""
     try:
-        getattr(dist, op)(*args, group=spec.group, **kwargs)
+        getattr(dist, op)(*args, **kwargs)
     except Exception as error:  # gloo and NCCL raise RuntimeError and DistBackendError
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         rank = dist.get_rank() if dist.is_initialized() else -1
         raise CollectiveError(
-            f"table {spec.table}: {op} of {what} failed on rank {rank} (a peer rank raised, "
+            f"{label}: {op} of {what} failed on rank {rank} (a peer rank raised, "
             f"exited or timed out): {first[:300]}"
         ) from error
+
+
+def _call(spec: ShardSpec, op: str, what: str, *args, **kwargs) -> None:
+    run_collective(f"table {spec.table}", op, what, *args, group=spec.group, **kwargs)
 
 
 def _all_gather(spec: ShardSpec, what: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -127,12 +127,10 @@ class Counter:
             self.calls += 1
             frame = sys._getframe(1)
             if self.phase and frame.f_globals.get("__name__", "").startswith("memcompile."):
-                local = frame.f_locals
-                if "spec" in local:  # a sharded bag
-                    table = local["spec"].table
-                else:  # a gradient hook: "table <name>" or "parameter <name>" (dense)
-                    kind, _, table = local["what"].partition(" ")
-                    table = table if kind == "table" else "dense"
+                # runtime.sharded_bag.run_collective's label: "table <name>" (a sharded bag
+                # or a table's gradient hook) or "parameter <name>" (the dense part)
+                kind, _, table = frame.f_locals["label"].partition(" ")
+                table = table if kind == "table" else "dense"
                 self.records.append((self.phase, table, op, sent_bytes(op, args, kwargs)))
             return original(*args, **kwargs)
 
