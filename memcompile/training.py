@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .runtime import MemcompileError, MemoryLayer, MemoryPool
+from .runtime import MemcompileError
 from .runtime.fused_values import fuse_value_updates, fused_value_ids
+from .runtime.memory_layer import value_owners
 
 __all__ = ["fuse_value_updates", "memory_values", "param_groups"]
 
@@ -30,19 +31,8 @@ def memory_values(model: nn.Module) -> Iterator[nn.Parameter]:
     That is the shared `MemoryPool.values` (`memcompile_pool.values` at the model root)
     and the own `values` of layers converted with `share_values=False`.
     """
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, MemoryPool):
-            tables = [module.values]
-        elif isinstance(module, MemoryLayer):
-            # A layer reads a pool that may sit outside `model` (attach_pool): include it.
-            tables = [module.value_table] if module._pool or "values" in module._parameters else []
-        else:
-            continue
-        for table in tables:
-            if id(table) not in seen:
-                seen.add(id(table))
-                yield table
+    for owner in value_owners(model):
+        yield owner.values
 
 
 def param_groups(

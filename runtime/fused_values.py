@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import fused_update as fused_ops
 from ..kernels import ops
 from .errors import MemcompileError
-from .memory_layer import MemoryLayer, MemoryPool
+from .memory_layer import value_owners
 from .sharded_bag import ShardedBag
 
 log = logging.getLogger(__name__)
@@ -313,20 +313,10 @@ class FusedValueUpdates:
                 table.step_counter.hook.remove()
 
 
-def _value_owners(model: nn.Module) -> list[nn.Module]:
-    owners: dict[int, nn.Module] = {}
-    for module in model.modules():
-        if isinstance(module, MemoryLayer) and (module._pool or "values" in module._parameters):
-            owners.setdefault(id(module.values_owner), module.values_owner)
-        elif isinstance(module, MemoryPool):
-            owners.setdefault(id(module), module)
-    return list(owners.values())
-
-
 def fused_value_ids(model: nn.Module) -> set[int]:
     """ids of the value tables of `model` whose updates are fused (param_groups skips them)."""
     fused = set()
-    for owner in _value_owners(model):
+    for owner in value_owners(model):
         bag_impl = owner.__dict__.get("bag_impl")
         if isinstance(bag_impl, FusedTable) or getattr(bag_impl, "fused", None) is not None:
             fused.add(id(owner.values))
@@ -373,7 +363,7 @@ def fuse_value_updates(
     """
     rule = ValueOptimizer(optimizer, lr, tuple(betas), eps, weight_decay, max_grad_norm,
                           accumulation_steps, stochastic_rounding)  # fmt: skip
-    owners = _value_owners(model)
+    owners = value_owners(model)
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")
     for owner in owners:

@@ -178,3 +178,15 @@ class MemoryLayer(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, n_keys={self.n_keys}, heads={c.heads}, "
             f"knn={c.knn}, k_dim={c.k_dim}, v_dim={c.v_dim}, gating={c.gating}{shared}"
         )
+
+
+def value_owners(model: nn.Module) -> list[nn.Module]:
+    """The modules holding `model`'s value tables, each once: shared pools (also one that
+    sits outside `model`, attached with `attach_pool`) and layers with their own values."""
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, MemoryLayer) and (module._pool or "values" in module._parameters):
+            owners.setdefault(id(module.values_owner), module.values_owner)
+        elif isinstance(module, MemoryPool):
+            owners.setdefault(id(module), module)
+    return list(owners.values())
