@@ -11,11 +11,10 @@ if __name__ != "memcompile.kernels":
     # registered ones while memcompile still calls them (a crash, or "vector::reserve").
     __all__: list[str] = []
 else:
-    from . import fused_update
+    from . import fused_update  # noqa: F401  (defines the fused value-update ops)
     from .cuda import register_cuda_kernels
     from .ops import bag, pk_topk
 
-    CUDA_KERNELS = register_cuda_kernels()
-    fused_update.register_cuda_kernels()  # the fused value updates (triton_update.py)
+    CUDA_KERNELS = register_cuda_kernels()  # bag, pk_topk and the fused updates
 
     __all__ = ["CUDA_KERNELS", "bag", "pk_topk"]

@@ -53,7 +53,12 @@ def register_cuda_kernels() -> bool:
     except ImportError:
         log.info("triton is not installed: memcompile ops use the PyTorch reference on CUDA")
         return False
+    from . import fused_update, triton_update
+
     ops.bag.register_kernel("cuda")(bag_cuda)
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
+    fused_update.bag_weight_grad.register_kernel("cuda")(triton_update.bag_weight_grad)
+    fused_update.row_grad_sq.register_kernel("cuda")(triton_update.row_grad_sq)
+    fused_update.fused_row_update.register_kernel("cuda")(triton_update.fused_row_update)
     return True

@@ -2,7 +2,7 @@
 
 Three ops, each with a plain-PyTorch default kernel (this file: the CPU path and the
 reference the Triton kernels are tested against) and a Triton kernel on CUDA
-(`triton_update.py`, installed by `register_cuda_kernels`):
+(`triton_update.py`, installed by `cuda.register_cuda_kernels`):
 
 - `memcompile::bag_weight_grad(grad_out, values, indices)`: the bag's weight gradient
   alone, `grad_w[n, b] = values[indices[n, b]] . grad_out[n]`.
@@ -26,14 +26,11 @@ The state is float32 (float64 for float64 tables); bf16 tables may round stochas
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from .reference import accumulation_dtype
-
-log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("rowwise_adagrad", "adam")
 # Elements of the (pairs, v_dim) gradient contributions materialised at once on the CPU.
@@ -218,18 +215,3 @@ def _fused_row_update_fake(values, state_a, state_b, indices, *args):
     weight_grad = args[-1]
     shape = indices.shape if weight_grad else (0,)
     return values.new_empty(shape, dtype=accumulation_dtype(values.dtype))
-
-
-def register_cuda_kernels() -> bool:
-    """Install the Triton kernels of the three ops for CUDA tensors; False without CUDA/Triton."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from . import triton_update
-    except ImportError:
-        log.info("triton is not installed: fused value updates use PyTorch on CUDA")
-        return False
-    bag_weight_grad.register_kernel("cuda")(triton_update.bag_weight_grad)
-    row_grad_sq.register_kernel("cuda")(triton_update.row_grad_sq)
-    fused_row_update.register_kernel("cuda")(triton_update.fused_row_update)
-    return True
