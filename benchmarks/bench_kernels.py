@@ -42,6 +42,20 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def runs_without_host_sync(fn) -> bool | str:
+    """True if one call of `fn` makes no host-device synchronisation, else the error saying
+    where (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
     src = torch.randn(2**29, device="cuda")
@@ -137,15 +151,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
 
     record("dense SwiGLU FFN fwd+bwd", "torch (cuBLAS)", bench(ffn_step))
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layer_step()
-        sync_free = True
-    except RuntimeError as error:
-        sync_free = str(error)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sync_free = runs_without_host_sync(layer_step)
     results.append({"config": name, "what": "no host sync in a layer step", "ok": sync_free})
     return results
 
@@ -209,15 +215,7 @@ def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[floa
         table.bag(values, indices, weights).backward(grad)
 
     ms = bench(step)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        sync_free = True
-    except RuntimeError as error:
-        sync_free = str(error)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sync_free = runs_without_host_sync(step)
     values.requires_grad_(False)
     return ms, sync_free
 
