@@ -54,7 +54,7 @@ def load_trusted_pickle(path: Path, trust_pickle: bool, refusal: str):
     MemcompileError(refusal)."""
     if not trust_pickle:
         raise MemcompileError(refusal)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle checked above
 
 
 def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> nn.Module:

@@ -103,7 +103,7 @@ def run_ranks(
             elif not path.exists():
                 failure = RankFailed(rank, f"exited with code {p.exitcode} and no result")
             else:
-                results.append(torch.load(path, weights_only=False))
+                results.append(torch.load(path, weights_only=True))
                 continue
             if not allow_failures:
                 raise failure
