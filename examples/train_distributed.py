@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_reduce(mean)
         if rank == 0:
             print(f"step {step} loss {mean.item() / world:.4f}", flush=True)
+    dist.barrier()  # every rank done with its collectives before any tears gloo down
     dist.destroy_process_group()
 
 
