@@ -1,8 +1,9 @@
 """Correctness of the CUDA kernels against a float64 reference, before any timing.
 
 For bf16, fp16 and fp32 tables and queries: relative error ||out - ref|| / ||ref|| of bag
-forward, bag backward (values and weights) and pk_topk (scores; picked keys must be true
-top-knn keys), with every output element checked as written (the caching allocator is
+forward, bag backward (values and weights), pk_topk (scores; picked keys must be true
+top-knn keys) and the inference lookup pk_lookup at decode sizes (the softmax weights and
+the bag of the picked rows), with every output element checked as written (the caching allocator is
 filled with NaN first, so an unwritten element shows). On a machine without CUDA it runs
 through Triton's interpreter at tiny sizes. Exits 1 on any failure.
 
@@ -79,6 +80,30 @@ def check_pk_topk(dtype, n, heads, n_keys, k_dim, knn) -> dict:
             "picked_vs_best": rel_error(true_scores_of_picks, ref_scores)}  # fmt: skip
 
 
+def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
+    from memcompile.kernels import triton_topk
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(n, heads, k_dim, generator=g).to(DEVICE, dtype)
+    keys = torch.randn(heads, 2, n_keys, k_dim // 2, generator=g).to(DEVICE, dtype)
+    values = torch.randn(n_keys**2, v_dim, generator=g).to(DEVICE, dtype)
+    poison_allocator()
+    out = cuda.pk_lookup_cuda(q, keys, values, knn)
+    probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)  # the same picks
+    q64, k64 = q.double(), keys.double()
+    half = k_dim // 2
+    s1 = torch.einsum("nhd,hkd->nhk", q64[..., :half], k64[:, 0])
+    s2 = torch.einsum("nhd,hkd->nhk", q64[..., half:], k64[:, 1])
+    picked = s1.gather(-1, indices // n_keys) + s2.gather(-1, indices % n_keys)
+    ref_probs = torch.softmax(picked, -1)
+    rows = values[indices.view(n, -1)].double()  # (n, heads*knn, v_dim), gathered on device
+    ref = torch.einsum("np,npd->nd", ref_probs.view(n, -1), rows)
+    best = reference.pk_topk(q64, k64, knn)[0]
+    return {"op": "pk_lookup", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn, v_dim],
+            "forward": rel_error(out, ref), "weights": rel_error(probs, ref_probs),
+            "picked_vs_best": rel_error(picked, best)}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=str)
@@ -88,12 +113,18 @@ def main() -> int:
     topk_shapes = (
         [(4096, 4, 512, 512, 32), (777, 4, 1024, 256, 16)] if big else [(20, 2, 40, 32, 4)]
     )
+    lookup_shapes = (
+        [(1, 4, 1024, 512, 32, 2048), (8, 4, 1024, 512, 32, 2048), (64, 4, 512, 256, 16, 1000)]
+        if big
+        else [(1, 2, 40, 32, 8, 96)]
+    )
     rows = []
     for dtype in TOLERANCE:
         if DEVICE == "cpu" and dtype == torch.bfloat16:
             continue  # the interpreter's bf16 is unreliable (DESIGN.md)
         rows += [check_bag(dtype, *shape) for shape in bag_shapes]
         rows += [check_pk_topk(dtype, *shape) for shape in topk_shapes]
+        rows += [check_pk_lookup(dtype, *shape) for shape in lookup_shapes]
     failed = False
     for row in rows:
         tol = TOLERANCE[getattr(torch, row["dtype"].split(".")[-1])]

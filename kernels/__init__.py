@@ -1,4 +1,5 @@
-"""The memory-layer ops: `memcompile::pk_topk` and `memcompile::bag`.
+"""The memory-layer ops: `memcompile::pk_topk`, `memcompile::bag` and, for inference,
+`memcompile::pk_lookup` (both in one).
 
 Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed.
 """
@@ -13,8 +14,8 @@ if __name__ != "memcompile.kernels":
 else:
     from . import fused_update  # noqa: F401  (defines the fused value-update ops)
     from .cuda import register_cuda_kernels
-    from .ops import bag, pk_topk
+    from .ops import bag, pk_lookup, pk_topk
 
-    CUDA_KERNELS = register_cuda_kernels()  # bag, pk_topk and the fused updates
+    CUDA_KERNELS = register_cuda_kernels()  # the three ops and the fused updates
 
-    __all__ = ["CUDA_KERNELS", "bag", "pk_topk"]
+    __all__ = ["CUDA_KERNELS", "bag", "pk_lookup", "pk_topk"]

@@ -38,10 +38,25 @@ def bag_backward_cuda(grad_out, values, indices, weights):
 def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
     from . import triton_topk
 
-    # Large knn would need (2**ceil(log2 knn))**2 candidates per token in registers.
-    if q.dtype not in _TRITON_DTYPES or keys.shape[2] > 2**16 or knn > 64:
+    if not _triton_topk_applies(q, keys, knn):
         return reference.pk_topk(q, keys, knn)
     return triton_topk.pk_topk(q, keys, knn)
+
+
+def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
+    # Large knn would need (2**ceil(log2 knn))**2 candidates per token in registers.
+    return q.dtype in _TRITON_DTYPES and keys.shape[2] <= 2**16 and knn <= 64
+
+
+def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int):
+    from . import triton_bag, triton_topk
+
+    if not _triton_topk_applies(q, keys, knn) or values.dtype not in _TRITON_DTYPES:
+        return reference.pk_lookup(q, keys, values, knn)
+    # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag.
+    probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
+    picks = q.shape[1] * knn
+    return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks))
 
 
 def register_cuda_kernels() -> bool:
@@ -58,6 +73,7 @@ def register_cuda_kernels() -> bool:
     ops.bag.register_kernel("cuda")(bag_cuda)
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
+    ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
     fused_update.bag_weight_grad.register_kernel("cuda")(triton_update.bag_weight_grad)
     fused_update.row_grad_sq.register_kernel("cuda")(triton_update.row_grad_sq)
     fused_update.fused_row_update.register_kernel("cuda")(triton_update.fused_row_update)

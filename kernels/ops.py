@@ -1,9 +1,11 @@
-"""`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops.
+"""`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops, and
+`memcompile::pk_lookup`, both in one op for inference.
 
-Each op has a fake kernel (shapes only, for torch.compile and torch.export), a
-plain-PyTorch default kernel (`reference.py`) and a registered autograd formula whose
-backward is itself a custom op, so a faster backend replaces forward and backward by
-registering kernels for the four ops.
+Each op has a fake kernel (shapes only, for torch.compile and torch.export) and a
+plain-PyTorch default kernel (`reference.py`). pk_topk and bag have a registered autograd
+formula whose backward is itself a custom op, so a faster backend replaces forward and
+backward by registering kernels for the four ops. pk_lookup has none: it is the
+no-gradient path, where a backend may fuse the softmax and skip intermediates.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from . import reference
 
-__all__ = ["pk_topk", "bag"]
+__all__ = ["pk_topk", "bag", "pk_lookup"]
 
 
 @torch.library.custom_op("memcompile::pk_topk", mutates_args=())
@@ -105,3 +107,17 @@ def _bag_grad(ctx, grad_out):
 
 
 bag.register_autograd(_bag_grad, setup_context=_bag_setup_context)
+
+
+@torch.library.custom_op("memcompile::pk_lookup", mutates_args=())
+def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
+    """The lookup of a memory layer without gradients: pk_topk, softmax over each head's
+    knn scores, bag of all heads' picks. Returns (N, v_dim) in values.dtype."""
+    return reference.pk_lookup(q, keys, values, knn)
+
+
+@pk_lookup.register_fake
+def _pk_lookup_fake(q, keys, values, knn):
+    torch._check(q.dim() == 3, lambda: f"pk_lookup: q must be (N, heads, k_dim), got {q.shape}")
+    torch._check(values.dim() == 2, lambda: "pk_lookup: values must be (rows, v_dim)")
+    return values.new_empty(q.shape[0], values.shape[1])

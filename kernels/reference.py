@@ -1,8 +1,8 @@
 """Plain-PyTorch implementations of the memory-layer ops, for any device.
 
-They are the default kernels of `memcompile::pk_topk` and `memcompile::bag` and the
-reference the Triton kernels are tested against. Large intermediates are processed in
-chunks of tokens so CPU memory stays bounded.
+They are the default kernels of `memcompile::pk_topk`, `memcompile::bag` and
+`memcompile::pk_lookup` and the reference the Triton kernels are tested against. Large
+intermediates are processed in chunks of tokens so CPU memory stays bounded.
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> t
         w = weights[start : start + step].to(acc).unsqueeze(1)
         out[start : start + step] = torch.bmm(w, rows).squeeze(1).to(values.dtype)
     return out
+
+
+def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
+    """The whole lookup: `pk_topk`, a softmax over each head's knn scores (in the scores'
+    float32, float64 for float64 inputs) and the `bag` of all heads' picks. (N, v_dim)."""
+    picks = q.shape[1] * knn
+    scores, indices = pk_topk(q, keys, knn)
+    probs = torch.softmax(scores, dim=-1)
+    return bag(values, indices.view(-1, picks), probs.view(-1, picks))
 
 
 def bag_backward(

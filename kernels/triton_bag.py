@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 _PICKS_PER_STEP = 16  # (token, pick) pairs a backward program handles at once
+_FORWARD_MIN_PROGRAMS = 128  # about one per SM of an H100
 
 
 @triton.jit
@@ -105,6 +106,9 @@ def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     if n == 0 or picks == 0:
         return out.zero_()
     block_v = _block_v(v_dim, 256)
+    # A few tokens (decode) would leave most SMs idle: narrower column blocks, more programs.
+    while block_v > 64 and n * triton.cdiv(v_dim, block_v) < _FORWARD_MIN_PROGRAMS:
+        block_v //= 2
     block_b = min(triton.next_power_of_2(picks), 32)
     grid = (n, triton.cdiv(v_dim, block_v))
     _bag_forward_kernel[grid](values, indices, weights, out, picks, v_dim,

@@ -5,7 +5,9 @@ with `tl.dot`, block by block, keeping a running top-K of (score, key) pairs pac
 one sortable int64 (an order-preserving integer image of the float32 score in the high
 half, the index in the low half); then the K x K candidate sums and their top-K. Only the
 final scores and indices reach memory. K is knn rounded up to a power of two (tl.topk's
-requirement); the extra candidates never change the exact top-knn.
+requirement); the extra candidates never change the exact top-knn. With `softmax=True` the
+last step stores each head's softmax over its knn scores instead (the lookup's weights),
+which saves the inference path a launch.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ def _half_topk(
         row_mask = rows < key_stop
         kt = tl.load(key_base + rows[:, None] * HALF + dims[None, :],
                      mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
-        scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
+        if BLOCK_N >= 16:
+            scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
+        else:  # a few tokens (decode): below tl.dot's 16 rows, multiply and sum in fp32
+            prods = qh.to(tl.float32)[:, None, :] * kt.to(tl.float32)[None, :, :]
+            scores = tl.sum(prods, axis=2)
         scores = tl.where(row_mask[None, :], scores, float("-inf"))
         packed = _pack(scores, tl.broadcast_to(rows[None, :], (BLOCK_N, BLOCK_K)))
         block_best = tl.topk(packed, K)
@@ -60,7 +66,7 @@ def _half_topk(
 def _pk_topk_kernel(
     q, keys, scores_out, indices_out, n_tokens, heads, n_keys, knn,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(1)
     tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -70,23 +76,29 @@ def _pk_topk_kernel(
     best2 = _half_topk(q, keys, tokens, token_mask, head, 1, heads, n_keys, 0, n_keys,
                        HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
     _store_final(best1, best2, scores_out, indices_out, tokens, token_mask, head, heads,
-                 n_keys, knn, BLOCK_N, K)  # fmt: skip
+                 n_keys, knn, BLOCK_N, K, SOFTMAX)  # fmt: skip
 
 
 @triton.jit
 def _store_final(
     best1, best2, scores_out, indices_out, tokens, token_mask, head, heads, n_keys, knn,
-    BLOCK_N: tl.constexpr, K: tl.constexpr,
+    BLOCK_N: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr,
 ):  # fmt: skip
-    """The K x K candidate sums of both halves' top-K, their top-knn, stored."""
+    """The K x K candidate sums of both halves' top-K, their top-knn (or its softmax),
+    stored."""
     s1, i1 = _unpack(best1)
     s2, i2 = _unpack(best2)
     sums = tl.reshape(s1[:, :, None] + s2[:, None, :], (BLOCK_N, K * K))
     ids = tl.reshape(i1[:, :, None] * n_keys + i2[:, None, :], (BLOCK_N, K * K))
     scores, indices = _unpack(tl.topk(_pack(sums, ids), K))
     cols = tl.arange(0, K)
+    live = cols[None, :] < knn
+    if SOFTMAX:
+        scores = tl.where(live, scores, float("-inf"))
+        scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        scores = scores / tl.sum(scores, axis=1)[:, None]
     out = (tokens[:, None] * heads + head) * knn + cols[None, :]
-    mask = token_mask[:, None] & (cols[None, :] < knn)
+    mask = token_mask[:, None] & live
     tl.store(scores_out + out, scores, mask=mask)
     tl.store(indices_out + out, indices, mask=mask)
 
@@ -115,7 +127,7 @@ def _split_topk_kernel(
 @triton.jit
 def _merge_splits_kernel(
     partial, scores_out, indices_out, n_tokens, heads, n_keys, knn,
-    BLOCK_N: tl.constexpr, K: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, K: tl.constexpr, SPLITS: tl.constexpr, SOFTMAX: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(1)
     tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -125,15 +137,18 @@ def _merge_splits_kernel(
     best1 = tl.topk(tl.load(partial + base, mask=token_mask[:, None], other=0), K)
     best2 = tl.topk(tl.load(partial + base + SPLITS * K, mask=token_mask[:, None], other=0), K)
     _store_final(best1, best2, scores_out, indices_out, tokens, token_mask, head, heads,
-                 n_keys, knn, BLOCK_N, K)  # fmt: skip
+                 n_keys, knn, BLOCK_N, K, SOFTMAX)  # fmt: skip
 
 
 # Below this many (token block, head) programs, the key scan is split across programs.
 _SPLIT_BELOW_PROGRAMS = 64
 
 
-def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (float32) and indices (int64), (N, heads, knn), as `reference.pk_topk`."""
+def pk_topk(
+    q: torch.Tensor, keys: torch.Tensor, knn: int, softmax: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (float32) and indices (int64), (N, heads, knn), as `reference.pk_topk`; with
+    `softmax`, each head's softmax over its scores in place of the scores."""
     q, keys = q.contiguous(), keys.to(q.dtype).contiguous()
     n, heads, k_dim = q.shape
     n_keys, half = keys.shape[2], keys.shape[3]
@@ -142,8 +157,12 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
     if n == 0:
         return scores, indices
     k = triton.next_power_of_2(knn)
-    block_k = max(k, 16, min(128, triton.next_power_of_2(n_keys)))
-    block_n = 16
+    if n < 16:  # decode: one block of exactly the tokens there are, scored without tl.dot
+        block_n = triton.next_power_of_2(n)
+        block_k = max(k, 16, min(32, triton.next_power_of_2(n_keys)))
+    else:
+        block_n = 16
+        block_k = max(k, 16, min(128, triton.next_power_of_2(n_keys)))
     shape = dict(HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
                  BLOCK_K=block_k, K=k)  # fmt: skip
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -151,8 +170,9 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
     splits = min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k)))
     if token_blocks * heads >= _SPLIT_BELOW_PROGRAMS or splits == 1:
         _pk_topk_kernel[(token_blocks, heads)](
-            q, keys, scores, indices, n, heads, n_keys, knn, PRECISION=precision, **shape
-        )
+            q, keys, scores, indices, n, heads, n_keys, knn, PRECISION=precision,
+            SOFTMAX=softmax, **shape,
+        )  # fmt: skip
         return scores, indices
     keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_k) * block_k
     partial = torch.empty(n, heads, 2, splits, k, dtype=torch.int64, device=q.device)
@@ -161,6 +181,7 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
         PRECISION=precision, **shape,
     )  # fmt: skip
     _merge_splits_kernel[(token_blocks, heads)](
-        partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=block_n, K=k, SPLITS=splits
-    )
+        partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=block_n, K=k, SPLITS=splits,
+        SOFTMAX=softmax,
+    )  # fmt: skip
     return scores, indices

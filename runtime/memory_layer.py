@@ -144,14 +144,18 @@ class MemoryLayer(nn.Module):
         q = self.query(x).view(-1, self.heads, self.k_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
+        values = self.value_table
+        bag_impl = self.values_owner.bag_impl
+        same_device = values.device == q.device
+        if bag_impl is None and same_device and not _needs_separate_ops(q, self.keys, values):
+            # Inference: one op, which a backend fuses (top-k with softmax, then the bag).
+            return ops.pk_lookup(q, self.keys, values, self.knn)
         scores, indices = ops.pk_topk(q, self.keys, self.knn)
         # Softmax in float32 (float64 for a float64 layer). The dtype is chosen in Python so
         # no `promote_types` call is traced into exported graphs.
         probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), -1)
         picks = self.heads * self.knn
-        values = self.value_table
         indices, probs = indices.view(-1, picks), probs.view(-1, picks)
-        bag_impl = self.values_owner.bag_impl
         if bag_impl is not None:
             return bag_impl(values, indices, probs)
         if values.device != q.device:
@@ -178,6 +182,14 @@ class MemoryLayer(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, n_keys={self.n_keys}, heads={c.heads}, "
             f"knn={c.knn}, k_dim={c.k_dim}, v_dim={c.v_dim}, gating={c.gating}{shared}"
         )
+
+
+def _needs_separate_ops(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the lookup must stay as separate pk_topk and bag ops: for autograd, and in
+    exported graphs, whose lowering (passes/lower_onnx.py) knows those two."""
+    if torch.compiler.is_exporting():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values))
 
 
 def value_owners(model: nn.Module) -> list[nn.Module]:

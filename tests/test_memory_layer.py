@@ -8,6 +8,7 @@ top-k over all n_keys**2 full keys; it shares no code with the layer or the ops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -205,6 +206,37 @@ def test_forward_matches_reference(gating, qk_norm, lead):
     x = _randn(*lead, d_in, seed=13)
     out = layer(x)
     assert out.shape == (*lead, d_out) and out.dtype == F64
+    torch.testing.assert_close(out, reference_forward(layer, x), rtol=1e-10, atol=1e-12)
+
+
+class OpSpy(TorchDispatchMode):
+    """Records the memcompile ops a forward dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "memcompile":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen", "grad"])
+def test_inference_uses_the_one_lookup_op(mode):
+    config = tiny_config(v_dim=9, mem_size=25, knn=4, qk_norm=True)
+    layer = MemoryLayer(8, 7, config, seed=11, dtype=F64)
+    randomise_(layer, seed=12)
+    x = _randn(2, 3, 8, seed=13)
+    if mode == "frozen":  # no parameter requires grad: no graph to build either
+        layer.requires_grad_(False)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, contextlib.nullcontext
+    )
+    with context(), OpSpy() as spy:
+        out = layer(x)
+    expected_ops = ["pk_topk", "bag"] if mode == "grad" else ["pk_lookup"]
+    assert spy.ops == expected_ops
     torch.testing.assert_close(out, reference_forward(layer, x), rtol=1e-10, atol=1e-12)
 
 

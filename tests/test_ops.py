@@ -122,9 +122,25 @@ def test_opcheck_bag(sample):
     )
 
 
+@pytest.mark.parametrize("sample", range(4))
+def test_pk_lookup_is_topk_softmax_bag(sample):
+    q, keys, knn = list(_pk_samples())[sample]
+    q, keys = q.detach(), keys.detach()
+    values = _randn(keys.shape[2] ** 2, 6, seed=15, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.memcompile.pk_lookup.default, (q, keys, values, knn))
+    top = brute_topk(q, keys, knn)
+    n = q.shape[0]
+    probs = torch.softmax(top.values, dim=-1)
+    expected = dense_bag(values, top.indices.reshape(n, -1), probs.reshape(n, -1))
+    out = ops.pk_lookup(q, keys, values, knn)
+    assert out.dtype == torch.float32 and out.shape == (n, 6)
+    torch.testing.assert_close(out.to(F64), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_public_names_are_the_registered_ops():
     assert kernels.pk_topk is ops.pk_topk
     assert kernels.bag is ops.bag
+    assert kernels.pk_lookup is ops.pk_lookup
     q = _randn(2, 1, 4, seed=13)
     k = _randn(1, 2, 3, 2, seed=14)
     a = torch.ops.memcompile.pk_topk(q, k, 2)

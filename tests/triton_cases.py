@@ -149,3 +149,38 @@ def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, split, n, knn):
     ref_scores, ref_indices = reference.pk_topk(q, keys, knn)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+LOOKUP_CASES = [
+    # n, heads, n_keys, knn, v_dim: decode (split scan, no tl.dot), a masked token block,
+    # a full tl.dot block, an empty batch
+    (1, 2, 40, 8, 96),
+    (3, 3, 300, 1, 320),
+    (19, 2, 16, 4, 96),
+    (0, 2, 16, 4, 96),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "heads", "n_keys", "knn", "v_dim"), LOOKUP_CASES)
+def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype):
+    g = torch.Generator().manual_seed(n + n_keys)
+    q = _rand(n, heads, 32, dtype=dtype, generator=g)
+    keys = _rand(heads, 2, n_keys, 16, dtype=dtype, generator=g)
+    values = _rand(n_keys**2, v_dim, dtype=dtype, generator=g)
+    out = cuda.pk_lookup_cuda(q, keys, values, knn)
+    assert out.dtype == dtype and out.shape == (n, v_dim)
+    if dtype == torch.float32:
+        _close(out, reference.pk_lookup(q, keys, values, knn), dtype)
+    else:  # near-ties may pick other rows in fp16: bag the kernel's own picks in float64
+        from memcompile.kernels import triton_topk
+
+        probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
+        full = _all_pair_scores(q.double().cpu(), keys.double().cpu()).gather(-1, indices.cpu())
+        torch.testing.assert_close(probs.cpu().double(), torch.softmax(full, -1), rtol=1e-2,
+                                   atol=1e-2)  # fmt: skip
+        picks = heads * knn
+        want = reference.bag(
+            values.double(), indices.view(-1, picks), probs.double().view(-1, picks)
+        )
+        _close(out, want, dtype)
