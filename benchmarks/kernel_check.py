@@ -3,7 +3,8 @@
 For bf16, fp16 and fp32 tables and queries: relative error ||out - ref|| / ||ref|| of bag
 forward, bag backward (values and weights), pk_topk (scores; picked keys must be true
 top-knn keys) and the inference lookup pk_lookup at decode sizes (the softmax weights and
-the bag of the picked rows), with every output element checked as written (the caching allocator is
+the bag of the picked rows; on a GPU also with the values in pinned host memory), with
+every output element checked as written (the caching allocator is
 filled with NaN first, so an unwritten element shows). On a machine without CUDA it runs
 through Triton's interpreter at tiny sizes. Exits 1 on any failure.
 
@@ -99,9 +100,15 @@ def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
     rows = values[indices.view(n, -1)].double()  # (n, heads*knn, v_dim), gathered on device
     ref = torch.einsum("np,npd->nd", ref_probs.view(n, -1), rows)
     best = reference.pk_topk(q64, k64, knn)[0]
-    return {"op": "pk_lookup", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn, v_dim],
-            "forward": rel_error(out, ref), "weights": rel_error(probs, ref_probs),
-            "picked_vs_best": rel_error(picked, best)}  # fmt: skip
+    row = {"op": "pk_lookup", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn, v_dim],
+           "forward": rel_error(out, ref), "weights": rel_error(probs, ref_probs),
+           "picked_vs_best": rel_error(picked, best)}  # fmt: skip
+    if DEVICE == "cuda" and n == 1:  # host-resident values, read from pinned memory
+        pinned = values.cpu().pin_memory()
+        del values
+        poison_allocator()
+        row["host_values"] = rel_error(cuda.pk_lookup_cuda(q, keys, pinned, knn), ref)
+    return row
 
 
 def main() -> int:

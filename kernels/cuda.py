@@ -51,11 +51,15 @@ def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
 def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int):
     from . import triton_bag, triton_topk
 
-    if not _triton_topk_applies(q, keys, knn) or values.dtype not in _TRITON_DTYPES:
+    # Host values that are not pinned cannot be read by the GPU: the reference sums them on
+    # the host.
+    readable = values.device == q.device or values.is_pinned()
+    if not (_triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES and readable):
         return reference.pk_lookup(q, keys, values, knn)
-    # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag.
-    probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
     picks = q.shape[1] * knn
+    # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag,
+    # which gathers host-resident rows over the host link (zero-copy) like device rows.
+    probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
     return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks))
 
 

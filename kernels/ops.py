@@ -112,7 +112,10 @@ bag.register_autograd(_bag_grad, setup_context=_bag_setup_context)
 @torch.library.custom_op("memcompile::pk_lookup", mutates_args=())
 def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
     """The lookup of a memory layer without gradients: pk_topk, softmax over each head's
-    knn scores, bag of all heads' picks. Returns (N, v_dim) in values.dtype."""
+    knn scores, bag of all heads' picks. Returns (N, v_dim) in values.dtype, on q's device.
+
+    values may be pinned host memory while q and keys are on a GPU: the CUDA kernel then
+    reads only the picked rows across the host link."""
     return reference.pk_lookup(q, keys, values, knn)
 
 
@@ -120,4 +123,4 @@ def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: in
 def _pk_lookup_fake(q, keys, values, knn):
     torch._check(q.dim() == 3, lambda: f"pk_lookup: q must be (N, heads, k_dim), got {q.shape}")
     torch._check(values.dim() == 2, lambda: "pk_lookup: values must be (rows, v_dim)")
-    return values.new_empty(q.shape[0], values.shape[1])
+    return q.new_empty(q.shape[0], values.shape[1], dtype=values.dtype)

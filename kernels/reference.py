@@ -90,11 +90,15 @@ def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> t
 
 def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
     """The whole lookup: `pk_topk`, a softmax over each head's knn scores (in the scores'
-    float32, float64 for float64 inputs) and the `bag` of all heads' picks. (N, v_dim)."""
+    float32, float64 for float64 inputs) and the `bag` of all heads' picks: (N, v_dim) on
+    q's device."""
     picks = q.shape[1] * knn
     scores, indices = pk_topk(q, keys, knn)
     probs = torch.softmax(scores, dim=-1)
-    return bag(values, indices.view(-1, picks), probs.view(-1, picks))
+    # Values on another device than q (host-resident): summed where they live, and only the
+    # (N, v_dim) result crosses.
+    indices, probs = indices.view(-1, picks).to(values.device), probs.view(-1, picks)
+    return bag(values, indices, probs.to(values.device)).to(q.device)
 
 
 def bag_backward(

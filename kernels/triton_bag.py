@@ -102,7 +102,8 @@ def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     values, indices, weights = values.contiguous(), indices.contiguous(), weights.contiguous()
     n, picks = indices.shape
     v_dim = values.shape[1]
-    out = values.new_empty(n, v_dim)
+    # On the indices' device: values may be pinned host memory that the GPU reads directly.
+    out = torch.empty(n, v_dim, dtype=values.dtype, device=indices.device)
     if n == 0 or picks == 0:
         return out.zero_()
     block_v = _block_v(v_dim, 256)

@@ -136,9 +136,8 @@ def collectives(
             add("grad_weights", "all_to_all_single", "backward",
                 [(G - 1) * t * P * f * FLOAT32 for f in on_rank], dependent=True)  # fmt: skip
     elif strategy == "host":
-        add("picks_to_host", "host_copy", "forward", [t * P * (INT64 + FLOAT32)] * world,
-            group="host", link="host_link")  # fmt: skip
-        add("bag_from_host", "host_copy", "forward", [t * table.v_dim * e] * world,
+        # The GPU reads the picked rows from pinned host memory (zero-copy): only they cross.
+        add("rows_from_host", "host_copy", "forward", [t * P * table.v_dim * e] * world,
             group="host", link="host_link")  # fmt: skip
     if train and R > 1:
         # The same shard on every replica group gets its own gradient: average them.

@@ -115,9 +115,11 @@ def materialize_values(
 
 def offload_values(model: nn.Module, pin: bool = True) -> int:
     """Move every value table of `model` to host memory (pinned when CUDA is there and
-    `pin`), leaving the rest where it is: a memory larger than the GPU still serves, each
-    lookup summing its rows on the host. Call it after `model.to(device)`, which would
-    move the tables back. Returns how many tables moved."""
+    `pin`), leaving the rest where it is: a memory larger than the GPU still serves. In
+    inference on CUDA the bag kernel reads the picked rows straight from pinned memory
+    (only they cross the host link, no host synchronisation); otherwise each lookup sums
+    its rows on the host. Call it after `model.to(device)`, which would move the tables
+    back. Returns how many tables moved."""
     moved = 0
     for module in model.modules():
         values = module._parameters.get("values")

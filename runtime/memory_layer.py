@@ -146,9 +146,9 @@ class MemoryLayer(nn.Module):
             q = self.query_norm(q)
         values = self.value_table
         bag_impl = self.values_owner.bag_impl
-        same_device = values.device == q.device
-        if bag_impl is None and same_device and not _needs_separate_ops(q, self.keys, values):
-            # Inference: one op, which a backend fuses (top-k with softmax, then the bag).
+        if bag_impl is None and not _needs_separate_ops(q, self.keys, values):
+            # Inference: one op, which a backend fuses (top-k with softmax, then the bag; on
+            # CUDA the bag reads host-resident values directly).
             return ops.pk_lookup(q, self.keys, values, self.knn)
         scores, indices = ops.pk_topk(q, self.keys, self.knn)
         # Softmax in float32 (float64 for a float64 layer). The dtype is chosen in Python so
