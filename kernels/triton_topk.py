@@ -1,13 +1,18 @@
-"""Triton kernel of `memcompile::pk_topk`: product-key top-k, fused.
+"""Triton kernels of `memcompile::pk_topk`: product-key top-k in two launches.
 
-One program per (block of tokens, head): each query half is scored against its sub-keys
-with `tl.dot`, block by block, keeping a running top-K of (score, key) pairs packed into
-one sortable int64 (an order-preserving integer image of the float32 score in the high
-half, the index in the low half); then the K x K candidate sums and their top-K. Only the
-final scores and indices reach memory. K is knn rounded up to a power of two (tl.topk's
+Scan: one program per (block of tokens, head, query half, slice of the sub-keys) scores
+the half against its sub-keys block by block with `tl.dot`, keeping a running top-K of
+(score, key) pairs packed into one sortable int64 (an order-preserving integer image of the
+float32 score in the high half, the index in the low half). Small batches split the
+sub-keys over up to 16 slices so one token still spreads over many programs; large ones
+scan all sub-keys in one slice.
+
+Merge: one program per (token, head) takes each half's top-K over the slices, then the
+K x K candidate sums and their top-K. One token per merge program keeps the K x K sort
+in registers (no spills at K = 64). K is knn rounded up to a power of two (tl.topk's
 requirement); the extra candidates never change the exact top-knn. With `softmax=True` the
-last step stores each head's softmax over its knn scores instead (the lookup's weights),
-which saves the inference path a launch.
+merge stores each head's softmax over its knn scores instead (the lookup's weights), which
+saves the inference path a launch.
 """
 
 from __future__ import annotations
@@ -49,34 +54,13 @@ def _half_topk(
         row_mask = rows < key_stop
         kt = tl.load(key_base + rows[:, None] * HALF + dims[None, :],
                      mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
-        if BLOCK_N >= 16:
-            scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
-        else:  # a few tokens (decode): below tl.dot's 16 rows, multiply and sum in fp32
-            prods = qh.to(tl.float32)[:, None, :] * kt.to(tl.float32)[None, :, :]
-            scores = tl.sum(prods, axis=2)
+        scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
         scores = tl.where(row_mask[None, :], scores, float("-inf"))
         packed = _pack(scores, tl.broadcast_to(rows[None, :], (BLOCK_N, BLOCK_K)))
         block_best = tl.topk(packed, K)
         both = tl.reshape(tl.join(best, block_best), (BLOCK_N, 2 * K))
         best = tl.topk(both, K)
     return best
-
-
-@triton.jit
-def _pk_topk_kernel(
-    q, keys, scores_out, indices_out, n_tokens, heads, n_keys, knn,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr,
-):  # fmt: skip
-    head = tl.program_id(1)
-    tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    token_mask = tokens < n_tokens
-    best1 = _half_topk(q, keys, tokens, token_mask, head, 0, heads, n_keys, 0, n_keys,
-                       HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
-    best2 = _half_topk(q, keys, tokens, token_mask, head, 1, heads, n_keys, 0, n_keys,
-                       HALF, HALF_P, BLOCK_N, BLOCK_K, K, PRECISION)  # fmt: skip
-    _store_final(best1, best2, scores_out, indices_out, tokens, token_mask, head, heads,
-                 n_keys, knn, BLOCK_N, K, SOFTMAX)  # fmt: skip
 
 
 @triton.jit
@@ -109,8 +93,8 @@ def _split_topk_kernel(
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Small batches: each program scores one (head, half) against one slice of the
-    sub-keys, so a single token still spreads over many programs."""
+    """Each program scores one (head, half) of a token block against one slice of the
+    sub-keys and stores that slice's packed top-K."""
     head_half = tl.program_id(1)
     split = tl.program_id(2)
     tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -140,8 +124,12 @@ def _merge_splits_kernel(
                  n_keys, knn, BLOCK_N, K, SOFTMAX)  # fmt: skip
 
 
-# Below this many (token block, head) programs, the key scan is split across programs.
+# Below this many (token block, head) pairs, the sub-key scan is split across programs.
 _SPLIT_BELOW_PROGRAMS = 64
+# Bytes of sub-keys one scan step holds. 32 KB keeps the scan free of register spills and
+# its pipelined shared memory under an H100 block's 227 KB (ptxas for sm_90, Triton 3.6:
+# fp32 at 64 KB spilled 6 KB a thread; bf16 at 64 KB spilled too).
+_KEY_TILE_BYTES = 32 * 1024
 
 
 def pk_topk(
@@ -157,31 +145,26 @@ def pk_topk(
     if n == 0:
         return scores, indices
     k = triton.next_power_of_2(knn)
-    if n < 16:  # decode: one block of exactly the tokens there are, scored without tl.dot
-        block_n = triton.next_power_of_2(n)
-        block_k = max(k, 16, min(32, triton.next_power_of_2(n_keys)))
-    else:
-        block_n = 16
-        block_k = max(k, 16, min(128, triton.next_power_of_2(n_keys)))
-    shape = dict(HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
-                 BLOCK_K=block_k, K=k)  # fmt: skip
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    half_p = max(16, triton.next_power_of_2(half))
+    # 16 tokens a scan program, tl.dot's minimum rows before Triton 3.5 (a decode token
+    # fills one; the matrix unit's tile has 16 rows or more anyway). Decode scans in narrow
+    # steps, so its slices stay short.
+    block_n, widest = 16, (32 if n < 16 else 128)
+    fits = _KEY_TILE_BYTES // (half_p * q.element_size())
+    block_k = max(k, 16, min(widest, fits, triton.next_power_of_2(n_keys)))
     token_blocks = triton.cdiv(n, block_n)
-    splits = min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k)))
-    if token_blocks * heads >= _SPLIT_BELOW_PROGRAMS or splits == 1:
-        _pk_topk_kernel[(token_blocks, heads)](
-            q, keys, scores, indices, n, heads, n_keys, knn, PRECISION=precision,
-            SOFTMAX=softmax, **shape,
-        )  # fmt: skip
-        return scores, indices
+    splits = 1
+    if token_blocks * heads < _SPLIT_BELOW_PROGRAMS:
+        splits = min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k)))
     keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_k) * block_k
     partial = torch.empty(n, heads, 2, splits, k, dtype=torch.int64, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_topk_kernel[(token_blocks, heads * 2, splits)](
-        q, keys, partial, n, heads, n_keys, keys_per_split, SPLITS=splits,
-        PRECISION=precision, **shape,
+        q, keys, partial, n, heads, n_keys, keys_per_split, HALF=half, HALF_P=half_p,
+        BLOCK_N=block_n, BLOCK_K=block_k, K=k, SPLITS=splits, PRECISION=precision,
     )  # fmt: skip
-    _merge_splits_kernel[(token_blocks, heads)](
-        partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=block_n, K=k, SPLITS=splits,
+    _merge_splits_kernel[(n, heads)](
+        partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=1, K=k, SPLITS=splits,
         SOFTMAX=softmax,
     )  # fmt: skip
     return scores, indices

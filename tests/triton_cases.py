@@ -135,12 +135,12 @@ def test_pk_topk_matches_the_reference(n, heads, n_keys, k_dim, knn, dtype):
     assert (scores[..., :-1] >= scores[..., 1:]).all()
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split-keys", "one-program-per-head"])
+@pytest.mark.parametrize("split", [True, False], ids=["split-keys", "one-slice"])
 @pytest.mark.parametrize(("n", "knn"), [(1, 4), (19, 8)])
 def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, split, n, knn):
     from memcompile.kernels import triton_topk
 
-    # Force the path: small batches split each key scan over programs, large ones do not.
+    # Force the path: small batches split each sub-key scan over slices, large ones do not.
     monkeypatch.setattr(triton_topk, "_SPLIT_BELOW_PROGRAMS", 10**9 if split else 0)
     g = torch.Generator().manual_seed(n)
     q = _rand(n, 2, 32, generator=g)
