@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing_layer import memory_layer_for_timing
 from torch import nn
 
 import memcompile
-from memcompile.runtime import MemoryConfig, MemoryLayer, offload_values
+from memcompile.runtime import MemoryConfig, offload_values
 
 
 class SwiGLU(nn.Module):
@@ -73,7 +74,7 @@ def time_cuda(fn, x, graph: bool) -> float:
 
 def layer_rows(device, d, n_keys, dtype, token_counts):
     config = MemoryConfig(mem_size=n_keys**2, heads=4, knn=32, k_dim=512).resolve(d)
-    memory = MemoryLayer(d, d, config, device=device, dtype=dtype).eval()
+    memory = memory_layer_for_timing(d, config, device, dtype).eval()
     dense = SwiGLU(d).to(device, dtype).eval()
     rows = []
     for tokens in token_counts:

@@ -70,8 +70,10 @@ def torch_lookup(values, indices, weights):
 
 
 def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
+    from timing_layer import memory_layer_for_timing
+
     from memcompile.kernels import cuda, ops, reference
-    from memcompile.runtime import MemoryConfig, MemoryLayer
+    from memcompile.runtime import MemoryConfig
 
     dev, dt = "cuda", torch.bfloat16
     rows_total, picks = n_keys**2, HEADS * KNN
@@ -134,7 +136,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     d = v_dim
     config = MemoryConfig(mem_size=rows_total, heads=HEADS, knn=KNN, k_dim=2 * HALF,
                           v_dim=v_dim).resolve(d)  # fmt: skip
-    layer = MemoryLayer(d, d, config, device=dev, dtype=dt)
+    layer = memory_layer_for_timing(d, config, dev, dt)
     x = torch.randn(tokens, d, device=dev, generator=g).to(dt).requires_grad_()
     gy = torch.randn(tokens, d, device=dev, generator=g).to(dt)
 

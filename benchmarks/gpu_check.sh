@@ -13,8 +13,11 @@ cp -r memcompile "$pkg/memcompile"
 for sub in passes kernels runtime; do cp -r "$sub" "$pkg/memcompile/$sub"; done
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
-python benchmarks/kernel_check.py --json "$out/kernel_check.json"
-python benchmarks/bench_kernels.py --out "$out" | tee "$out/bench_kernels.md"
+# Each step reports and the next one still runs: one failure must not end a short GPU session.
+python benchmarks/kernel_check.py --json "$out/kernel_check.json" \
+  || echo "kernel_check.py FAILED: see the FAIL lines above"
+python benchmarks/bench_kernels.py --out "$out" | tee "$out/bench_kernels.md" \
+  || echo "bench_kernels.py failed"
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 python benchmarks/bench_inference.py --skip-cpu --out "$out" | tee "$out/bench_inference.md" \
   || echo "bench_inference.py failed (kernel results above are still valid)"
