@@ -1,0 +1,52 @@
+"""benchmarks/compile_check.py: every Triton kernel variant of the GPU runs compiles for an
+H100 (sm_90) on this CPU machine and fits its shared memory; a variant that does not fit is
+reported as failing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+KERNELS = {
+    "_bag_forward_kernel", "_bag_backward_kernel", "_split_topk_kernel", "_merge_splits_kernel",
+    "_update_kernel", "_row_sq_kernel", "_weight_grad_kernel",
+}  # fmt: skip
+
+
+def test_every_variant_of_the_gpu_runs_compiles_for_sm90_and_fits(tmp_path):
+    out = tmp_path / "compile.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_check.py"), "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert {v["kernel"] for v in variants} == KERNELS
+    for v in variants:
+        assert v["ok"] and 0 < v["registers"] <= 255, v
+        assert v["shared_bytes"] <= 232448, v
+    # The decode and training shapes pick different tiles: both were compiled.
+    forward_tiles = {
+        v["constexprs"]["BLOCK_V"] for v in variants if v["kernel"] == "_bag_forward_kernel"
+    }
+    assert {64, 256} <= forward_tiles
+
+
+def test_a_variant_over_the_shared_memory_limit_fails_the_check():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import compile_check
+
+        from memcompile.kernels import triton_topk
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # fp32 sub-keys 512 wide in steps of 128 rows: 256 KB a step, pipelined.
+    types = {"q": "*fp32", "keys": "*fp32", "partial": "*i64", "n_tokens": "i32", "heads": "i32",
+             "n_keys": "i32", "keys_per_split": "i32"}  # fmt: skip
+    constexprs = {"HALF": 512, "HALF_P": 512, "BLOCK_N": 16, "BLOCK_K": 128, "K": 32, "SPLITS": 1,
+                  "PRECISION": "ieee"}  # fmt: skip
+    row = compile_check.compile_variant(triton_topk._split_topk_kernel, types, constexprs, {})
+    assert "error" not in row and row["shared_bytes"] > compile_check.H100_SHARED_BYTES, row
