@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_shapes import HALF, HEADS, INFERENCE, INFERENCE_TOKENS, KNN
 from timing_layer import memory_layer_for_timing
 from torch import nn
 
@@ -73,7 +74,7 @@ def time_cuda(fn, x, graph: bool) -> float:
 
 
 def layer_rows(device, d, n_keys, dtype, token_counts):
-    config = MemoryConfig(mem_size=n_keys**2, heads=4, knn=32, k_dim=512).resolve(d)
+    config = MemoryConfig(mem_size=n_keys**2, heads=HEADS, knn=KNN, k_dim=2 * HALF).resolve(d)
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
     dense = SwiGLU(d).to(device, dtype).eval()
     rows = []
@@ -150,7 +151,7 @@ def decode_rows(device, dtype, new_tokens=32):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="1,8,64,512,4096")
+    parser.add_argument("--tokens", default=",".join(map(str, INFERENCE_TOKENS)))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
@@ -163,7 +164,8 @@ def main() -> int:
         layers += layer_rows("cpu", 1024, 512, torch.float32, counts)
         decode += decode_rows("cpu", torch.float32)
     if torch.cuda.is_available():
-        layers += layer_rows("cuda", 2048, 1024, torch.bfloat16, counts)
+        d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
+        layers += layer_rows("cuda", d, n_keys, torch.bfloat16, counts)
         decode += decode_rows("cuda", torch.bfloat16)
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "

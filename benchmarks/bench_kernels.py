@@ -28,12 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-CONFIGS = {
-    "small": dict(tokens=8192, n_keys=512, v_dim=1024),
-    "1.3B": dict(tokens=16384, n_keys=1024, v_dim=2048),
-}
-HEADS, KNN, HALF = 4, 32, 256
+from gpu_shapes import HALF, HEADS, KNN, TRAINING
 
 
 def bench(fn) -> float:
@@ -268,10 +263,10 @@ def main() -> int:
     rows = check_fused_update() if "values" in sections else []
     for name in args.configs.split(","):
         if "kernels" in sections:
-            rows += run_config(name, **CONFIGS[name], copy_bw=copy_bw)
+            rows += run_config(name, **TRAINING[name], copy_bw=copy_bw)
             torch.cuda.empty_cache()
         if "values" in sections:
-            rows += values_step(name, **CONFIGS[name])
+            rows += values_step(name, **TRAINING[name])
             torch.cuda.empty_cache()
     result = {
         "benchmark": "kernels",

@@ -2,12 +2,15 @@
 
 The launchers in kernels/triton_*.py run on meta tensors at the shapes of the benchmarks
 and of kernel_check.py; each kernel launch is recorded instead of run. Each distinct
-variant (kernel, argument types, constexprs, warps) is then compiled for sm_90 by the
-installed Triton; cuobjdump reads registers and stack bytes (spills) per thread off it.
-The check fails (exit 1) when a variant does not compile or needs more shared memory than
-an H100 block may have (227 KB): found here that costs seconds, found in a GPU session it
-costs minutes of a short lease. Spills are reported, not failed. The numbers are those of
-the installed Triton; the GPU machine's may differ (Triton 3.6 spilled where 3.9 did not).
+variant is bound as Triton binds a launch (argument types, 16-byte alignment and
+divisibility, constant 1s, options) and compiled for sm_90 by the installed Triton;
+cuobjdump reads registers and stack bytes (spills) per thread off the binary. The check
+fails (exit 1) when a variant does not compile or needs more shared memory than an H100
+block may have (227 KB): found here that costs seconds, found in a GPU session it costs
+minutes of a short lease. Spills are reported, not failed. The figures are those of the
+installed Triton (the GPU machine's 3.6 spilled where 3.9 does not); the binding uses
+Triton's own launch helpers (`create_function_from_signature`, `JITFunction._pack_args`,
+as of Triton 3.9).
 
     python benchmarks/compile_check.py [--quick] [--json OUT.json]
 """
@@ -26,32 +29,36 @@ from pathlib import Path
 
 import torch
 import triton
+from gpu_shapes import (
+    CHECK_BAG,
+    CHECK_LOOKUP,
+    CHECK_TOPK,
+    HALF,
+    HEADS,
+    INFERENCE,
+    INFERENCE_TOKENS,
+    KNN,
+    TRAINING,
+)  # fmt: skip
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from memcompile.kernels import triton_bag, triton_topk, triton_update
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # the opt-in maximum of one block
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 
 
 def record_launches(launch) -> list[tuple]:
     """Run `launch()` with every Triton kernel launch recorded, not run: a list of
-    (kernel, {argument: type}, {constexpr: value}, {option: value})."""
+    (kernel, args, kwargs)."""
     seen = []
 
     def run(self, *args, grid, warmup, **kwargs):
-        bound = dict(zip(self.arg_names, args))
-        bound.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
-        constexprs = {self.arg_names[i]: bound[self.arg_names[i]] for i in self.constexprs}
-        types = {name: _type_of(value) for name, value in bound.items() if name not in constexprs}
-        options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-        seen.append((self, types, constexprs, options))
+        seen.append((self, args, kwargs))
 
     real = JITFunction.run
     JITFunction.run = run
@@ -62,31 +69,43 @@ def record_launches(launch) -> list[tuple]:
     return seen
 
 
-def _type_of(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
+def bind(kernel: JITFunction, args, kwargs) -> tuple[ASTSource, dict]:
+    """(source, options) of the binary Triton would build for this launch on an H100."""
+    backend = make_backend(H100)
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
-def compile_variant(kernel, types, constexprs, options) -> dict:
-    signature = {name: ("constexpr" if name in constexprs else types[name])
-                 for name in kernel.arg_names}  # fmt: skip
-    row = {"kernel": kernel.__name__, "constexprs": constexprs, "options": options}
+def compile_variant(kernel: JITFunction, args, kwargs) -> dict:
+    source, options = bind(kernel, args, kwargs)
+    names = [p.name for p in kernel.params]
+    constexprs = {names[path[0]]: value for path, value in source.constants.items()}
+    row = {"kernel": kernel.__name__, "constexprs": constexprs,
+           "types": {k: v for k, v in source.signature.items() if v != "constexpr"},
+           "num_warps": options["num_warps"], "num_stages": options["num_stages"]}  # fmt: skip
     start = time.perf_counter()
     try:
-        compiled = triton_compile(ASTSource(kernel, signature, constexprs), target=H100,
-                                  options=options)  # fmt: skip
+        compiled = triton_compile(source, target=H100, options=options)
     except Exception as error:  # a variant that cannot compile is the finding
         return row | {"error": f"{type(error).__name__}: {str(error)[:500]}"}
     row["compile_s"] = round(time.perf_counter() - start, 2)
     row["shared_bytes"] = compiled.metadata.shared
     row.update(_resource_usage(compiled.asm["cubin"]))
+    return row
+
+
+def check_variant(kernel: JITFunction, args, kwargs) -> dict:
+    """compile_variant's row with `ok`: it compiled and fits an H100 block's shared memory."""
+    row = compile_variant(kernel, args, kwargs)
+    row["ok"] = "error" not in row and row["shared_bytes"] <= H100_SHARED_BYTES
     return row
 
 
@@ -107,38 +126,23 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def launches(quick: bool) -> list:
-    """The launches of the GPU runs: bench_kernels (small and 1.3B-like, heads 4, knn 32,
-    k_dim 512), bench_inference (decode and prefill at d_model 2048), kernel_check."""
-    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
-    heads, knn, half = 4, 32, 256
-    bags = [(16384, 1024**2, 2048), (8192, 512**2, 1024)]
-    if not quick:
-        bags += [(1, 1024**2, 2048), (8, 1024**2, 2048), (64, 1024**2, 2048), (1000, 4096, 320)]
-    tokens = [1, 16384] if quick else [1, 8, 64, 777, 4096, 16384]
-    found = []
-    for dtype in dtypes:
-        for n, rows, v_dim in bags:
-            values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
-            indices, weights = meta(n, heads * knn, dtype=torch.int64), meta(n, heads * knn)
-            found += record_launches(partial(triton_bag.bag_forward, values, indices, weights))
-            if n > 64:
-                backward = partial(triton_bag.bag_backward, grad, values, indices, weights)
-                found += record_launches(backward)
-        for n in tokens:
-            q = meta(n, heads, 2 * half, dtype=dtype)
-            keys = meta(heads, 2, 1024, half, dtype=dtype)
-            for softmax in (False, True):
-                found += record_launches(partial(triton_topk.pk_topk, q, keys, knn, softmax))
-        found += update_launches(dtype)
+def bag_launches(n, picks, rows, v_dim, dtype, backward: bool) -> list:
+    values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
+    indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
+    found = record_launches(partial(triton_bag.bag_forward, values, indices, weights))
+    if backward:
+        found += record_launches(partial(triton_bag.bag_backward, grad, values, indices, weights))
     return found
 
 
-def update_launches(dtype: torch.dtype) -> list:
-    n, rows, v_dim, picks = 16384, 1024**2, 2048, 128
+def topk_launches(n, heads, n_keys, k_dim, knn, dtype, softmax: bool) -> list:
+    q, keys = meta(n, heads, k_dim, dtype=dtype), meta(heads, 2, n_keys, k_dim // 2, dtype=dtype)
+    return record_launches(partial(triton_topk.pk_topk, q, keys, knn, softmax))
+
+
+def update_launches(n, rows, v_dim, picks, dtype) -> list:
     values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
-    indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
-    state = meta(rows, v_dim)
+    indices, weights, state = meta(n, picks, dtype=torch.int64), meta(n, picks), meta(rows, v_dim)
     found = record_launches(partial(triton_update.bag_weight_grad, grad, values, indices))
     found += record_launches(partial(triton_update.row_grad_sq, values, indices, weights, grad))
     for optimizer in ("adam", "rowwise_adagrad"):
@@ -151,29 +155,60 @@ def update_launches(dtype: torch.dtype) -> list:
     return found
 
 
+def launches(quick: bool) -> list:
+    """The launches of the GPU runs (benchmarks/gpu_shapes.py): bench_kernels' training
+    configs (bag, top-k, fused updates), bench_inference's lookups, kernel_check's shapes in
+    every dtype, and the largest top-k the CUDA dispatcher sends to Triton."""
+    bf16, picks, k_dim = torch.bfloat16, HEADS * KNN, 2 * HALF
+    found = []
+    for c in TRAINING.values():
+        rows = c["n_keys"] ** 2
+        found += bag_launches(c["tokens"], picks, rows, c["v_dim"], bf16, backward=True)
+        found += topk_launches(c["tokens"], HEADS, c["n_keys"], k_dim, KNN, bf16, softmax=False)
+        for dtype in (bf16, torch.float32):  # the values step times both tables
+            found += update_launches(c["tokens"], rows, c["v_dim"], picks, dtype)
+    d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
+    for n in INFERENCE_TOKENS:
+        found += topk_launches(n, HEADS, n_keys, k_dim, KNN, bf16, softmax=True)
+        found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False)
+    if quick:
+        return found
+    for dtype in (bf16, torch.float16, torch.float32):
+        for shape in CHECK_BAG:
+            found += bag_launches(*shape, dtype, backward=True)
+        for shape in CHECK_TOPK:
+            found += topk_launches(*shape, dtype, softmax=False)
+        for n, heads, n_keys, k_dim_, knn, v_dim in CHECK_LOOKUP:
+            found += topk_launches(n, heads, n_keys, k_dim_, knn, dtype, softmax=True)
+            found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, backward=False)
+        for n in (1, 4096):  # knn 64 at the widest half the dispatcher allows for the dtype
+            half = 256 if dtype == torch.float32 else 512
+            found += topk_launches(n, HEADS, 1024, 2 * half, 64, dtype, softmax=True)
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bf16 at the benchmark sizes only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     variants = {}
-    for kernel, types, constexprs, options in launches(args.quick):
-        key = (kernel.__name__, tuple(sorted(types.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))  # fmt: skip
-        variants.setdefault(key, (kernel, types, constexprs, options))
+    for kernel, args_, kwargs in launches(args.quick):
+        source, options = bind(kernel, args_, kwargs)
+        key = (kernel.__name__, repr(source.signature), repr(source.constants),
+               repr(source.attrs), repr(sorted(options.items())))  # fmt: skip
+        variants.setdefault(key, (kernel, args_, kwargs))
     rows, failed = [], False
-    for kernel, types, constexprs, options in variants.values():
-        row = compile_variant(kernel, types, constexprs, options)
-        row["types"] = types
-        row["ok"] = "error" not in row and row["shared_bytes"] <= H100_SHARED_BYTES
+    for kernel, args_, kwargs in variants.values():
+        row = check_variant(kernel, args_, kwargs)
         failed |= not row["ok"]
         rows.append(row)
         shown = row.get("error") or (
             f"shared {row['shared_bytes'] / 1024:.0f} KB, {row['registers']} registers, "
             f"{row['stack_bytes']} B stack"
         )
-        consts = " ".join(f"{k}={v}" for k, v in constexprs.items())
-        data = next(t for t in types.values() if t.startswith("*fp") or t.startswith("*bf"))
+        data = next(t for t in row["types"].values() if t[:3] in ("*fp", "*bf"))
+        consts = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['kernel']} {data} [{consts}] {shown}",
               flush=True)  # fmt: skip
     if args.json:

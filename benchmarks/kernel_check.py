@@ -23,6 +23,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import gpu_shapes  # noqa: E402
+
 from memcompile.kernels import cuda, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,15 +127,9 @@ def main() -> int:
     parser.add_argument("--json", type=str)
     args = parser.parse_args()
     big = DEVICE == "cuda"
-    bag_shapes = [(4096, 128, 65536, 1024), (1000, 128, 4096, 320)] if big else [(6, 16, 64, 96)]
-    topk_shapes = (
-        [(4096, 4, 512, 512, 32), (777, 4, 1024, 256, 16)] if big else [(20, 2, 40, 32, 4)]
-    )
-    lookup_shapes = (
-        [(1, 4, 1024, 512, 32, 2048), (8, 4, 1024, 512, 32, 2048), (64, 4, 512, 256, 16, 1000)]
-        if big
-        else [(1, 2, 40, 32, 8, 96)]
-    )
+    bag_shapes = gpu_shapes.CHECK_BAG if big else [(6, 16, 64, 96)]
+    topk_shapes = gpu_shapes.CHECK_TOPK if big else [(20, 2, 40, 32, 4)]
+    lookup_shapes = gpu_shapes.CHECK_LOOKUP if big else [(1, 2, 40, 32, 8, 96)]
     checks = []
     for dtype in TOLERANCE:
         if DEVICE == "cpu" and dtype == torch.bfloat16:

@@ -44,16 +44,20 @@ def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
 
 
 def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
+    from . import triton_topk
+
     # Large knn would need (2**ceil(log2 knn))**2 candidates per token in registers.
-    return q.dtype in _TRITON_DTYPES and keys.shape[2] <= 2**16 and knn <= 64
+    if q.dtype not in _TRITON_DTYPES or keys.shape[2] > 2**16 or knn > 64:
+        return False
+    return triton_topk.supports(keys.shape[3], knn, q.element_size())
 
 
 def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int):
     from . import triton_bag, triton_topk
 
-    # Host values that are not pinned cannot be read by the GPU: the reference sums them on
-    # the host.
-    readable = values.device == q.device or values.is_pinned()
+    # Host values that are not pinned (or not contiguous: a copy would not be pinned) cannot
+    # be read by the GPU: the reference sums them on the host.
+    readable = values.device == q.device or (values.is_pinned() and values.is_contiguous())
     if not (_triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES and readable):
         return reference.pk_lookup(q, keys, values, knn)
     picks = q.shape[1] * knn

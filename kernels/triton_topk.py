@@ -9,10 +9,10 @@ scan all sub-keys in one slice.
 
 Merge: one program per (token, head) takes each half's top-K over the slices, then the
 K x K candidate sums and their top-K. One token per merge program keeps the K x K sort
-in registers (no spills at K = 64). K is knn rounded up to a power of two (tl.topk's
-requirement); the extra candidates never change the exact top-knn. With `softmax=True` the
-merge stores each head's softmax over its knn scores instead (the lookup's weights), which
-saves the inference path a launch.
+in registers (no spills at K = 32, about 100 bytes a thread at K = 64). K is knn rounded
+up to a power of two (tl.topk's requirement); the extra candidates never change the exact
+top-knn. With `softmax=True` the merge stores each head's softmax over its knn scores
+instead (the lookup's weights), which saves the inference path a launch.
 """
 
 from __future__ import annotations
@@ -128,8 +128,17 @@ def _merge_splits_kernel(
 _SPLIT_BELOW_PROGRAMS = 64
 # Bytes of sub-keys one scan step holds. 32 KB keeps the scan free of register spills and
 # its pipelined shared memory under an H100 block's 227 KB (ptxas for sm_90, Triton 3.6:
-# fp32 at 64 KB spilled 6 KB a thread; bf16 at 64 KB spilled too).
+# fp32 at 64 KB spilled 6 KB a thread; bf16 at 64 KB spilled too). A step holds at least K
+# sub-keys: past 64 KB (fp32, half width 512, knn 64: 288 KB of shared memory) it no
+# longer fits, and `supports` sends the shape to the reference.
 _KEY_TILE_BYTES = 32 * 1024
+_MAX_KEY_TILE_BYTES = 64 * 1024
+
+
+def supports(half: int, knn: int, element_size: int) -> bool:
+    """Whether the scan's smallest step (K sub-keys of `half` elements) fits."""
+    k = max(16, triton.next_power_of_2(knn))
+    return k * max(16, triton.next_power_of_2(half)) * element_size <= _MAX_KEY_TILE_BYTES
 
 
 def pk_topk(

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..kernels import ops
 from .config import MemoryConfig
+from .errors import MemcompileError
 from .init import POOL_SEED_TAG, ValuesInit, derive_seed, normal_, uniform_
 
 # Sub-stream tags of a layer's seed, one per parameter.
@@ -145,6 +146,11 @@ class MemoryLayer(nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q)
         values = self.value_table
+        if values.is_meta and not q.is_meta:
+            raise MemcompileError(
+                "this MemoryLayer's value table is not built yet (lazy init, on the meta "
+                "device): call memcompile.runtime.materialize_values(model) first"
+            )
         bag_impl = self.values_owner.bag_impl
         if bag_impl is None and not _needs_separate_ops(q, self.keys, values):
             # Inference: one op, which a backend fuses (top-k with softmax, then the bag; on

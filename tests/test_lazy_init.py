@@ -88,3 +88,14 @@ def test_cli_lazy_init_stores_the_recipe_and_loads_the_same_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(LLAMA.logits(from_lazy, ids), LLAMA.logits(from_eager, ids))
     assert memcompile.load(lazy_out, materialize=False).memcompile_pool.values.is_meta
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_a_table_not_built_yet_is_refused_with_the_fix(grad):
+    layer = MemoryLayer(8, 8, MemoryConfig(mem_size=16, heads=2, knn=3, k_dim=6), lazy_values=True)
+    with torch.set_grad_enabled(grad), pytest.raises(memcompile.MemcompileError) as error:
+        layer(torch.randn(2, 8))
+    assert "materialize_values" in str(error.value) and "\n" not in str(error.value)
+    materialize_values(layer)
+    with torch.set_grad_enabled(grad):
+        assert torch.isfinite(layer(torch.randn(2, 8))).all()

@@ -157,6 +157,7 @@ LOOKUP_CASES = [
     (1, 2, 40, 8, 96),
     (3, 3, 300, 1, 320),
     (19, 2, 16, 4, 96),
+    (2, 2, 40, 3, 96),  # knn below K = 4: the padded slot must get no weight
     (0, 2, 16, 4, 96),
 ]
 
@@ -176,8 +177,11 @@ def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype)
         from memcompile.kernels import triton_topk
 
         probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
-        full = _all_pair_scores(q.double().cpu(), keys.double().cpu()).gather(-1, indices.cpu())
-        torch.testing.assert_close(probs.cpu().double(), torch.softmax(full, -1), rtol=1e-2,
+        all_pairs = _all_pair_scores(q.double().cpu(), keys.double().cpu())
+        picked = all_pairs.gather(-1, indices.cpu())
+        best = all_pairs.topk(knn, dim=-1).values  # the picks are true top-knn keys
+        torch.testing.assert_close(picked, best, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(probs.cpu().double(), torch.softmax(picked, -1), rtol=1e-2,
                                    atol=1e-2)  # fmt: skip
         picks = heads * knn
         want = reference.bag(
