@@ -84,8 +84,8 @@ def bind(kernel: JITFunction, args, kwargs) -> tuple[ASTSource, dict]:
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
-def compile_variant(kernel: JITFunction, args, kwargs) -> dict:
-    source, options = bind(kernel, args, kwargs)
+def compile_variant(kernel: JITFunction, source: ASTSource, options: dict) -> dict:
+    """Compile one bound launch (`bind`) for an H100; its resources, or the error."""
     names = [p.name for p in kernel.params]
     constexprs = {names[path[0]]: value for path, value in source.constants.items()}
     row = {"kernel": kernel.__name__, "constexprs": constexprs,
@@ -102,9 +102,9 @@ def compile_variant(kernel: JITFunction, args, kwargs) -> dict:
     return row
 
 
-def check_variant(kernel: JITFunction, args, kwargs) -> dict:
+def check_variant(kernel: JITFunction, source: ASTSource, options: dict) -> dict:
     """compile_variant's row with `ok`: it compiled and fits an H100 block's shared memory."""
-    row = compile_variant(kernel, args, kwargs)
+    row = compile_variant(kernel, source, options)
     row["ok"] = "error" not in row and row["shared_bytes"] <= H100_SHARED_BYTES
     return row
 
@@ -197,10 +197,10 @@ def main() -> int:
         source, options = bind(kernel, args_, kwargs)
         key = (kernel.__name__, repr(source.signature), repr(source.constants),
                repr(source.attrs), repr(sorted(options.items())))  # fmt: skip
-        variants.setdefault(key, (kernel, args_, kwargs))
+        variants.setdefault(key, (kernel, source, options))
     rows, failed = [], False
-    for kernel, args_, kwargs in variants.values():
-        row = check_variant(kernel, args_, kwargs)
+    for kernel, source, options in variants.values():
+        row = check_variant(kernel, source, options)
         failed |= not row["ok"]
         rows.append(row)
         shown = row.get("error") or (

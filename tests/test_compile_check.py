@@ -54,6 +54,7 @@ def test_a_variant_over_the_shared_memory_limit_fails_the_check():
     constexprs = dict(HALF=512, HALF_P=512, BLOCK_N=16, BLOCK_K=128, K=32, SPLITS=1,
                       PRECISION="ieee")  # fmt: skip
     args = (q, keys, partial, 64, 4, 1024, 1024)
-    row = compile_check.check_variant(triton_topk._split_topk_kernel, args, constexprs)
+    kernel = triton_topk._split_topk_kernel
+    row = compile_check.check_variant(kernel, *compile_check.bind(kernel, args, constexprs))
     assert not row["ok"] and row["shared_bytes"] > compile_check.H100_SHARED_BYTES, row
     assert not triton_topk.supports(512, 64, 4) and triton_topk.supports(256, 64, 4)
