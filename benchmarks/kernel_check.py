@@ -73,6 +73,14 @@ def check_bag(dtype, n, picks, rows, v_dim) -> dict:
             "grad_weights": rel_error(grad_weights, ref_gw)}  # fmt: skip
 
 
+def scores_of_picks(q64: torch.Tensor, k64: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The float64 scores of the full keys `indices` picked (rows i * n_keys + j)."""
+    half, n_keys = k64.shape[3], k64.shape[2]
+    s1 = torch.einsum("nhd,hkd->nhk", q64[..., :half], k64[:, 0])
+    s2 = torch.einsum("nhd,hkd->nhk", q64[..., half:], k64[:, 1])
+    return s1.gather(-1, indices // n_keys) + s2.gather(-1, indices % n_keys)
+
+
 def check_pk_topk(dtype, n, heads, n_keys, k_dim, knn) -> dict:
     g = generator(1)
     q = randn(n, heads, k_dim, generator=g, dtype=dtype)
@@ -81,12 +89,7 @@ def check_pk_topk(dtype, n, heads, n_keys, k_dim, knn) -> dict:
     scores, indices = cuda.pk_topk_cuda(q, keys, knn)
     q64, k64 = q.double().cpu(), keys.double().cpu()
     ref_scores, _ = reference.pk_topk(q64, k64, knn)
-    half = k_dim // 2
-    s1 = torch.einsum("nhd,hkd->nhk", q64[..., :half], k64[:, 0])
-    s2 = torch.einsum("nhd,hkd->nhk", q64[..., half:], k64[:, 1])
-    true_scores_of_picks = s1.gather(-1, indices.cpu() // n_keys) + s2.gather(
-        -1, indices.cpu() % n_keys
-    )
+    true_scores_of_picks = scores_of_picks(q64, k64, indices.cpu())
     return {"op": "pk_topk", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn],
             "scores": rel_error(scores, ref_scores),
             "picked_vs_best": rel_error(true_scores_of_picks, ref_scores)}  # fmt: skip
@@ -103,10 +106,7 @@ def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
     out = cuda.pk_lookup_cuda(q, keys, values, knn)
     probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)  # the same picks
     q64, k64 = q.double(), keys.double()
-    half = k_dim // 2
-    s1 = torch.einsum("nhd,hkd->nhk", q64[..., :half], k64[:, 0])
-    s2 = torch.einsum("nhd,hkd->nhk", q64[..., half:], k64[:, 1])
-    picked = s1.gather(-1, indices // n_keys) + s2.gather(-1, indices % n_keys)
+    picked = scores_of_picks(q64, k64, indices)
     ref_probs = torch.softmax(picked, -1)
     rows = values[indices.view(n, -1)].double()  # (n, heads*knn, v_dim), gathered on device
     ref = torch.einsum("np,npd->nd", ref_probs.view(n, -1), rows)
