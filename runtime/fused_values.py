@@ -23,6 +23,9 @@ Semantics:
   columns and the plan's shard group (every rank of it sees every pick). Row-wise Adagrad
   (and clipping) all-reduce the per-row squared gradient norms, (rows,) float32 in a fixed
   layout, once per step.
+- Learning-rate schedules: `lr_lambda(k)` scales the lr of update k (0-based), as
+  `torch.optim.lr_scheduler.LambdaLR` stepped after each `optimizer.step()` scales the
+  user's optimizer: give both the same function. Weight decay decays with the scheduled lr.
 - Not with `retain_graph` double backward through one step (values change in place), nor
   inside torch.compile graphs (the update is Python-side: the lookup graph-breaks).
 """
@@ -30,6 +33,8 @@ Semantics:
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -125,6 +130,7 @@ class FusedTable:
         *,
         process_group: dist.ProcessGroup | None = None,
         seed: int = 0,
+        lr_lambda: Callable[[int], float] | None = None,
     ) -> None:
         if values.is_meta:
             raise MemcompileError(
@@ -134,6 +140,7 @@ class FusedTable:
         if values.dim() != 2:
             raise MemcompileError(f"a value table is (rows, v_dim), got {tuple(values.shape)}")
         self.values, self.optimizer, self.seed = values, optimizer, seed
+        self.lr_lambda = lr_lambda
         self.process_group = process_group
         acc = fused_ops.accumulation_dtype(values.dtype)
         shape_a, shape_b = fused_ops.state_shapes(optimizer.name, tuple(values.shape))
@@ -157,6 +164,19 @@ class FusedTable:
 
     def __call__(self, values, indices, weights) -> torch.Tensor:
         return self.bag(values, indices, weights)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next update: `optimizer.lr * lr_lambda(step)`."""
+        if self.lr_lambda is None:
+            return self.optimizer.lr
+        factor = self.lr_lambda(self.step)
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+            raise MemcompileError(
+                f"lr_lambda({self.step}) returned {factor!r}: it must return a finite "
+                "number >= 0 (the factor of the value lr at that update)"
+            )
+        return self.optimizer.lr * factor
 
     def note_lookup(self, values: torch.Tensor, weights: torch.Tensor) -> None:
         """Count a lookup that will reach `backward_step` (how readers share one step)."""
@@ -217,7 +237,7 @@ class FusedTable:
                     "gradient accumulation pass accumulation_steps=k to fuse_value_updates"
                 )
             self._counter_mark = counter.steps
-        opt = self.optimizer
+        opt, lr = self.optimizer, self.lr
         row_sq = scale = None
         if opt.max_grad_norm is not None or (
             self.process_group is not None and opt.name == "rowwise_adagrad"
@@ -235,7 +255,7 @@ class FusedTable:
         self._forwards = 0
         grad_w = fused_ops.fused_row_update(
             self.values, self._state_a, self._state_b, indices, weights, grad_out, row_sq,
-            scale, opt.name, opt.lr, opt.eps, opt.betas[0], opt.betas[1], opt.weight_decay,
+            scale, opt.name, lr, opt.eps, opt.betas[0], opt.betas[1], opt.weight_decay,
             self.width, self.step, fused_ops.mix_seed(self.seed, self.step),
             opt.stochastic_rounding, want_weights,
         )  # fmt: skip
@@ -282,6 +302,11 @@ class FusedValueUpdates:
     @property
     def step(self) -> int:
         return self.tables[0].step
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next update (after `lr_lambda`)."""
+        return self.tables[0].lr
 
     def step_with(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an update before `optimizer` has stepped since the previous one."""
@@ -353,6 +378,7 @@ def fuse_value_updates(
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
     step_with: torch.optim.Optimizer | None = None,
+    lr_lambda: Callable[[int], float] | None = None,
 ) -> FusedValueUpdates:
     """Update every value table of `model` inside the backward pass (module docstring).
 
@@ -360,6 +386,8 @@ def fuse_value_updates(
     moments of the touched rows). Train the other parameters with your optimizer over
     `memcompile.param_groups(model, ...)`, which leaves fused tables out. Checkpoint
     `handle.state_dict()` beside the model's; `handle.remove()` undoes the fusion.
+    `lr_lambda`: a schedule, update k uses `lr * lr_lambda(k)` (the function you give
+    `LambdaLR` for the other parameters).
     """
     rule = ValueOptimizer(optimizer, lr, tuple(betas), eps, weight_decay, max_grad_norm,
                           accumulation_steps, stochastic_rounding)  # fmt: skip
@@ -374,12 +402,14 @@ def fuse_value_updates(
             )
     tables = []
     for i, owner in enumerate(owners):
-        if isinstance(owner.bag_impl, ShardedBag):  # a colwise table of apply_plan
-            shard = owner.values.to_local().detach()  # the rank's columns, same storage
-            table = FusedTable(shard, rule, process_group=owner.bag_impl.spec.group, seed=seed + i)
+        sharded = isinstance(owner.bag_impl, ShardedBag)  # a colwise table of apply_plan
+        # A shard: the rank's columns (same storage), stepped with its shard group.
+        values = owner.values.to_local().detach() if sharded else owner.values
+        group = owner.bag_impl.spec.group if sharded else process_group
+        table = FusedTable(values, rule, process_group=group, seed=seed + i, lr_lambda=lr_lambda)
+        if sharded:
             owner.bag_impl.fused = table
         else:
-            table = FusedTable(owner.values, rule, process_group=process_group, seed=seed + i)
             owner.bag_impl = table
         tables.append(table)
     handle = FusedValueUpdates(owners, tables)

@@ -111,6 +111,48 @@ def test_steps_match_the_float64_reference_and_untouched_rows_keep_everything(na
         _close(table.state["sum"], ref.sum)
 
 
+def _warmup_then_halve(k: int) -> float:
+    return min(1.0, (k + 1) / 3) * 0.5 ** max(0, k - 2)
+
+
+def test_lr_lambda_schedules_adam_as_lambda_lr_schedules_torch_adamw():
+    """Every row is read each step, so lazy Adam is AdamW: torch's, under LambdaLR."""
+    values = nn.Parameter(torch.randn(8, 6))
+    dense = nn.Parameter(values.detach().double().clone())
+    table = FusedTable(values, ValueOptimizer("adam", 0.05, weight_decay=0.1),
+                       lr_lambda=_warmup_then_halve)  # fmt: skip
+    adamw = torch.optim.AdamW([dense], lr=0.05, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(adamw, _warmup_then_halve)
+    for seed in range(6):
+        idx, w, go = _batch(8, 6, seed, n=4, picks=4)
+        idx[0] = torch.arange(4)
+        idx[1] = torch.arange(4, 8)
+        assert table.lr == pytest.approx(schedule.get_last_lr()[0])
+        _step(table, idx, w, go)
+        dense.grad = _dense(8, [(idx, w, go)])[0]
+        adamw.step()
+        schedule.step()
+        _close(values.detach(), dense.detach())
+
+
+def test_lr_lambda_scales_each_rowwise_adagrad_step_and_refuses_a_bad_factor():
+    values = nn.Parameter(torch.randn(40, 12))
+    table = FusedTable(values, ValueOptimizer("rowwise_adagrad", 0.05),
+                       lr_lambda=_warmup_then_halve)  # fmt: skip
+    ref = Reference(values, "rowwise_adagrad", 0.05)
+    for seed in range(5):
+        idx, w, go = _batch(40, 12, seed)
+        ref.lr = 0.05 * _warmup_then_halve(seed)
+        _step(table, idx, w, go)
+        ref.step(*_dense(40, [(idx, w, go)]))
+        _close(values.detach(), ref.w)
+    table.lr_lambda = lambda k: -1.0
+    before = values.detach().clone()
+    with pytest.raises(MemcompileError, match=r"lr_lambda\(5\) returned -1.0: it must return"):
+        _step(table, *_batch(40, 12, 9))
+    assert torch.equal(values.detach(), before) and table.step == 5
+
+
 def _pool_model():
     model = build(EXAMPLE)
     memcompile.transform(model, layers=[0, 2], **SMALL)  # one pool read by two layers
@@ -267,7 +309,9 @@ def test_resuming_from_state_dicts_gives_a_bit_identical_next_step(name, dtype, 
     def make():
         model = build(EXAMPLE)
         memcompile.transform(model, layers=[0, 2], dtype=dtype, **SMALL)
-        handle = memcompile.fuse_value_updates(model, name, 0.02, stochastic_rounding=rounding)
+        handle = memcompile.fuse_value_updates(
+            model, name, 0.02, stochastic_rounding=rounding, lr_lambda=lambda k: 1.0 / (k + 1)
+        )
         return model, handle, torch.optim.AdamW(memcompile.param_groups(model, 1e-3))
 
     def train(model, optimizer, seed):
@@ -292,7 +336,7 @@ def test_resuming_from_state_dicts_gives_a_bit_identical_next_step(name, dtype, 
     fresh.load_state_dict(saved["model"])
     fresh_handle.load_state_dict(saved["values_optimizer"])
     fresh_optimizer.load_state_dict(saved["optimizer"])
-    assert fresh_handle.step == 3
+    assert fresh_handle.step == 3 and fresh_handle.lr == pytest.approx(0.02 / 4)
     train(fresh, fresh_optimizer, 3)
     assert all(map(torch.equal, snapshot(model, handle), snapshot(fresh, fresh_handle)))
 
