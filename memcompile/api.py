@@ -83,6 +83,12 @@ def transform(
         config = replace(config, **options)
     if isinstance(layers, (int, str)):
         layers = [layers]
+    converted = {str(i) for step in getattr(model, RECIPE_ATTRIBUTE, []) for i in step["layers"]}
+    again = [str(layer) for layer in layers or () if str(layer) in converted]
+    if again:
+        raise MemcompileError(
+            f"layer {again[0]} is already a memory layer (converted earlier): choose other layers"
+        )
     params_before = count_parameters(model)
     state = TransformState(model, config, None if layers is None else list(layers))
     state.lazy_values = lazy_init

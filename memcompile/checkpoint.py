@@ -10,12 +10,11 @@ failed save leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,8 @@ from torch import nn
 
 from .api import RECIPE_ATTRIBUTE, transform
 from .runtime import MemcompileError, MemoryConfig, materialize_values
+from .runtime.errors import require
+from .runtime.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,15 @@ def load_trusted_pickle(path: Path, trust_pickle: bool, refusal: str):
     MemcompileError(refusal)."""
     if not trust_pickle:
         raise MemcompileError(refusal)
-    return torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle checked above
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # trusted, see above
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise MemcompileError(
+            f"{path} needs the code that defines its model, which Python cannot import here "
+            f"({error}): put that module on PYTHONPATH"
+        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError) as error:
+        raise MemcompileError(f"{path} is not a readable torch.save file: {error}") from None
 
 
 def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> nn.Module:
@@ -68,45 +77,13 @@ def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> n
         return load_trusted_pickle(directory / PICKLED_SOURCE, trust_pickle, refusal)
     if source.get("kind") != "transformers":
         raise MemcompileError(f"unknown source model kind {source.get('kind')!r} in {MANIFEST}")
-    import transformers
-
+    transformers = require("transformers", "hf", f"rebuilding the {source['class']} model")
     cls = getattr(transformers, source["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise MemcompileError(f"{source['class']!r} is not a transformers model class")
     config_dict = dict(source["config"])
     config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     return cls._from_config(config)
-
-
-def refuse_existing(path: str | os.PathLike, force: bool) -> None:
-    """Bad input unless `path` is free or the user passed --force."""
-    if Path(path).exists() and not force:
-        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool = False):
-    """Yields a temporary directory beside `path`; renames it to `path` if the block succeeds.
-
-    An existing `path` is an error unless `force`. On any exception, KeyboardInterrupt
-    included, the temporary directory is removed and nothing is left at `path`.
-    """
-    path = Path(path)
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import checkpoint
 from .runtime import MemcompileError
+from .runtime.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,12 @@ class LoadedModel:
     program: torch.export.ExportedProgram | None = None  # for a .pt2 input
 
 
-def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
-    import transformers
+def _transformers():
+    return require("transformers", "hf", "reading Hugging Face models")
 
+
+def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
+    transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as error:
@@ -63,8 +67,7 @@ def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
 
 
 def _model_class(config) -> type:
-    import transformers
-
+    transformers = _transformers()
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
@@ -74,8 +77,7 @@ def _model_class(config) -> type:
 
 def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
     """A randomly initialised transformers model from a config.json (file or directory)."""
-    import transformers
-
+    transformers = _transformers()
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -86,14 +88,26 @@ def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
     return _model_class(config)._from_config(config)
 
 
+def _is_torch_save_file(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle (older torch.save, pickle.dump)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def _load_file(path: Path, trust_pickle: bool, config: str | None) -> LoadedModel:
+    if not _is_torch_save_file(path):
+        raise MemcompileError(
+            f"{path} is not a model file memcompile reads: give an HF model directory, a "
+            "memcompile checkpoint, a torch.export program (.pt2) or a torch.save file"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         refusal = PICKLE_RISK.format(path=path)
         obj = checkpoint.load_trusted_pickle(path, trust_pickle, refusal)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise MemcompileError(f"{path} is not a PyTorch file: {error}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:
+        raise MemcompileError(f"{path} is not a readable torch.save file: {error}") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", path)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import refuse_existing
 from .runtime import MemcompileError
+from .runtime.outputs import atomic_file
 
 log = logging.getLogger(__name__)
 
 
 def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    # torch.export logs a traceback before raising on a bad archive: the error says it all.
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)
     try:
         return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
         raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
+    finally:
+        export_log.setLevel(level)
 
 
 def _dynamic_shapes(program: torch.export.ExportedProgram):
@@ -62,14 +67,6 @@ def save_program(
     path = Path(path)
     if path.suffix != ".pt2":
         raise MemcompileError(f"{path}: a torch.export program is written as a .pt2 file")
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".pt2", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_file(path, force=force) as tmp:
         torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MemcompileError
+from .errors import MemcompileError, require
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ def native_kernel_calls() -> int:
 
 
 def _custom_domains(path: Path) -> bool:
-    import onnx
-
+    onnx = require("onnx", "onnx", "reading ONNX models")
     model = onnx.load(str(path), load_external_data=False)
     return any(entry.domain == DOMAIN for entry in model.opset_import)
 
@@ -131,8 +130,7 @@ def ort_session(
     functions otherwise; `native=True` requires them; `native=False` never uses them.
     `providers` defaults to the CPU provider; `options` is an `onnxruntime.SessionOptions`.
     """
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", "running ONNX models")
     path = Path(path)
     if not path.is_file():
         raise MemcompileError(f"{path} is not an ONNX file")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from .errors import MemcompileError
+from .outputs import atomic_file
 
 PLAN_FORMAT = "memcompile.plan"
 PLAN_VERSION = 1
@@ -277,14 +277,8 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Write `plan` as JSON, atomically (a failed write leaves no file)."""
     path = Path(path)
     text = json.dumps(plan.to_json(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(text)
     return path
 
 

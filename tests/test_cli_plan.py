@@ -70,11 +70,13 @@ def test_plan_bandwidth_overrides_change_the_estimate(ckpt, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--gpus", "0"), "gpus_per_node must be a positive integer"),
+        (("--gpus", "0"), "--gpus must be a positive integer"),
+        (("--gpus", "2", "--nodes", "-1"), "--nodes must be a positive integer"),
         (("--gpus", "2", "--gpu-mem", "lots"), "is not a memory size"),
         (("--gpus", "2", "--gpu-mem", "1KB"), "the dense part alone does not fit"),
         (("--gpus", "2", "--strategy", "host"), "inference only"),
-        (("--gpus", "2", "--hbm", "-1"), "bandwidth hbm must be positive"),
+        (("--gpus", "2", "--hbm", "-1"), "--hbm must be positive"),
+        (("--gpus", "2", "--host-link", "0"), "--host-link must be positive"),
     ],
 )
 def test_plan_bad_input_exits_2_with_one_line_and_writes_nothing(ckpt, tmp_path, args, message):

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..checkpoint import refuse_existing
 from ..runtime import MemcompileError
+from ..runtime.outputs import refuse_existing
 from .common import (
     checkpoint_output_options,
     echo_json,
@@ -43,7 +43,7 @@ from, whose FFNs the memory layers learn to imitate (and whose tokenizer reads -
 @click.option("--max-length", type=int, default=128, show_default=True, help="tokens per text")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
-@checkpoint_output_options
+@checkpoint_output_options()
 @result_options
 @fail_cleanly
 def calibrate(
@@ -71,7 +71,7 @@ def calibrate(
     from ..calibrate import calibrate as run_calibration
     from ..calibrate import synthetic_batches, text_batches
 
-    refuse_existing(output, force)
+    refuse_existing(output, force, inputs=[p for p in (model_path, original, data) if p])
     if (data is None) == (not synthetic):
         raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
     if steps < 1:
@@ -107,7 +107,7 @@ def calibrate(
         batches = synthetic_batches(teacher, seed=seed)
     from tqdm import tqdm
 
-    with tqdm(total=steps, desc="calibrating", file=sys.stderr, disable=quiet or as_json) as bar:
+    with tqdm(total=steps, desc="calibrating", file=sys.stderr, disable=steps_bar.quiet) as bar:
 
         def progress(step: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

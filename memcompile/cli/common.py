@@ -9,11 +9,37 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import sys
 
 import click
 
 from ..runtime import MemcompileError
+
+# The library's errors name its Python arguments; on the command line they name the flags.
+_FLAG_SPELLINGS = [
+    (r"trust_pickle=True \(--trust-pickle\)", "--trust-pickle"),
+    (r"\bshare_values=False\b", "--no-share"),
+    (r"\bdynamic=False\b", "--static"),
+    (r"\bgating='swilu'", "--gating swilu"),
+    (r"\bmem_size\b", "--mem-size"),
+    (r"\bk_dim\b", "--k-dim"),
+    (r"\bv_dim\b", "--v-dim"),
+    (r"\bknn\b", "--knn"),
+    (r"\bmesh gpus_per_node\b", "--gpus"),
+    (r"\bmesh nodes\b", "--nodes"),
+    (r"\bbandwidth hbm\b", "--hbm"),
+    (r"\bbandwidth intra_node\b", "--intra-node"),
+    (r"\bbandwidth inter_node\b", "--inter-node"),
+    (r"\bbandwidth host_link\b", "--host-link"),
+]
+
+
+def in_flags(message: str) -> str:
+    """`message` with the Python argument names it uses spelled as the CLI's flags."""
+    for pattern, flag in _FLAG_SPELLINGS:
+        message = re.sub(pattern, flag, message)
+    return message
 
 
 def fail_cleanly(command):
@@ -24,7 +50,7 @@ def fail_cleanly(command):
         try:
             return command(*args, **kwargs)
         except MemcompileError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {in_flags(str(error))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
@@ -39,10 +65,11 @@ def fail_cleanly(command):
 
 
 class Steps:
-    """A progress bar per step that may take more than a second; silent when quiet."""
+    """A progress bar per step that may take more than a second, on a terminal's stderr;
+    silent when quiet or when stderr is a file or a pipe (bars would litter a log)."""
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()
 
     @contextlib.contextmanager
     def __call__(self, description: str):
@@ -135,17 +162,14 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="no progress bar
 force_option = click.option("--force", is_flag=True, help="overwrite an existing output")
 
 
-def checkpoint_output_options(command):
-    """-o/--output (a checkpoint directory) and --force: commands that write a checkpoint."""
-    return _apply(
-        command,
-        [
-            click.option(
-                "-o", "--output", required=True, type=click.Path(), help="checkpoint directory"
-            ),
-            force_option,
-        ],
-    )
+def checkpoint_output_options(help_text: str = "checkpoint directory to write"):
+    """-o/--output and --force: commands that write a checkpoint."""
+
+    def decorate(command):
+        output = click.option("-o", "--output", required=True, type=click.Path(), help=help_text)
+        return _apply(command, [output, force_option])
+
+    return decorate
 
 
 def result_options(command):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..checkpoint import refuse_existing
 from ..runtime import MemcompileError
+from ..runtime.outputs import refuse_existing
 from .common import (
     checkpoint_output_options,
     echo_json,
@@ -45,7 +45,7 @@ Examples:
 )
 @memory_options
 @model_options
-@checkpoint_output_options
+@checkpoint_output_options("checkpoint directory to write (a .pt2 file for a .pt2 input)")
 @click.option(
     "--lazy-init",
     is_flag=True,
@@ -75,7 +75,7 @@ def convert(
     from ..api import transform
     from ..passes.moe import find_moe_blocks
 
-    refuse_existing(output, force)
+    refuse_existing(output, force, inputs=[model_path])
     if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
         raise MemcompileError(
             "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..checkpoint import refuse_existing
 from ..runtime import MemcompileError
+from ..runtime.outputs import refuse_existing
 from .common import (
     echo_json,
     fail_cleanly,
@@ -35,9 +35,11 @@ def _token_inputs(model, batch: int, seq_len: int) -> dict:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     parameters = inspect.signature(model.forward).parameters
     if not vocab or "input_ids" not in parameters:
+        missing = "config.vocab_size" if not vocab else "an input_ids argument"
         raise MemcompileError(
-            f"memcompile export makes token-id inputs, which {type(model).__name__} does not "
-            "take: call memcompile.export_onnx(model, example_inputs, path) from Python"
+            f"memcompile export makes Hugging Face-style inputs (input_ids from "
+            f"config.vocab_size) and {type(model).__name__} has no {missing}: call "
+            "memcompile.export_onnx(model, example_inputs, path) from Python"
         )
     if batch < 1 or seq_len < 1:
         raise MemcompileError(f"--batch and --seq-len must be positive, got {batch}, {seq_len}")
@@ -95,18 +97,19 @@ def export(
     """Export CKPT (a converted checkpoint) to ONNX, with dynamic batch and sequence."""
     from pathlib import Path
 
-    import onnx
     import torch
 
     from ..onnx_export import export_onnx
 
-    refuse_existing(onnx_path, force)
+    refuse_existing(onnx_path, force, inputs=[model_path])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
     inputs = _token_inputs(model, batch, seq_len)
     with steps(f"exporting {onnx_path}"):
         export_onnx(model, inputs, onnx_path, form=form, opset=opset, dynamic=not static)
+    import onnx  # export_onnx has checked that it is installed
+
     exported = onnx.load(onnx_path, load_external_data=False)
     result = {
         "output": str(onnx_path),

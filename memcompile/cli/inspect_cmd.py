@@ -42,7 +42,7 @@ def inspect(
     config_path,
     **memory_settings,
 ):
-    """List the FFN blocks of MODEL (an HF directory, a checkpoint, or a .pt file)."""
+    """List the FFN blocks of MODEL (an HF directory, a checkpoint, a .pt2 or a .pt file)."""
     from ..api import find_ffn_blocks
     from ..costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
     from ..passes.moe import find_moe_blocks

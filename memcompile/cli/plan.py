@@ -91,11 +91,17 @@ def plan(
     """
     from pathlib import Path
 
-    from ..checkpoint import is_checkpoint, load, refuse_existing
+    from ..checkpoint import is_checkpoint, load
     from ..planning import plan as make_plan
     from ..runtime import BandwidthModel, MemcompileError, save_plan
+    from ..runtime.outputs import refuse_existing
 
-    refuse_existing(output, force)
+    refuse_existing(output, force, inputs=[model_path])
+    if Path(model_path).suffix == ".pt2":
+        raise MemcompileError(
+            f"{model_path} is a torch.export program: `memcompile plan` reads the memcompile "
+            "checkpoint it was converted from (convert the model to a directory with -o DIR)"
+        )
     if not is_checkpoint(Path(model_path)):
         raise MemcompileError(
             f"{model_path} is not a memcompile checkpoint (no memcompile.json): convert the "
