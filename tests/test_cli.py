@@ -247,3 +247,18 @@ def test_remote_code_is_refused_without_trust(tmp_path):
     assert result.exit_code == 2
     assert "--trust-remote-code" in result.output and "code ran" not in result.output
     assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+def test_inspect_lists_the_memory_layers_a_checkpoint_already_has(hf_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", ckpt).exit_code == 0
+    result = _run("inspect", ckpt, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [b["index"] for b in report["blocks"]] == [0, 2]
+    assert report["memory_layers"] == [
+        {"path": "model.layers.1.mlp", "rows": 256, "v_dim": 32, "heads": 2, "knn": 4,
+         "mode": "replace", "shared_values": True}
+    ]  # fmt: skip
+    text = _run("inspect", ckpt, "--quiet").output
+    assert "memory layer (replace): model.layers.1.mlp: 256 x 32 values" in text

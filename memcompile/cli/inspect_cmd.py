@@ -46,6 +46,7 @@ def inspect(
     from ..api import find_ffn_blocks
     from ..costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
     from ..passes.moe import find_moe_blocks
+    from ..runtime import MemoryLayer
 
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
@@ -80,7 +81,14 @@ def inspect(
                 memory_bytes={d: cost.bytes(d) for d in BYTES_PER_DTYPE},
             )
         rows.append(row)
-    result = {"model": str(model_path), "kind": loaded.kind, "blocks": rows, "moe_blocks": moe}
+    memories = [
+        {"path": path, "rows": layer.n_keys**2, "v_dim": layer.v_dim, "heads": layer.heads,
+         "knn": layer.knn, "mode": layer.config.mode, "shared_values": layer._pool is not None}
+        for path, layer in loaded.model.named_modules()
+        if isinstance(layer, MemoryLayer)
+    ]  # fmt: skip
+    result = {"model": str(model_path), "kind": loaded.kind, "blocks": rows, "moe_blocks": moe,
+              "memory_layers": memories}  # fmt: skip
     if as_json:
         echo_json(result)
         return
@@ -107,3 +115,9 @@ def inspect(
         click.echo(f"value table: {values:,} parameters ({sizes}), {share}")
     for path in moe:
         click.echo(f"mixture-of-experts block (not convertible): {path}")
+    for m in memories:
+        shared = ", shared values" if m["shared_values"] else ""
+        click.echo(
+            f"memory layer ({m['mode']}): {m['path']}: {m['rows']:,} x {m['v_dim']} values, "
+            f"heads {m['heads']}, knn {m['knn']}{shared}"
+        )
