@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(plan.summary, flush=True)
         if args.plan_out:
-            save_plan(plan, args.plan_out)
+            save_plan(plan, args.plan_out, force=True)
     model = apply_plan(model, plan)
     optimizer = torch.optim.AdamW(memcompile.param_groups(model, args.lr, value_lr=args.value_lr))
 

@@ -97,6 +97,13 @@ def _hook_points(original: nn.Module, block: FFNBlock) -> tuple[nn.Module, nn.Mo
     return first, last
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _targets(model: nn.Module, original: nn.Module) -> list[_Target]:
     layers = [
         (path, m)
@@ -112,11 +119,21 @@ def _targets(model: nn.Module, original: nn.Module) -> list[_Target]:
     targets = []
     for path, layer in layers:
         owners = [b for b in blocks if path == b.path or path.startswith(f"{b.path}.")]
+        if original is model or isinstance(_submodule(original, path), MemoryLayer):
+            raise MemcompileError(
+                "`original` is the converted model (transform works in place): pass the "
+                "model as it was before transform, e.g. a copy.deepcopy made before it"
+            )
         if not owners:
             raise MemcompileError(
                 f"the original model has no FFN block at {path}: pass the model that was "
                 f"converted (its FFN blocks: {', '.join(b.path for b in blocks[:4]) or 'none'}"
                 f"{', ...' if len(blocks) > 4 else ''})"
+            )
+        if layer.query.weight.dtype == torch.float16:
+            raise MemcompileError(
+                f"the memory layer at {path} is float16, whose AdamW steps underflow: "
+                "calibrate in float32 or bfloat16 (model.float()) and cast afterwards"
             )
         block = max(owners, key=lambda b: len(b.path))
         if (block.d_model, block.d_out or block.d_model) != (layer.d_in, layer.d_out):
@@ -296,6 +313,10 @@ def _train(model, targets, splits, steps, lr, value_lr, batch_tokens, generator,
                 loss = F.mse_loss(target.layer(x[picks]), want) / scale
                 loss.backward()
                 total += loss.item()
+            if not math.isfinite(total):
+                raise MemcompileError(
+                    f"calibration diverged at step {step} (loss {total}): lower lr or value_lr"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -72,6 +73,19 @@ class ValueOptimizer:
             raise MemcompileError(
                 f"unknown value optimizer {self.name!r}: use one of {', '.join(OPTIMIZERS)}"
             )
+        numbers = {
+            "lr": self.lr,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": 1.0 if self.max_grad_norm is None else self.max_grad_norm,
+        }
+        if len(self.betas) == 2:
+            numbers.update(beta1=self.betas[0], beta2=self.betas[1])
+        else:
+            raise MemcompileError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for name, value in numbers.items():
+            if not _is_real(value) or not math.isfinite(value):
+                raise MemcompileError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.lr > 0, f"lr must be positive, got {self.lr!r}"),
             (self.eps > 0, f"eps must be positive, got {self.eps!r}"),
@@ -85,6 +99,10 @@ class ValueOptimizer:
         for ok, message in checks:
             if not ok:
                 raise MemcompileError(message)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class _StepCounter:
@@ -171,12 +189,14 @@ class FusedTable:
         if self.lr_lambda is None:
             return self.optimizer.lr
         factor = self.lr_lambda(self.step)
-        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+        if isinstance(factor, torch.Tensor) and factor.numel() == 1 and factor.is_floating_point():
+            factor = factor.item()
+        if not _is_real(factor) or not math.isfinite(factor) or factor < 0:
             raise MemcompileError(
                 f"lr_lambda({self.step}) returned {factor!r}: it must return a finite "
                 "number >= 0 (the factor of the value lr at that update)"
             )
-        return self.optimizer.lr * factor
+        return self.optimizer.lr * float(factor)
 
     def note_lookup(self, values: torch.Tensor, weights: torch.Tensor) -> None:
         """Count a lookup that will reach `backward_step` (how readers share one step)."""
@@ -196,6 +216,11 @@ class FusedTable:
             raise MemcompileError(
                 f"values are on {values.device}, their fused optimizer state on "
                 f"{self._state_a.device}: move the model before fuse_value_updates"
+            )
+        if fused_ops.accumulation_dtype(values.dtype) != self._state_a.dtype:
+            raise MemcompileError(
+                f"values are {values.dtype} now, their fused optimizer state "
+                f"{self._state_a.dtype}: change the model's dtype before fuse_value_updates"
             )
         self.note_lookup(values, weights)
         return _FusedBag.apply(values, indices, weights, self)
@@ -274,23 +299,39 @@ class FusedTable:
             "state": dict(self.state),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("optimizer") != self.optimizer.name:
+    def check_state_dict(self, state: dict) -> None:
+        """MemcompileError unless `state` (a `state_dict()`) fits this table."""
+        if not isinstance(state, dict) or state.get("optimizer") != self.optimizer.name:
+            got = state.get("optimizer") if isinstance(state, dict) else type(state).__name__
             raise MemcompileError(
-                f"state of a {state.get('optimizer')!r} value optimizer cannot be loaded into "
-                f"a {self.optimizer.name!r} one"
+                f"state of a {got!r} value optimizer cannot be loaded into a "
+                f"{self.optimizer.name!r} one"
             )
         if self._pending or self._accumulated:
             raise MemcompileError("cannot load optimizer state in the middle of accumulation")
+        saved = state.get("state")
+        if not isinstance(saved, dict) or set(saved) != set(self.state):
+            raise MemcompileError(
+                f"the saved state holds {sorted(saved) if isinstance(saved, dict) else saved!r}"
+                f"; the {self.optimizer.name} optimizer keeps {sorted(self.state)}"
+            )
+        if not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "seed")):
+            raise MemcompileError("the saved state needs integer 'step' and 'seed' (>= 0)")
         for name, tensor in self.state.items():
-            saved = state["state"][name]
-            if saved.shape != tensor.shape:
+            got = saved[name]
+            if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+                got = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise MemcompileError(
-                    f"optimizer state {name!r} is {tuple(saved.shape)}, this table needs "
-                    f"{tuple(tensor.shape)}"
+                    f"optimizer state {name!r} is {got}, this table needs {tuple(tensor.shape)}"
                 )
-            tensor.copy_(saved)
-        self.step, self.seed = int(state["step"]), int(state["seed"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a `state_dict()`: all of it, or (MemcompileError) nothing. The hyperparameters
+        stay those given to `fuse_value_updates`."""
+        self.check_state_dict(state)
+        for name, tensor in self.state.items():
+            tensor.copy_(state["state"][name])
+        self.step, self.seed = state["step"], state["seed"]
 
 
 class FusedValueUpdates:
@@ -319,10 +360,16 @@ class FusedValueUpdates:
                 "tables": [t.state_dict() for t in self.tables]}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != _FORMAT or len(state.get("tables", ())) != len(self.tables):
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != _FORMAT
+            or len(state.get("tables", ())) != len(self.tables)
+        ):
             raise MemcompileError(
                 f"not the state of fused value updates of {len(self.tables)} table(s)"
             )
+        for table, saved in zip(self.tables, state["tables"]):
+            table.check_state_dict(saved)  # every table before any loads
         for table, saved in zip(self.tables, state["tables"]):
             table.load_state_dict(saved)
 
@@ -389,7 +436,18 @@ def fuse_value_updates(
     `lr_lambda`: a schedule, update k uses `lr * lr_lambda(k)` (the function you give
     `LambdaLR` for the other parameters).
     """
-    rule = ValueOptimizer(optimizer, lr, tuple(betas), eps, weight_decay, max_grad_norm,
+    if step_with is not None and not isinstance(step_with, torch.optim.Optimizer):
+        raise MemcompileError(
+            f"step_with takes the torch.optim.Optimizer of the other parameters, got "
+            f"{type(step_with).__name__}"
+        )
+    if lr_lambda is not None and not callable(lr_lambda):
+        raise MemcompileError(
+            f"lr_lambda takes a function of the update count, as LambdaLR does, got "
+            f"{type(lr_lambda).__name__}"
+        )
+    betas = tuple(betas) if isinstance(betas, (tuple, list)) else (betas,)
+    rule = ValueOptimizer(optimizer, lr, betas, eps, weight_decay, max_grad_norm,
                           accumulation_steps, stochastic_rounding)  # fmt: skip
     owners = value_owners(model)
     if not owners:

@@ -95,6 +95,8 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     block succeeds, else removes it. An existing `path` is an error unless `force`."""
     path = Path(path)
     refuse_existing(path, force)
+    if path.is_dir():
+        raise MemcompileError(f"{path} is a directory: give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(f"{path.suffix}", f".{path.name}.tmp-", path.parent)
     os.close(handle)

@@ -273,11 +273,12 @@ def validate_plan_json(data: Any) -> None:
                 )
 
 
-def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    """Write `plan` as JSON, atomically (a failed write leaves no file)."""
+def save_plan(plan: Plan, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write `plan` as JSON, atomically (a failed write leaves no file); an existing file
+    only with `force`."""
     path = Path(path)
     text = json.dumps(plan.to_json(), indent=2) + "\n"
-    with atomic_file(path, force=True) as tmp:
+    with atomic_file(path, force=force) as tmp:
         tmp.write_text(text)
     return path
 

@@ -149,8 +149,14 @@ def test_bad_inputs_are_refused(one_thread):
     with pytest.raises(MemcompileError, match="no replace-mode memory layers"):
         memcompile.calibrate(augmented, original, _batches(1))
     replaced = memcompile.transform(copy.deepcopy(original), layers=[1], **SMALL)
-    with pytest.raises(MemcompileError, match="no FFN block at blocks.1.mlp"):
-        memcompile.calibrate(replaced, copy.deepcopy(replaced), _batches(1))
+    for converted in (replaced, copy.deepcopy(replaced)):
+        with pytest.raises(MemcompileError, match="`original` is the converted model"):
+            memcompile.calibrate(replaced, converted, _batches(1))
+    half = memcompile.transform(copy.deepcopy(original), layers=[1], **SMALL).half()
+    with pytest.raises(MemcompileError, match="float16, whose AdamW steps underflow"):
+        memcompile.calibrate(half, copy.deepcopy(original).half(), _batches(1))
+    with pytest.raises(MemcompileError, match="calibration diverged at step 2 "):
+        memcompile.calibrate(replaced, original, _batches(1), steps=2, lr=float("inf"))
     other = next(c for c in CASES if c.name == "gpt2")
     with pytest.raises(MemcompileError, match="no FFN block"):
         memcompile.calibrate(replaced, build(other), _batches(1))

@@ -11,6 +11,7 @@ import re
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -404,6 +405,13 @@ def test_bad_arguments_are_one_line_errors():
         (dict(optimizer="adam", lr=0.1, accumulation_steps=0), "accumulation_steps"),
         (dict(optimizer="adam", lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
         (dict(optimizer="adam", lr=0.1, betas=(0.9, 1.0)), "betas"),
+        (dict(optimizer="adam", lr=float("inf")), "lr must be a finite number"),
+        (dict(optimizer="adam", lr=True), "lr must be a finite number"),
+        (dict(optimizer="adam", lr="0.05"), "lr must be a finite number"),
+        (dict(optimizer="adam", lr=0.1, betas=(0.9,)), "betas must be a pair"),
+        (dict(optimizer="adam", lr=0.1, weight_decay=None), "weight_decay must be a finite"),
+        (dict(optimizer="adam", lr=0.1, lr_lambda=0.5), "lr_lambda takes a function"),
+        (dict(optimizer="adam", lr=0.1, step_with=model), "step_with takes the torch.optim"),
     ]:
         with pytest.raises(MemcompileError, match=re.escape(message)):
             memcompile.fuse_value_updates(model, **kwargs)
@@ -413,10 +421,33 @@ def test_bad_arguments_are_one_line_errors():
     memcompile.transform(lazy, layers=[1], lazy_init=True, **SMALL)
     with pytest.raises(MemcompileError, match="meta device"):
         memcompile.fuse_value_updates(lazy, "adam", 0.1)
-    handle = memcompile.fuse_value_updates(model, "adam", 0.1)
+    handle = memcompile.fuse_value_updates(model, "adam", 0.1)  # the refusals fused nothing
     with pytest.raises(MemcompileError, match="'rowwise_adagrad' value optimizer"):
         handle.load_state_dict({**handle.state_dict(), "tables": [
             {**handle.tables[0].state_dict(), "optimizer": "rowwise_adagrad"}]})  # fmt: skip
+
+
+def test_a_bad_state_dict_loads_nothing_and_a_changed_dtype_is_named():
+    model = _pool_model()
+    handle = memcompile.fuse_value_updates(model, "adam", 0.1, lr_lambda=lambda k: np.float32(0.5))
+    assert handle.lr == pytest.approx(0.05)
+    table = handle.tables[0]
+    before = {name: t.clone() for name, t in table.state.items()}
+    saved = table.state_dict()
+    bad = {"exp_avg": saved["state"]["exp_avg"] + 1, "exp_avg_sq": torch.zeros(3)}
+    for broken, message in [
+        ({**saved, "state": bad}, r"'exp_avg_sq' is \(3,\), this table needs"),
+        ({**saved, "state": {**saved["state"], "exp_avg": saved["state"]["exp_avg"] + 1},
+          "step": "x"}, "integer 'step'"),
+        ({**saved, "state": None}, "the adam optimizer keeps"),
+        (None, "cannot be loaded"),
+    ]:  # fmt: skip
+        with pytest.raises(MemcompileError, match=message):
+            handle.load_state_dict({**handle.state_dict(), "tables": [broken]})
+        assert all(torch.equal(t, before[name]) for name, t in table.state.items())
+    model.double()
+    with pytest.raises(MemcompileError, match="values are torch.float64 now"):
+        EXAMPLE.loss(model, _ids(0)).backward()
 
 
 def test_factual_recall_example_compares_value_optimizers(tmp_path):

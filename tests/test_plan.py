@@ -140,6 +140,12 @@ def test_plan_file_round_trips_and_matches_the_schema(tmp_path):
     assert data["mesh"]["world_size"] == 4
     assert data["model_fingerprint"] == model_fingerprint(model)
     assert load_plan(path) == plan
+    with pytest.raises(memcompile.MemcompileError, match="already exists: .* pass --force"):
+        save_plan(plan, path)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(memcompile.MemcompileError, match="is a directory"):
+        save_plan(plan, tmp_path / "ckpt", force=True)
+    assert (tmp_path / "ckpt").is_dir() and load_plan(save_plan(plan, path, force=True)) == plan
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ def plan(
             model, gpus, nodes, mode=mode, gpu_memory=gpu_mem, tokens_per_step=tokens_per_step,
             bandwidth=bandwidth, strategy=strategy,
         )  # fmt: skip
-    save_plan(result, output)
+    save_plan(result, output, force=force)
     if as_json:
         echo_json(result.to_json())
     else:
