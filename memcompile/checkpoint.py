@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -154,13 +155,19 @@ def save(
 
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if not path.is_dir():
+        raise MemcompileError(f"{path} is not a memcompile checkpoint directory")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise MemcompileError(f"{path} is not a memcompile checkpoint (no {MANIFEST})") from None
     except json.JSONDecodeError as error:
         raise MemcompileError(f"{path / MANIFEST} is not valid JSON: {error}") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("version"), int):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("version"), int)
+    ):
         raise MemcompileError(f"{path / MANIFEST} is not a memcompile checkpoint manifest")
     if manifest["version"] > FORMAT_VERSION:
         raise MemcompileError(
@@ -201,6 +208,21 @@ def load(
     """
     path = Path(path)
     manifest = read_manifest(path)
+    try:
+        return _rebuild(path, manifest, trust_pickle, materialize)
+    except MemcompileError as error:
+        if str(path) in str(error):
+            raise
+        raise MemcompileError(f"{path}: {error}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, OSError, SafetensorError) as error:
+        # A hand-edited or truncated checkpoint: say which file, not where it broke.
+        raise MemcompileError(
+            f"{path} cannot be rebuilt from its {MANIFEST} and {WEIGHTS} "
+            f"({type(error).__name__}: {error}): the checkpoint is damaged or edited"
+        ) from None
+
+
+def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) -> nn.Module:
     model = build_source(manifest["source"], path, trust_pickle)
     for step in manifest["transforms"]:
         config = MemoryConfig(**step["config"])
@@ -219,9 +241,16 @@ def load(
         _copy_in(model, name, tensor)
     for name, recipe in lazy.items():
         owner = model.get_submodule(name.rpartition(".")[0])
-        rebuilt = owner.values_init
-        if (rebuilt.std, rebuilt.seed) != (recipe["std"], recipe["seed"]):
+        rebuilt, values = owner.values_init, owner._parameters["values"]
+        dtype = getattr(torch, str(recipe.get("dtype")), None)
+        stored = (recipe["std"], recipe["seed"], recipe["shape"])
+        if stored != (rebuilt.std, rebuilt.seed, list(values.shape)) or not isinstance(
+            dtype, torch.dtype
+        ):
             raise MemcompileError(f"{name}: the checkpoint's init recipe does not match")
+        if values.dtype != dtype:  # the model changed dtype after transform, before save
+            meta = torch.empty(values.shape, dtype=dtype, device="meta")
+            owner._parameters["values"] = nn.Parameter(meta, requires_grad=values.requires_grad)
     if materialize:
         materialize_values(model)
     return model.eval()

@@ -1,0 +1,69 @@
+"""Damaged or hand-edited checkpoints: one MemcompileError naming the checkpoint, never a
+KeyError or a safetensors error from deep inside the rebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import memcompile
+from memcompile import MemcompileError
+
+from models import CASES, build
+
+LLAMA = next(c for c in CASES if c.name == "llama")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "llama-mem"
+    model = memcompile.transform(build(LLAMA), [1], mem_size=256, knn=4, heads=2)
+    return memcompile.save(model, path)
+
+
+def _edit_manifest(manifest: dict, case: str):
+    if case == "a list":
+        return [manifest]
+    if case == "no transforms":
+        return {k: v for k, v in manifest.items() if k != "transforms"}
+    if case == "unknown config key":
+        manifest["transforms"][0]["config"]["topk"] = 3
+    if case == "no such layer":
+        manifest["transforms"][0]["layers"] = [7]
+    if case == "no source class":
+        del manifest["source"]["class"]
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("a list", "is not a memcompile checkpoint manifest"),
+        ("no transforms", "the checkpoint is damaged or edited"),
+        ("unknown config key", "the checkpoint is damaged or edited"),
+        ("no such layer", "llama-mem: layer 7 is not an FFN block"),
+        ("no source class", "the checkpoint is damaged or edited"),
+        ("no weights", "the checkpoint is damaged or edited"),
+        ("truncated weights", "the checkpoint is damaged or edited"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_error_naming_it(ckpt, tmp_path, case, message):
+    copy = shutil.copytree(ckpt, tmp_path / "llama-mem")
+    manifest = json.loads((copy / "memcompile.json").read_text())
+    (copy / "memcompile.json").write_text(json.dumps(_edit_manifest(manifest, case)))
+    weights = copy / "model.safetensors"
+    if case == "no weights":
+        weights.unlink()
+    if case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(MemcompileError, match=message) as raised:
+        memcompile.load(copy)
+    assert "\n" not in str(raised.value) and "llama-mem" in str(raised.value)
+
+
+def test_a_file_inside_a_checkpoint_is_not_one(ckpt):
+    with pytest.raises(MemcompileError, match="is not a memcompile checkpoint directory"):
+        memcompile.load(ckpt / "model.safetensors")
+    assert isinstance(memcompile.load(ckpt).model.layers[1].mlp, memcompile.MemoryLayer)
