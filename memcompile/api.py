@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -53,7 +54,7 @@ def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
 def transform(
     model: nn.Module,
     layers: Sequence[int | str] | None = None,
-    mem_size: int | str = "1M",
+    mem_size: int | str | None = None,
     *,
     config: MemoryConfig | None = None,
     lazy_init: bool = False,
@@ -63,26 +64,34 @@ def transform(
     """Convert the FFN blocks `layers` of `model` into product-key memory layers, in place.
 
     `layers` are block indices (`model.layers.12.mlp` is 12; "encoder.2" for models with
-    several stacks); None converts every FFN. `mem_size` and `options` are `MemoryConfig`
-    fields (heads, knn, k_dim, v_dim, gating, qk_norm, share_values, mode, seed, dtype), or
-    pass a whole `config`. With `lazy_init=True` the value tables stay on the meta device
-    (no memory, no init time) until `memcompile.runtime.materialize_values(model)` builds
-    them from their seed, or a checkpoint stores their recipe.
+    several stacks); None converts every FFN. `mem_size` (default "1M") and `options` are
+    `MemoryConfig` fields (heads, knn, k_dim, v_dim, gating, qk_norm, share_values, mode,
+    seed, dtype), or pass a whole `config` (options then override its fields). With
+    `lazy_init=True` the value tables stay on the meta device (no memory, no init time)
+    until `memcompile.runtime.materialize_values(model)` builds them from their seed, or a
+    checkpoint stores their recipe.
 
     Returns the same model object, with a `TransformReport` attached as
     `model.memcompile_report`; `return_report=True` returns `(model, report)` instead.
     """
     if not isinstance(model, nn.Module):
         raise MemcompileError(f"transform needs a torch.nn.Module, got {type(model).__name__}")
-    if config is None:
-        try:
-            config = MemoryConfig(mem_size=mem_size, **options)
-        except TypeError as error:
-            raise MemcompileError(f"{error}: see MemoryConfig for the options") from None
-    elif options:
-        config = replace(config, **options)
-    if isinstance(layers, (int, str)):
+    if config is not None and not isinstance(config, MemoryConfig):
+        raise MemcompileError(f"config takes a MemoryConfig, got {type(config).__name__}")
+    if config is not None and mem_size is not None:
+        raise MemcompileError("give mem_size inside config, or drop config: not both")
+    try:
+        if config is None:
+            config = MemoryConfig(mem_size="1M" if mem_size is None else mem_size, **options)
+        elif options:
+            config = replace(config, **options)
+    except TypeError as error:
+        raise MemcompileError(f"{error}: see MemoryConfig for the options") from None
+    if isinstance(layers, (numbers.Integral, str)):
         layers = [layers]
+    if layers is not None:  # numpy arrays and tensors of indices too
+        listed = layers.tolist() if hasattr(layers, "tolist") else list(layers)
+        layers = [int(x) if isinstance(x, numbers.Integral) else x for x in listed]
     converted = {str(i) for step in getattr(model, RECIPE_ATTRIBUTE, []) for i in step["layers"]}
     again = [str(layer) for layer in layers or () if str(layer) in converted]
     if again:

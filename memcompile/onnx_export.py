@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .runtime import MemcompileError, MemoryLayer
+from .runtime.memory_layer import value_owners
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ def _check_model(model) -> None:
         raise MemcompileError(
             f"{type(model).__name__} has no memory layers: convert it first with "
             "memcompile.transform(model, layers=...) (or `memcompile convert`)"
+        )
+    if any(owner.bag_impl is not None for owner in value_owners(model)):
+        raise MemcompileError(
+            f"the value tables of {type(model).__name__} have fused updates or a plan's "
+            "sharding (a bag_impl): export before fuse_value_updates/apply_plan, or call "
+            "handle.remove() first"
         )
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise MemcompileError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -65,9 +66,18 @@ class PartitionConfig:
                 )
             if strategy == "host" and self.mode == "train":
                 raise MemcompileError("strategy 'host' serves inference only: use --mode infer")
+        for name in ("gpu_memory", "tokens_per_step", "host_memory", "optimizer_bytes_per_param"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                raise MemcompileError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("gpu_memory", "tokens_per_step", "host_memory"):
             if getattr(self, name) < 1:
                 raise MemcompileError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not isinstance(self.bandwidth, BandwidthModel):
+            raise MemcompileError(
+                f"bandwidth takes a memcompile.runtime.BandwidthModel, got "
+                f"{type(self.bandwidth).__name__}"
+            )
         if not 0 <= self.headroom < 1:
             raise MemcompileError(f"headroom is a fraction in [0, 1), got {self.headroom!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -76,6 +77,15 @@ class MemoryConfig:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("mem_size", "heads", "knn", "k_dim", "v_dim", "seed"):
+            value = getattr(self, name)  # numpy and torch integers count as ints
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+        for name in ("qk_norm", "share_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise MemcompileError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MemcompileError(f"seed must be an integer, got {self.seed!r}")
         n = parse_mem_size(self.mem_size)
         object.__setattr__(self, "mem_size", n)
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:

@@ -3,6 +3,7 @@ what to change, and the model left untouched."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -27,7 +28,14 @@ BAD_INPUTS = [
     (dict(layers=[1], mem_size=256, knn=4, gating="none", v_dim=48), "needs v_dim == d_out"),
     (dict(layers=[1], mem_size=256, knn=4, mode="swap"), "'replace' or 'augment'"),
     (dict(layers=[1], mem_size=256, knn=4, colour="red"), "unexpected keyword"),
-]
+    (dict(layers=[1], mem_size=256, knn=4, seed="0"), "seed must be an integer"),
+    (dict(layers=[1], mem_size=256, knn=4, qk_norm="no"), "qk_norm must be True or False"),
+    (dict(layers=[1], mem_size=256, knn=4, share_values="False"), "share_values must be True"),
+    (dict(layers=[1], mem_size=256, config=memcompile.MemoryConfig()), "not both"),
+    (dict(layers=[1], config=dict(mem_size=256)), "config takes a MemoryConfig"),
+    (dict(layers=[1], config=memcompile.MemoryConfig(mem_size=256, knn=4), topk=3),
+     "unexpected keyword"),
+]  # fmt: skip
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,3 +66,15 @@ def test_model_without_ffn_blocks():
 def test_not_a_module():
     with pytest.raises(memcompile.MemcompileError, match="needs a torch.nn.Module"):
         memcompile.transform("model.pt", layers=[0])
+
+
+def test_numpy_and_tensor_integers_are_integers():
+    """Indices and sizes often come out of numpy or torch: they convert as Python ints do."""
+    want = memcompile.transform(build(EXAMPLE), layers=[1, 2], mem_size=256, knn=4, heads=2)
+    for layers in (np.array([1, 2]), torch.tensor([1, 2]), [np.int64(1), np.int64(2)]):
+        model = memcompile.transform(
+            build(EXAMPLE), layers=layers, mem_size=np.int64(256), knn=np.int32(4), heads=2
+        )
+        assert model.memcompile_report.config == want.memcompile_report.config
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                      want.state_dict().values()))  # fmt: skip

@@ -234,6 +234,12 @@ def test_bad_input_is_one_line_and_writes_nothing(converted, tmp_path):
     _one_line_error(lambda: memcompile.export_onnx(dense, ids, path), "has no memory layers")
     lazy = memcompile.transform(case.build(), layers=[0], lazy_init=True, **SMALL)
     _one_line_error(lambda: memcompile.export_onnx(lazy, ids, path), "meta device")
+    fused = memcompile.transform(case.build(), layers=[0], **SMALL)
+    handle = memcompile.fuse_value_updates(fused, "adam", 1e-2)
+    _one_line_error(lambda: memcompile.export_onnx(fused, ids, path), "call handle.remove")
+    handle.remove()
+    assert memcompile.export_onnx(fused, ids, tmp_path / "unfused.onnx").is_file()
+    (tmp_path / "unfused.onnx").unlink()
     for opset in (12, 24, "20"):
         message = _one_line_error(
             lambda opset=opset: memcompile.export_onnx(model, ids, path, opset=opset), "opset"

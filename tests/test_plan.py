@@ -193,6 +193,16 @@ def test_bad_settings_are_refused():
         memcompile.plan(model, 0)
     with pytest.raises(MemcompileError, match="not a memory size"):
         memcompile.plan(model, 2, gpu_memory="lots")
+    for kwargs, message in [
+        (dict(tokens_per_step=1.5), "tokens_per_step must be an integer >= 0, got 1.5"),
+        (dict(tokens_per_step=True), "tokens_per_step must be an integer"),
+        (dict(tokens_per_step="65536"), "tokens_per_step must be an integer"),
+        (dict(bandwidth={"hbm": 3e12}), "bandwidth takes a memcompile.runtime.BandwidthModel"),
+    ]:
+        with pytest.raises(MemcompileError, match=message):
+            memcompile.plan(model, 2, **kwargs)
+    with pytest.raises(MemcompileError, match="optimizer_bytes_per_param must be an integer"):
+        PartitionConfig(Mesh(2), optimizer_bytes_per_param=-1)
     with pytest.raises(MemcompileError, match="no memory layers"):
         memcompile.plan(tiny(), 2)
     config = PartitionConfig(Mesh(2))
