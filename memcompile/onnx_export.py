@@ -248,6 +248,8 @@ def export_onnx(
     model's (`logits`, `last_hidden_state`, ...). An existing file is replaced.
     """
     opset = _check_options(form, opset)
+    if Path(path).is_dir():
+        raise MemcompileError(f"{path} is a directory: give the path of the .onnx file to write")
     _check_model(model)
     named = _named_inputs(model, example_inputs)
     if dynamic:

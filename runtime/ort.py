@@ -112,7 +112,10 @@ def native_kernel_calls() -> int:
 
 def _custom_domains(path: Path) -> bool:
     onnx = require("onnx", "onnx", "reading ONNX models")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's decode errors have no common base
+        raise MemcompileError(f"{path} is not an ONNX model: {error}") from None
     return any(entry.domain == DOMAIN for entry in model.opset_import)
 
 
@@ -134,6 +137,8 @@ def ort_session(
     path = Path(path)
     if not path.is_file():
         raise MemcompileError(f"{path} is not an ONNX file")
+    if isinstance(providers, str):
+        raise MemcompileError(f"providers takes a list of provider names, e.g. [{providers!r}]")
     options = options if options is not None else ort.SessionOptions()
     if native is not False and _custom_domains(path):
         library = native_library()

@@ -96,6 +96,7 @@ def test_onnx_runtime_matches_pytorch(converted, tmp_path, name, mode, layers, f
     calls = native_kernel_calls()
     got = _ort(ort_session(path), inputs)
     assert got.shape == expected.shape == (3, 5, VOCAB)
+    _one_line_error(lambda: ort_session(path, ["CPUExecutionProvider"][0]), "takes a list")
     assert np.abs(got - expected).max() <= 1e-5
     if form == "custom":
         # The native kernels ran (PkTopK and Bag per memory) ...
@@ -250,6 +251,11 @@ def test_bad_input_is_one_line_and_writes_nothing(converted, tmp_path):
     short = {"input_ids": ids["input_ids"][:, :1]}
     _one_line_error(lambda: memcompile.export_onnx(model, short, path), r"shape \(2, 1\)")
     _one_line_error(lambda: memcompile.export_onnx(model, ids, path, form="fused"), "form")
+
+    _one_line_error(lambda: memcompile.export_onnx(model, ids, tmp_path), "is a directory")
+    (tmp_path / "noise.onnx").write_bytes(b"not protobuf at all")
+    _one_line_error(lambda: ort_session(tmp_path / "noise.onnx"), "is not an ONNX model")
+    (tmp_path / "noise.onnx").unlink()
 
     layer = _layer()
     wrong = torch.randn(2, 9, 31)  # the layer takes 32 features
