@@ -3,7 +3,9 @@
 `memcompile.json` records the source model (how to rebuild it: an HF config and class),
 the transforms applied (layers and MemoryConfig, in order) and the tensors that are
 aliases of others (tied weights). Loading rebuilds the base model, re-applies the
-transforms and copies the saved tensors in, so outputs are bit-identical. No pickle is
+transforms and copies the saved tensors in, so outputs are bit-identical (but for a model
+cast to fp16/bf16 before saving: transformers rebuilds non-persistent buffers such as
+rotary `inv_freq` in float32, as its own `from_pretrained` does). No pickle is
 ever read. Writes go to a temporary directory renamed into place, so an interrupted or
 failed save leaves nothing behind.
 """

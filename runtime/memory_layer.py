@@ -7,6 +7,7 @@ they are the checkpoint format.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,12 @@ class MemoryLayer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(config, MemoryConfig):
+            raise MemcompileError(f"config takes a MemoryConfig, got {type(config).__name__}")
+        for name, width in (("d_in", d_in), ("d_out", d_out)):
+            if not isinstance(width, numbers.Integral) or isinstance(width, bool) or width < 1:
+                raise MemcompileError(f"{name} must be a positive integer, got {width!r}")
+        d_in, d_out = int(d_in), int(d_out)
         if config.k_dim is None or config.v_dim is None:
             config = config.resolve(d_in, d_out)
         self.config = config
@@ -172,6 +179,11 @@ class MemoryLayer(nn.Module):
         return ops.bag(values, indices, probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.d_in,) or not x.is_floating_point():
+            raise MemcompileError(
+                f"the memory layer takes floating-point inputs of width {self.d_in} in their "
+                f"last dimension, got {x.dtype} {tuple(x.shape)}"
+            )
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in).to(self.query.weight.dtype)
         y = self.lookup(flat).to(flat.dtype)

@@ -515,3 +515,20 @@ def test_export_single_layer_one_op_each():
     assert _count(program.graph, torch.ops.memcompile.pk_topk.default) == 1
     assert _count(program.graph, torch.ops.memcompile.bag.default) == 1
     torch.testing.assert_close(program.module()(x), layer(x), rtol=0, atol=0)
+
+
+def test_bad_construction_and_inputs_are_one_line_errors():
+    from memcompile import MemcompileError
+
+    config = MemoryConfig(mem_size=256, knn=4, heads=2)
+    for args, message in [
+        ((0, 32, config), "d_in must be a positive integer, got 0"),
+        ((32, "32", config), "d_out must be a positive integer"),
+        ((32, 32, {"mem_size": 256}), "config takes a MemoryConfig"),
+    ]:
+        with pytest.raises(MemcompileError, match=message):
+            MemoryLayer(*args)
+    layer = MemoryLayer(32, 32, config)
+    for x in (torch.randn(2, 31), torch.ones(2, 32, dtype=torch.long)):
+        with pytest.raises(MemcompileError, match="inputs of width 32"):
+            layer(x)
