@@ -179,6 +179,7 @@ class FusedTable:
         self._pending: list[tuple[torch.Tensor, ...]] = []  # this backward pass
         self._accumulated: list[tuple[torch.Tensor, ...]] = []  # earlier micro-batches
         self._micro_batches = 0
+        self._window_mark = 0  # the step counter when this accumulation window began
 
     def __call__(self, values, indices, weights) -> torch.Tensor:
         return self.bag(values, indices, weights)
@@ -242,6 +243,16 @@ class FusedTable:
     def _end_of_backward(self) -> None:
         if not self._pending:  # another reader's callback already took this pass
             return
+        counter = self.step_counter
+        if counter is not None and self._micro_batches == 0:
+            self._window_mark = counter.steps
+        elif counter is not None and counter.steps != self._window_mark:
+            self._pending, self._accumulated, self._micro_batches = [], [], 0
+            raise MemcompileError(
+                f"optimizer.step() ran between the micro-batches of one fused update "
+                f"(accumulation_steps={self.optimizer.accumulation_steps}): step the "
+                "optimizer once per that many backward passes"
+            )
         self._accumulated += self._pending
         self._pending = []
         self._micro_batches += 1

@@ -232,6 +232,24 @@ def test_step_with_refuses_a_second_backward_before_the_optimizer_steps(layers):
         EXAMPLE.loss(model, _ids(3)).backward()
 
 
+def test_step_with_refuses_an_optimizer_step_inside_an_accumulation_window():
+    model = memcompile.transform(build(EXAMPLE), layers=[1], **SMALL)
+    optimizer = torch.optim.SGD(memcompile.param_groups(model, 1e-3), lr=1e-3)
+    handle = memcompile.fuse_value_updates(
+        model, "adam", 1e-2, accumulation_steps=2, step_with=optimizer
+    )
+    for seed in range(4):  # two declared windows of two micro-batches
+        EXAMPLE.loss(model, _ids(seed)).backward()
+        if seed % 2:
+            optimizer.step()
+    assert handle.step == 2
+    EXAMPLE.loss(model, _ids(4)).backward()
+    optimizer.step()  # after one micro-batch of two
+    with pytest.raises(MemcompileError, match="ran between the micro-batches"):
+        EXAMPLE.loss(model, _ids(5)).backward()
+    assert handle.step == 2
+
+
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "under-the-bound"])
 def test_max_grad_norm_clips_by_the_tables_own_gradient_norm(name, max_norm):
