@@ -136,6 +136,12 @@ def save(
     the `torch.save`d base module they were converted from, which is copied in and makes
     loading need `trust_pickle=True`.
     """
+    if not isinstance(model, nn.Module):
+        raise MemcompileError(f"save takes a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise MemcompileError(f"save takes a directory path, got {path!r}")
+    if pickled_source is not None and not Path(pickled_source).is_file():
+        raise MemcompileError(f"pickled_source {pickled_source} is not a file")
     source = {"kind": "pickle"} if pickled_source is not None else model_source(model)
     manifest = {
         "format": FORMAT,

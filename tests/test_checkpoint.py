@@ -67,3 +67,15 @@ def test_a_file_inside_a_checkpoint_is_not_one(ckpt):
     with pytest.raises(MemcompileError, match="is not a memcompile checkpoint directory"):
         memcompile.load(ckpt / "model.safetensors")
     assert isinstance(memcompile.load(ckpt).model.layers[1].mlp, memcompile.MemoryLayer)
+
+
+def test_save_refuses_what_it_cannot_write(tmp_path):
+    model = memcompile.transform(build(LLAMA), [1], mem_size=256, knn=4, heads=2)
+    for args, kwargs, message in [
+        ((model, None), {}, "save takes a directory path, got None"),
+        (("model", tmp_path / "a"), {}, "save takes a torch.nn.Module"),
+        ((model, tmp_path / "b"), {"pickled_source": tmp_path / "gone.pt"}, "is not a file"),
+    ]:
+        with pytest.raises(MemcompileError, match=message):
+            memcompile.save(*args, **kwargs)
+    assert list(tmp_path.iterdir()) == []
