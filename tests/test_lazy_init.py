@@ -54,7 +54,6 @@ def test_single_layer_lazy_values():
     assert torch.equal(lazy(x), eager(x))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_lazy_table_saved_after_a_dtype_change_loads_in_that_dtype(dtype, tmp_path):
     model = memcompile.transform(build(LLAMA), [1], lazy_init=True, **OPTIONS).to(dtype)
@@ -65,6 +64,7 @@ def test_a_lazy_table_saved_after_a_dtype_change_loads_in_that_dtype(dtype, tmp_
     want = {n: p for n, p in model.named_parameters()}
     for name, param in loaded.named_parameters():  # the lazy table too, built in `dtype`
         assert torch.equal(param, want[name]), name
+
 
 def test_cli_lazy_init_stores_the_recipe_and_loads_the_same_model(tmp_path):
     source = tmp_path / "hf"
