@@ -99,7 +99,7 @@ def transform(
             f"layer {again[0]} is already a memory layer (converted earlier): choose other layers"
         )
     params_before = count_parameters(model)
-    state = TransformState(model, config, None if layers is None else list(layers))
+    state = TransformState(model, config, layers)
     state.lazy_values = lazy_init
     run_passes(state)
     params_after = count_parameters(model)

@@ -115,15 +115,15 @@ def _targets(model: nn.Module, original: nn.Module) -> list[_Target]:
             "the model has no replace-mode memory layers: calibrate trains the layers that "
             "replaced an FFN (augment-mode layers start exact and need no calibration)"
         )
+    if any(isinstance(_submodule(original, path), MemoryLayer) for path, _ in layers):
+        raise MemcompileError(  # `original is model` too, before tracing it
+            "`original` is the converted model (transform works in place): pass the "
+            "model as it was before transform, e.g. a copy.deepcopy made before it"
+        )
     blocks = find_ffn_blocks(original)
     targets = []
     for path, layer in layers:
         owners = [b for b in blocks if path == b.path or path.startswith(f"{b.path}.")]
-        if original is model or isinstance(_submodule(original, path), MemoryLayer):
-            raise MemcompileError(
-                "`original` is the converted model (transform works in place): pass the "
-                "model as it was before transform, e.g. a copy.deepcopy made before it"
-            )
         if not owners:
             raise MemcompileError(
                 f"the original model has no FFN block at {path}: pass the model that was "

@@ -73,17 +73,17 @@ class ValueOptimizer:
             raise MemcompileError(
                 f"unknown value optimizer {self.name!r}: use one of {', '.join(OPTIMIZERS)}"
             )
-        numbers = {
+        if len(self.betas) != 2:
+            raise MemcompileError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        settings = {
             "lr": self.lr,
             "eps": self.eps,
             "weight_decay": self.weight_decay,
             "max_grad_norm": 1.0 if self.max_grad_norm is None else self.max_grad_norm,
+            "beta1": self.betas[0],
+            "beta2": self.betas[1],
         }
-        if len(self.betas) == 2:
-            numbers.update(beta1=self.betas[0], beta2=self.betas[1])
-        else:
-            raise MemcompileError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
-        for name, value in numbers.items():
+        for name, value in settings.items():
             if not _is_real(value) or not math.isfinite(value):
                 raise MemcompileError(f"{name} must be a finite number, got {value!r}")
         checks = [
