@@ -25,7 +25,7 @@ SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
 
 
 def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="memcompile")
 
 
 def _error_lines(result) -> list[str]:
@@ -159,3 +159,25 @@ def test_plan_names_the_input_it_takes_for_a_program(tmp_path):
     (error,) = _error_lines(_run("plan", path, "--gpus", "2", "-o", tmp_path / "plan.json"))
     assert "torch.export program" in error and "checkpoint" in error
     assert not Path(tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, says, command",
+    [
+        (["convert", "m.pt", "-o", "out"], "Missing option '--layers'", "memcompile convert"),
+        (["convert", "m.pt", "--layers", "1", "--mode", "swap", "-o", "o"], "'swap'", "convert"),
+        (["export"], "Missing argument 'CKPT'", "memcompile export"),
+        (["frobnicate"], "No such command 'frobnicate'", "memcompile"),
+        (["--bogus"], "No such option '--bogus'", "memcompile"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_help_to_read(args, says, command):
+    result = _run(*args)
+    assert result.exit_code == 2
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: ") and says in line and f"{command} --help'" in line
+
+
+def test_a_bare_memcompile_still_shows_the_commands():
+    result = _run()
+    assert "Commands:" in result.output and "convert" in result.output

@@ -17,7 +17,43 @@ EPILOG_MAIN = inspect_cmd.EPILOG_INSPECT.replace(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG_MAIN)
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as the one `error:` line every other bad input gets."""
+
+    def show(self, file=None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "memcompile"
+        message = self.message.rstrip(".")
+        click.echo(f"error: {message} (see '{command} --help')", file=file, err=True)
+
+
+def _one_line(error: click.UsageError) -> click.UsageError:
+    # A bare `memcompile` still prints the help: it is not a mistake worth an error line.
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        return error
+    return OneLineUsageError(error.format_message(), error.ctx)
+
+
+class MemcompileGroup(click.Group):
+    """click's group, with its usage errors (and its commands') on one line."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            raise _one_line(error) from None
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise _one_line(error) from None
+
+
+@click.group(
+    cls=MemcompileGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EPILOG_MAIN,
+)
 @click.version_option(package_name="memcompile")
 def main() -> None:
     """Compile the FFN blocks of PyTorch models into product-key memory layers."""
