@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import operator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -35,11 +37,46 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]
 
 
+# Set on a traced graph module whose forward branched on a tensor's dtype (see LeafTracer).
+ASSUMED_DTYPE = "memcompile_assumed_dtype"
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    floats = (p.dtype for p in module.parameters() if p.is_floating_point())
+    return next(floats, torch.get_default_dtype())
+
+
 class LeafTracer(fx.Tracer):
-    """Traces one module and stops at its children: each becomes a `call_module` node."""
+    """Traces one module and stops at its children: each becomes a `call_module` node.
+
+    A branch on `x.dtype == torch.float16` (BART's and Whisper's layers clamp float16
+    overflow) is taken as if `x` had the module's own dtype, so such layers still trace;
+    the graph then holds for that dtype only, and `assumed_dtype` records it.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.assumed_dtype: torch.dtype | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        node = obj.node
+        if node.op == "call_function" and node.target in (operator.eq, operator.ne):
+            left, right = node.args
+            dtype, other = (right, left) if isinstance(right, torch.dtype) else (left, right)
+            reads_dtype = (
+                isinstance(other, fx.Node)
+                and other.op == "call_function"
+                and other.target is getattr
+                and other.args[1:] == ("dtype",)
+            )
+            if isinstance(dtype, torch.dtype) and reads_dtype:
+                self.assumed_dtype = self.dtype
+                return (self.dtype == dtype) == (node.target is operator.eq)
+        return super().to_bool(obj)
 
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -85,6 +122,7 @@ def trace_module(module: nn.Module) -> fx.GraphModule | None:
 
     Arguments with defaults are fixed to their defaults (so Python control flow on flags
     such as `use_cache=False` traces) and *args/**kwargs are left out: see `is_specialized`.
+    Branches on an input's dtype assume the module's dtype: see `LeafTracer`.
     """
     try:
         with _without_variadic_arguments(module):
@@ -93,8 +131,11 @@ def trace_module(module: nn.Module) -> fx.GraphModule | None:
                 for p in _forward_parameters(module)[1:]
                 if p.default is not p.empty and p.kind in _NAMED
             }
-            graph = LeafTracer().trace(module, concrete_args=concrete or None)
-            return fx.GraphModule(module, graph, class_name=type(module).__name__)
+            tracer = LeafTracer(_float_dtype(module))
+            graph = tracer.trace(module, concrete_args=concrete or None)
+            graph_module = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            setattr(graph_module, ASSUMED_DTYPE, tracer.assumed_dtype)
+            return graph_module
     except Exception as error:  # noqa: BLE001 - arbitrary user code: any failure means "skip"
         log.debug("not traceable alone: %s (%s)", type(module).__name__, error)
         return None

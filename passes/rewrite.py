@@ -31,7 +31,7 @@ from ..runtime.wrappers import (
 )
 from .activations import is_pass_through, skip_back
 from .blocks import ConvertedBlock, FFNBlock, TransformState
-from .capture import is_specialized, trace_module
+from .capture import ASSUMED_DTYPE, is_specialized, trace_module
 from .share import check_shareable
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,13 @@ def _strategy(block: FFNBlock) -> str:
         return "module"
     if _swappable_children(block) is not None:
         return "children"
+    if getattr(block.capture.graph_module, ASSUMED_DTYPE, None) is not None:
+        raise MemcompileError(
+            f"block {block.label} ({block.path}): its FFN shares "
+            f"{type(block.capture.module).__name__}.forward with code that branches on the "
+            "input's dtype, which a rewritten graph could not keep; this layout is not "
+            "supported yet, choose other layers"
+        )
     if not block.capture.whole_model and is_specialized(block.capture.module):
         raise MemcompileError(
             f"block {block.label} ({block.path}): its FFN shares "

@@ -428,6 +428,32 @@ def test_ffn_sharing_a_forward_with_options_is_refused_before_any_change():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class InlineClampingHalf(nn.Module):
+    """BART's encoder layout with the activation inline: a float16-only clamp after the FFN
+    makes the traced graph right for the module's own dtype only."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x):
+        y = x + self.down(F.gelu(self.up(x)))
+        if y.dtype == torch.float16:
+            y = y.clamp(-1e4, 1e4)
+        return y
+
+
+def test_ffn_beside_a_dtype_branch_is_found_and_its_graph_rewrite_refused():
+    model = nn.Sequential(InlineClampingHalf(), InlineClampingHalf())
+    assert [b.index for b in memcompile.find_ffn_blocks(model)] == [0, 1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemcompileError, match="branches on the input's dtype") as error:
+        memcompile.transform(model, [1], **SMALL)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is InlineClampingHalf for m in model)
+
+
 def test_a_block_gets_the_same_memory_whether_converted_alone_or_later():
     options = dict(SMALL, share_values=False)
     together = memcompile.transform(build("gelu_module"), [0, 1], **options)
