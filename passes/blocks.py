@@ -79,6 +79,7 @@ class TransformState:
     layers: list[int | str] | None = None
     captures: list[Capture] = field(default_factory=list)
     blocks: list[FFNBlock] = field(default_factory=list)
+    moe_blocks: dict[str, str] = field(default_factory=dict)  # index label -> path
     selected: list[FFNBlock] = field(default_factory=list)
     converted: list[ConvertedBlock] = field(default_factory=list)
     pool: MemoryPool | None = None

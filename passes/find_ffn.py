@@ -21,6 +21,7 @@ from ..runtime.wrappers import CONVERTED_MARK
 from .activations import MULTIPLY, activation_name, skip_back
 from .blocks import Capture, FFNBlock, FFNMatch, TransformState
 from .capture import is_projection, projection_shape
+from .moe import find_moe_blocks, inside
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,17 @@ def find_ffn(state: TransformState) -> None:
             found.append((path, block))
             taken.add(capture.path)
     found += _split_blocks(state.captures, taken)
+    # FFNs inside an MoE block (its experts, a shared expert) are not blocks of their own;
+    # MoE blocks get indices beside the FFNs' so that select can name them when asked for.
+    moe = find_moe_blocks(state.model)
+    found = [(path, block) for path, block in found if not any(inside(path, o) for o in moe)]
     order = {path: i for i, (path, _) in enumerate(state.model.named_modules())}
     found.sort(key=lambda item: order.get(item[0], -1))
-    indices = block_indices([path for path, _ in found])
-    state.blocks = [_with_index(block, index) for (_, block), index in zip(found, indices)]
-    log.info("found %d FFN blocks", len(state.blocks))
+    paths = sorted([path for path, _ in found] + moe, key=lambda path: order.get(path, -1))
+    index_of = dict(zip(paths, block_indices(paths)))
+    state.blocks = [_with_index(block, index_of[path]) for path, block in found]
+    state.moe_blocks = {str(index_of[path]): path for path in moe}
+    log.info("found %d FFN blocks and %d MoE blocks", len(state.blocks), len(moe))
 
 
 def _with_index(block: FFNBlock, index: int | str) -> FFNBlock:

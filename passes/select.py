@@ -17,6 +17,12 @@ def _describe(labels: list[str]) -> str:
 def select(state: TransformState) -> None:
     """Fill `state.selected`; every FFN block when `state.layers` is None."""
     model_name = type(state.model).__name__
+    if not state.blocks and state.moe_blocks:
+        paths = list(state.moe_blocks.values())
+        raise MemcompileError(
+            f"no dense FFN blocks found in {model_name}: its {len(paths)} mixture-of-experts "
+            f"blocks ({paths[0]}, ...) are not convertible"
+        )
     if not state.blocks:
         raise MemcompileError(
             f"no FFN blocks found in {model_name}: memcompile converts Linear -> activation -> "
@@ -34,6 +40,11 @@ def select(state: TransformState) -> None:
         if label in seen:
             raise MemcompileError(f"layer {label} is listed twice: list each layer once")
         seen.add(label)
+        if label in state.moe_blocks:
+            raise MemcompileError(
+                f"layer {label} is a mixture-of-experts block ({state.moe_blocks[label]}), "
+                f"which memcompile does not convert: choose from {_describe(list(by_label))}"
+            )
         if label not in by_label:
             raise MemcompileError(
                 f"layer {label} is not an FFN block of {model_name}: valid layers are "

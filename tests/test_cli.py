@@ -212,6 +212,40 @@ def test_mixture_of_experts_is_reported_and_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_dense_layers_of_a_model_with_moe_blocks_convert(tmp_path):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],  # layers 0 and 2 are MoE blocks, each with a shared expert
+    )
+    path = tmp_path / "qwen2moe"
+    original = Qwen2MoeForCausalLM(cfg).eval()
+    original.save_pretrained(path)
+    listed = json.loads(_run("inspect", path, "--quiet", "--json").output)
+    assert listed["moe_blocks"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert [(b["index"], b["path"]) for b in listed["blocks"]] == [(1, "model.layers.1.mlp")]
+
+    refused = _run("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "moe")
+    assert refused.exit_code == 2 and "layer 0 is a mixture-of-experts block" in refused.output
+    args = ["--layers", "1", "--mode", "augment", *SMALL, "-o", tmp_path / "out"]
+    assert _run("convert", path, *args).exit_code == 0
+    converted = memcompile.load(tmp_path / "out")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, original(ids).logits)
+
+
 @pytest.mark.parametrize("command", [[], ["inspect"], ["convert"]])
 def test_help_shows_an_example(command):
     result = _run(*command, "--help")

@@ -73,7 +73,6 @@ def convert(
 
     from .. import checkpoint
     from ..api import transform
-    from ..passes.moe import find_moe_blocks
 
     refuse_existing(output, force, inputs=[model_path])
     if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
@@ -85,12 +84,6 @@ def convert(
     wanted = [part.strip() for part in layers.split(",") if part.strip()]
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
-    moe = find_moe_blocks(loaded.model)
-    if moe:
-        raise MemcompileError(
-            f"{model_path} has mixture-of-experts blocks ({moe[0]}, ...): memcompile does not "
-            "convert MoE blocks; `memcompile inspect` lists them"
-        )
     with steps("converting"):
         model, report = transform(
             loaded.model, layers=wanted, config=config, lazy_init=lazy_init, return_report=True
