@@ -59,8 +59,11 @@ def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
 
 
 def name_activation_module(module: nn.Module) -> str | None:
-    """Name of a parameterless element-wise module, by probing it; None if it is not one."""
-    if any(True for _ in module.parameters()) or isinstance(module, (nn.Dropout, nn.Identity)):
+    """Name of an element-wise module, by probing it; None if it is not one. Scalar
+    parameters are allowed (PReLU's slope, Apertus's xIELU), per-channel ones are not."""
+    if any(p.numel() != 1 for p in module.parameters()):
+        return None
+    if isinstance(module, (nn.Dropout, nn.Identity)):
         return None
     probe = torch.linspace(-5.0, 5.0, 64).reshape(2, 32)
     permutation = torch.randperm(64, generator=torch.Generator().manual_seed(0))

@@ -128,7 +128,7 @@ def _swap_children(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augmen
     for name, module in zip((up_name, act_name, down_name), new):
         setattr(parent, name, module)
     original, replacement = nn.Sequential(up, act, down), nn.Sequential(*new)
-    return ConvertedBlock(block, layer, original, replacement, _count(up, down))
+    return ConvertedBlock(block, layer, original, replacement, _count(up, act, down))
 
 
 def _strategy(block: FFNBlock) -> str:

@@ -418,6 +418,19 @@ def test_inline_ffn_in_a_forward_with_options_swaps_its_children():
     assert replaced[1](x, mask=mask).shape == x.shape
 
 
+def test_an_activation_with_a_scalar_parameter_is_found_and_replaced_with_its_ffn():
+    torch.manual_seed(0)
+    model = nn.Sequential(InlineWithKwargs(), InlineWithKwargs())
+    for layer in model:
+        layer.act = nn.PReLU()  # one learnable slope, like Apertus's xIELU
+    assert [b.activation for b in memcompile.find_ffn_blocks(model)] == ["PReLU", "PReLU"]
+    slope = model[1].act.weight
+    ffn = [model[1].fc1.weight, model[1].fc1.bias, slope, model[1].fc2.weight, model[1].fc2.bias]
+    _, report = memcompile.transform(model, [1], return_report=True, **SMALL)
+    assert report.ffn_params_removed == sum(p.numel() for p in ffn)
+    assert not any(p is slope for p in model.parameters())
+
+
 def test_ffn_sharing_a_forward_with_options_is_refused_before_any_change():
     model = nn.Sequential(GatedInlineWithOption(), GatedInlineWithOption())
     before = {k: v.clone() for k, v in model.state_dict().items()}
