@@ -58,6 +58,31 @@ def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
     return root.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _name_curve(fn) -> str | None:
+    """Name of the element-wise function `fn` computes, by probing it: a reference curve's
+    name, else the fallback "" (the caller names it); None if it is not element-wise or is
+    linear (identity, a scale, dropout in eval: Linear -> it -> Linear is no FFN)."""
+    probe = torch.linspace(-5.0, 5.0, 64).reshape(2, 32)
+    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = fn(probe)
+            shuffled = fn(probe.flatten()[permutation].reshape(2, 32))
+            scaled = fn(-2.0 * probe)
+    except Exception:  # noqa: BLE001 - not callable on one tensor: not an activation
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (out, scaled)):
+        return None
+    if not torch.allclose(out.flatten()[permutation], shuffled.flatten()):
+        return None
+    if torch.allclose(scaled, -2.0 * out):
+        return None
+    for name, curve in _REFERENCE_CURVES.items():
+        if torch.allclose(out, curve(probe), atol=1e-4, rtol=1e-4):
+            return name
+    return ""
+
+
 def name_activation_module(module: nn.Module) -> str | None:
     """Name of an element-wise module, by probing it; None if it is not one. Scalar
     parameters are allowed (PReLU's slope, Apertus's xIELU), per-channel ones are not."""
@@ -65,29 +90,54 @@ def name_activation_module(module: nn.Module) -> str | None:
         return None
     if isinstance(module, (nn.Dropout, nn.Identity)):
         return None
-    probe = torch.linspace(-5.0, 5.0, 64).reshape(2, 32)
-    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     was_training = module.training
+    module.eval()
     try:
-        module.eval()
-        with torch.no_grad():
-            out = module(probe)
-            shuffled = module(probe.flatten()[permutation].reshape(2, 32))
-            scaled = module(-2.0 * probe)
-    except Exception:  # noqa: BLE001 - not callable on one tensor: not an activation
-        return None
+        name = _name_curve(module)
     finally:
         module.train(was_training)
-    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (out, scaled)):
+    return name or (None if name is None else type(module).__name__)
+
+
+def pointwise_chain(root: nn.Module, node: fx.Node, is_source) -> tuple[str, fx.Node, list]:
+    """(name, source, nodes) when `node` is computed from one `is_source` node by ATen
+    point-wise ops and scalars alone: an activation that torch.export decomposed (GPT-2's
+    gelu_new into mul/pow/tanh, quick_gelu into x * sigmoid(1.702 x)). None otherwise."""
+    chain, sources, pending = [], set(), [node]
+    while pending:
+        current = pending.pop()
+        if current in chain or current in sources:
+            continue
+        if is_source(current):
+            sources.add(current)
+            continue
+        tags = getattr(current.target, "tags", ())
+        if current.op != "call_function" or not (
+            torch.Tag.pointwise in tags or is_pass_through(root, current)
+        ):
+            return None
+        for arg in (*current.args, *current.kwargs.values()):
+            if isinstance(arg, fx.Node):
+                pending.append(arg)
+            elif not isinstance(arg, (int, float, bool, type(None), torch.dtype)):
+                return None
+        chain.append(current)
+    if len(sources) != 1 or not chain:
         return None
-    if not torch.allclose(out.flatten()[permutation], shuffled.flatten()):
-        return None
-    if torch.allclose(scaled, -2.0 * out):
-        return None  # linear (identity, a scale, dropout in eval): Linear -> it -> Linear is no FFN
-    for name, curve in _REFERENCE_CURVES.items():
-        if torch.allclose(out, curve(probe), atol=1e-4, rtol=1e-4):
-            return name
-    return type(module).__name__
+    (source,) = sources
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    chain.sort(key=order.__getitem__)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        values = {source: x}
+        for step in chain:
+            args = fx.node.map_arg(step.args, values.__getitem__)
+            kwargs = fx.node.map_arg(step.kwargs, values.__getitem__)
+            values[step] = step.target(*args, **kwargs)
+        return values[node]
+
+    name = _name_curve(run)
+    return None if name is None else (name or "pointwise", source, chain)
 
 
 def activation_name(root: nn.Module, node: fx.Node) -> str | None:

@@ -5,7 +5,8 @@ Patterns, each ending in an output projection `down`:
   gated        down(act(gate(x)) * up(x))            SwiGLU, GeGLU
   fused_gated  down(act(a) * b), a, b = gate_up(x).chunk(2, -1)     Phi-3
   split        up+act in one module, down in its sibling           BERT's intermediate/output
-Dropout, identity and casts may sit between the parts.
+Dropout, identity and casts may sit between the parts. In torch.export programs an
+activation may be a chain of point-wise ATen ops, and a Conv1D is view/addmm/view.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.wrappers import CONVERTED_MARK
-from .activations import MULTIPLY, activation_name, skip_back
+from .activations import MULTIPLY, activation_name, pointwise_chain, skip_back
 from .blocks import Capture, FFNBlock, FFNMatch, TransformState
 from .capture import is_projection, projection_shape
 from .moe import find_moe_blocks, inside
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 _LINEAR_FUNCTIONS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
 _CHUNKS = {"chunk", torch.chunk, torch.ops.aten.chunk.default}
+_VIEWS = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+}
 
 
 class _Matcher:
@@ -36,23 +42,55 @@ class _Matcher:
 
     def projection(self, node: fx.Node) -> tuple[int, int] | None:
         """(in, out) features if the node is a projection: a Linear/Conv1D module call, or
-        `aten.linear(x, weight, bias)` on parameters (torch.export programs)."""
+        in torch.export programs `aten.linear(x, weight, bias)` on parameters or GPT-2's
+        Conv1D as `view(addmm(bias, view(x), weight))`."""
         if not isinstance(node, fx.Node):
             return None
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
             return projection_shape(module) if is_projection(module) else None
         if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS and len(node.args) > 1:
-            weight = node.args[1]
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                shape = self.root.get_parameter(weight.target).shape
-                return (shape[1], shape[0]) if len(shape) == 2 else None
+            shape = self._parameter_shape(node.args[1])
+            return (shape[1], shape[0]) if shape is not None else None
+        if self._addmm(node) is not None:
+            return self._parameter_shape(self._addmm(node).args[2])
+        return None
+
+    def _parameter_shape(self, node) -> tuple[int, int] | None:
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            shape = self.root.get_parameter(node.target).shape
+            return tuple(shape) if len(shape) == 2 else None
         return None
 
     @staticmethod
-    def projection_path(node: fx.Node) -> str:
+    def _addmm(node: fx.Node) -> fx.Node | None:
+        """The addmm of `view(addmm(bias, view(x), weight))`, else None."""
+        if node.op != "call_function" or node.target not in _VIEWS:
+            return None
+        addmm = node.args[0]
+        if not (isinstance(addmm, fx.Node) and addmm.target is torch.ops.aten.addmm.default):
+            return None
+        flat = addmm.args[1]
+        if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(flat.users) == 1):
+            return None
+        return addmm if len(addmm.users) == 1 else None
+
+    def projection_input(self, node: fx.Node) -> fx.Node:
+        addmm = self._addmm(node)
+        return addmm.args[1].args[0] if addmm is not None else node.args[0]
+
+    def projection_steps(self, node: fx.Node) -> list[fx.Node]:
+        """The nodes a projection node stands for besides itself (Conv1D's addmm, view)."""
+        addmm = self._addmm(node)
+        return [addmm, addmm.args[1]] if addmm is not None else []
+
+    def projection_path(self, node: fx.Node) -> str:
         """Module path of a projection node: the module called, or the owner of the weight."""
-        return node.target if node.op == "call_module" else node.args[1].target.rpartition(".")[0]
+        if node.op == "call_module":
+            return node.target
+        addmm = self._addmm(node)
+        weight = addmm.args[2] if addmm is not None else node.args[1]
+        return weight.target.rpartition(".")[0]
 
     def back(self, node):
         return skip_back(self.root, node)
@@ -88,21 +126,24 @@ class _Matcher:
         down_shape = self.projection(down)
         if down_shape is None or not down.args or down.meta.get(CONVERTED_MARK):
             return None
-        hidden, passed = self.back(down.args[0])
-        interior = list(passed)
+        hidden, passed = self.back(self.projection_input(down))
+        interior = passed + self.projection_steps(down)
         act = self.activation_input(hidden)
+        found = None
+        if act is None and hidden.op in ("call_function", "call_method"):
+            if hidden.target in MULTIPLY:
+                found = self.gated(hidden, down_shape[0])
+            if found is None:
+                act = pointwise_chain(self.root, hidden, lambda n: self.projection(n) is not None)
         if act is not None:
             name, up, act_nodes = act
             up_shape = self.projection(up)
             if up_shape is None or up_shape[1] != down_shape[0]:
                 return None
-            entry, kind, linears = up.args[0], "mlp", [up]
-            interior += act_nodes + [up]
+            entry, kind, linears = self.projection_input(up), "mlp", [up]
+            interior += act_nodes + [up, *self.projection_steps(up)]
             d_model, d_hidden = up_shape
-        elif hidden.op in ("call_function", "call_method") and hidden.target in MULTIPLY:
-            found = self.gated(hidden, down_shape[0])
-            if found is None:
-                return None
+        elif found is not None:
             entry, kind, name, linears, nodes, d_model = found
             interior += [hidden, *nodes]
             d_hidden = down_shape[0]
@@ -132,11 +173,15 @@ class _Matcher:
             if gate is lin_node and gate_shape and gate_shape[1] == d_hidden:
                 # h * act(h) of one projection: an MLP (h * sigmoid(h) is SiLU), not gated
                 name = "silu" if name == "sigmoid" else f"x*{name}"
-                return gate.args[0], "mlp", name, [gate], nodes + [gate], gate_shape[0]
-            if gate_shape and up_shape and gate.args[0] is lin_node.args[0]:
+                nodes += [gate, *self.projection_steps(gate)]
+                return self.projection_input(gate), "mlp", name, [gate], nodes, gate_shape[0]
+            entry = self.projection_input(gate) if gate_shape else None
+            if gate_shape and up_shape and entry is self.projection_input(lin_node):
                 if gate_shape[1] == up_shape[1] == d_hidden:
                     linears = [gate, lin_node]
-                    return gate.args[0], "gated", name, linears, nodes + linears, gate_shape[0]
+                    nodes += [*linears, *self.projection_steps(gate)]
+                    nodes += self.projection_steps(lin_node)
+                    return entry, "gated", name, linears, nodes, gate_shape[0]
             halves = self.chunk_half(gate), self.chunk_half(lin_node)
             if None in halves or halves[0][0] is not halves[1][0]:
                 continue
@@ -148,8 +193,9 @@ class _Matcher:
                 and fused_shape[1] == 2 * d_hidden
                 and {halves[0][1], halves[1][1]} == {0, 1}
             ):
-                nodes += [gate, lin_node, chunk, fused]
-                return fused.args[0], "fused_gated", name, [fused], nodes, fused_shape[0]
+                nodes += [gate, lin_node, chunk, fused, *self.projection_steps(fused)]
+                entry = self.projection_input(fused)
+                return entry, "fused_gated", name, [fused], nodes, fused_shape[0]
         return None
 
 
@@ -279,11 +325,12 @@ def find_ffn(state: TransformState) -> None:
     moe = find_moe_blocks(state.model)
     found = [(path, block) for path, block in found if not any(inside(path, o) for o in moe)]
     order = {path: i for i, (path, _) in enumerate(state.model.named_modules())}
-    found.sort(key=lambda item: order.get(item[0], -1))
-    paths = sorted([path for path, _ in found] + moe, key=lambda path: order.get(path, -1))
-    index_of = dict(zip(paths, block_indices(paths)))
-    state.blocks = [_with_index(block, index_of[path]) for path, block in found]
-    state.moe_blocks = {str(index_of[path]): path for path in moe}
+    everything = sorted(
+        found + [(path, None) for path in moe], key=lambda item: order.get(item[0], -1)
+    )
+    indices = block_indices([path for path, _ in everything])
+    state.blocks = [_with_index(b, i) for (_, b), i in zip(everything, indices) if b is not None]
+    state.moe_blocks = {str(i): path for (path, b), i in zip(everything, indices) if b is None}
     log.info("found %d FFN blocks and %d MoE blocks", len(state.blocks), len(moe))
 
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
+from zoo import ZOO
 
+import memcompile
 from memcompile.cli import main
 
 from models import CASES, VOCAB, build
@@ -96,6 +98,61 @@ def test_gated_and_fused_programs(tmp_path):
     with torch.no_grad():
         expected = original.module()(x)
         assert torch.equal(torch.export.load(tmp_path / "out.pt2").module()(x), expected)
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def test_exported_gpt2_conv1d_and_decomposed_gelu_are_found_and_converted(tmp_path):
+    """In ATen, GPT-2's Conv1D is view/addmm/view and its gelu_new is mul/pow/tanh/add."""
+    source = tmp_path / "gpt2.pt2"
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    original = _export(Logits(next(c for c in ZOO if c.name == "gpt2").build()), ids, source)
+    listed = CliRunner().invoke(main, ["inspect", str(source), "--json", "--quiet"])
+    blocks = json.loads(listed.output)["blocks"]
+    assert [(b["index"], b["kind"], b["activation"]) for b in blocks] == [
+        (i, "mlp", "gelu_tanh") for i in range(3)
+    ]
+    assert {(b["d_model"], b["d_hidden"]) for b in blocks} == {(32, 128)}
+
+    result = _convert(source, tmp_path / "augment.pt2", "--layers", "0,2", "--mode", "augment")
+    assert result.exit_code == 0, result.output
+    probe = torch.randint(1, VOCAB, (3, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = original.module()(probe)
+        assert torch.equal(torch.export.load(tmp_path / "augment.pt2").module()(probe), expected)
+
+    result = _convert(source, tmp_path / "replace.pt2", "--layers", "1")
+    assert result.exit_code == 0, result.output
+    replaced = torch.export.load(tmp_path / "replace.pt2")
+    ops = [n.target for n in replaced.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.memcompile.pk_topk.default) == 1
+    assert ops.count(torch.ops.aten.tanh.default) == 2  # blocks 0 and 2 keep their gelu
+    assert not any("h.1.mlp.c_fc" in name for name in replaced.state_dict)
+    with torch.no_grad():
+        assert replaced.module()(probe).shape == expected.shape
+
+
+class QuickGELUStack(nn.Module):
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        h = self.up(x)
+        return x + self.down(h * torch.sigmoid(1.702 * h))
+
+
+def test_an_activation_export_decomposes_is_named_by_its_curve():
+    program = torch.export.export(QuickGELUStack().eval(), (torch.randn(2, 5, 16),))
+    (block,) = memcompile.find_ffn_blocks(program.module())
+    assert (block.kind, block.activation, block.d_hidden) == ("mlp", "quick_gelu", 32)
 
 
 @pytest.mark.parametrize(("source", "out"), [("a.pt2", "out"), ("a.pt", "out.pt2")])
