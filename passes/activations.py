@@ -61,7 +61,7 @@ def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
 def _name_curve(fn) -> str | None:
     """Name of the element-wise function `fn` computes, by probing it: a reference curve's
     name, else the fallback "" (the caller names it); None if it is not element-wise or is
-    linear (identity, a scale, dropout in eval: Linear -> it -> Linear is no FFN)."""
+    affine (identity, a scale, a shift, dropout in eval: Linear -> it -> Linear is no FFN)."""
     probe = torch.linspace(-5.0, 5.0, 64).reshape(2, 32)
     permutation = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     try:
@@ -69,13 +69,15 @@ def _name_curve(fn) -> str | None:
             out = fn(probe)
             shuffled = fn(probe.flatten()[permutation].reshape(2, 32))
             scaled = fn(-2.0 * probe)
+            at_zero = fn(torch.zeros_like(probe))
     except Exception:  # noqa: BLE001 - not callable on one tensor: not an activation
         return None
-    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in (out, scaled)):
+    outputs = (out, shuffled, scaled, at_zero)
+    if not all(isinstance(t, torch.Tensor) and t.shape == probe.shape for t in outputs):
         return None
     if not torch.allclose(out.flatten()[permutation], shuffled.flatten()):
         return None
-    if torch.allclose(scaled, -2.0 * out):
+    if torch.allclose(scaled - at_zero, -2.0 * (out - at_zero)):
         return None
     for name, curve in _REFERENCE_CURVES.items():
         if torch.allclose(out, curve(probe), atol=1e-4, rtol=1e-4):

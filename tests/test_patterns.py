@@ -338,6 +338,11 @@ class Half(nn.Module):
         return 0.5 * x
 
 
+class HalfPlusOne(nn.Module):
+    def forward(self, x):
+        return 0.5 * x + 1.0
+
+
 NOT_FFN = {
     "hidden_reused": HiddenReused,
     "no_activation": NoActivation,
@@ -345,6 +350,7 @@ NOT_FFN = {
     "one_projection": Attention,
     "identity_module_between": lambda: MLP(Passthrough()),
     "linear_module_between": lambda: MLP(Half()),
+    "affine_module_between": lambda: MLP(HalfPlusOne()),
 }
 
 

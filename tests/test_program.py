@@ -139,20 +139,24 @@ def test_exported_gpt2_conv1d_and_decomposed_gelu_are_found_and_converted(tmp_pa
         assert replaced.module()(probe).shape == expected.shape
 
 
-class QuickGELUStack(nn.Module):
-    def __init__(self, d=16, h=32):
+class PointwiseBetween(nn.Module):
+    def __init__(self, between, d=16, h=32):
         super().__init__()
-        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+        self.up, self.down, self.between = nn.Linear(d, h), nn.Linear(h, d), between
 
     def forward(self, x):
-        h = self.up(x)
-        return x + self.down(h * torch.sigmoid(1.702 * h))
+        return x + self.down(self.between(self.up(x)))
 
 
 def test_an_activation_export_decomposes_is_named_by_its_curve():
-    program = torch.export.export(QuickGELUStack().eval(), (torch.randn(2, 5, 16),))
+    quick_gelu = PointwiseBetween(lambda h: h * torch.sigmoid(1.702 * h))
+    program = torch.export.export(quick_gelu.eval(), (torch.randn(2, 5, 16),))
     (block,) = memcompile.find_ffn_blocks(program.module())
     assert (block.kind, block.activation, block.d_hidden) == ("mlp", "quick_gelu", 32)
+
+    affine = PointwiseBetween(lambda h: (h * 0.5 + 1.0) / 3.0)  # no activation: no FFN
+    program = torch.export.export(affine.eval(), (torch.randn(2, 5, 16),))
+    assert memcompile.find_ffn_blocks(program.module()) == []
 
 
 @pytest.mark.parametrize(("source", "out"), [("a.pt2", "out"), ("a.pt", "out.pt2")])
