@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch.fx as fx
+
 from ..runtime import MemcompileError
 from .blocks import TransformState
 
@@ -17,6 +19,8 @@ def _describe(labels: list[str]) -> str:
 def select(state: TransformState) -> None:
     """Fill `state.selected`; every FFN block when `state.layers` is None."""
     model_name = type(state.model).__name__
+    if isinstance(state.model, fx.GraphModule):  # a torch.export program's module, say
+        model_name = "the graph"
     if not state.blocks and state.moe_blocks:
         paths = list(state.moe_blocks.values())
         raise MemcompileError(

@@ -157,6 +157,8 @@ def test_an_activation_export_decomposes_is_named_by_its_curve():
     affine = PointwiseBetween(lambda h: (h * 0.5 + 1.0) / 3.0)  # no activation: no FFN
     program = torch.export.export(affine.eval(), (torch.randn(2, 5, 16),))
     assert memcompile.find_ffn_blocks(program.module()) == []
+    with pytest.raises(memcompile.MemcompileError, match="no FFN blocks found in the graph:"):
+        memcompile.transform(program.module(), [0])
 
 
 @pytest.mark.parametrize(("source", "out"), [("a.pt2", "out"), ("a.pt", "out.pt2")])
