@@ -27,7 +27,8 @@ def _loss(case, model, inputs):
     out = case.output(model, inputs)
     if case.inputs == "pixels":
         return out.pow(2).mean()
-    targets = inputs["decoder_input_ids"] if case.inputs == "seq2seq" else inputs["input_ids"]
+    seq2seq = case.inputs in ("seq2seq", "audio")
+    targets = inputs["decoder_input_ids"] if seq2seq else inputs["input_ids"]
     if case.causal_lm:
         out, targets = out[:, :-1], targets[:, 1:]
     return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))

@@ -20,7 +20,7 @@ class ZooCase:
     kind: str
     causal_lm: bool = False
     indices: tuple = (0, 1, 2)
-    inputs: str = "ids"  # "ids" | "pixels" | "seq2seq"
+    inputs: str = "ids"  # "ids" | "pixels" | "seq2seq" | "audio" (seq2seq from mel features)
     extra: dict = field(default_factory=dict)
 
     def build(self, seed: int = 0) -> nn.Module:
@@ -37,6 +37,9 @@ class ZooCase:
         ids = torch.randint(1, VOCAB, (batch, seq), generator=generator)
         if self.inputs == "seq2seq":
             return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+        if self.inputs == "audio":  # 16 mel bins, 2 * max_source_positions frames
+            features = torch.randn(batch, 16, 32, generator=generator)
+            return {"input_features": features, "decoder_input_ids": ids[:, :5]}
         return {"input_ids": ids}
 
     def output(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -68,6 +71,8 @@ ZOO = [
     ZooCase("llama", "LlamaConfig", "LlamaForCausalLM", _DECODER, "gated", causal_lm=True),
     ZooCase("mistral", "MistralConfig", "MistralForCausalLM", _DECODER, "gated", causal_lm=True),
     ZooCase("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _DECODER, "gated", causal_lm=True),
+    # xIELU, an activation module with two learnable scalars
+    ZooCase("apertus", "ApertusConfig", "ApertusForCausalLM", _DECODER, "mlp", causal_lm=True),
     ZooCase(
         "gemma",
         "GemmaConfig",
@@ -204,6 +209,31 @@ ZOO = [
         "mlp",
         indices=("encoder.0", "encoder.1", "decoder.0", "decoder.1"),
         inputs="seq2seq",
+    ),
+    ZooCase(
+        "whisper",
+        "WhisperConfig",
+        "WhisperForConditionalGeneration",
+        dict(
+            d_model=D,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=H,
+            decoder_ffn_dim=H,
+            num_mel_bins=16,
+            max_source_positions=16,
+            max_target_positions=32,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+        "mlp",
+        indices=("encoder.0", "encoder.1", "decoder.0", "decoder.1"),
+        inputs="audio",
     ),
     ZooCase(
         "vit",
