@@ -50,8 +50,8 @@ class LeafTracer(fx.Tracer):
     """Traces one module and stops at its children: each becomes a `call_module` node.
 
     A branch on `x.dtype == torch.float16` (BART's and Whisper's layers clamp float16
-    overflow) is taken as if `x` had the module's own dtype, so such layers still trace;
-    the graph then holds for that dtype only, and `assumed_dtype` records it.
+    overflow) is taken as if `x` had dtype `dtype`, so such layers still trace; the graph
+    then holds for that dtype only, and `assumed_dtype` records it.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -122,8 +122,19 @@ def trace_module(module: nn.Module) -> fx.GraphModule | None:
 
     Arguments with defaults are fixed to their defaults (so Python control flow on flags
     such as `use_cache=False` traces) and *args/**kwargs are left out: see `is_specialized`.
-    Branches on an input's dtype assume the module's dtype: see `LeafTracer`.
+    Branches on an input's dtype assume the module's dtype, or float32 when that branch
+    does not trace (BART's float16-only clamp): see `LeafTracer`.
     """
+    dtype = _float_dtype(module)
+    for assumed in dict.fromkeys([dtype, torch.float32]):
+        tracer = LeafTracer(assumed)
+        graph_module = _trace(module, tracer)
+        if graph_module is not None or tracer.assumed_dtype is None:
+            return graph_module
+    return None
+
+
+def _trace(module: nn.Module, tracer: LeafTracer) -> fx.GraphModule | None:
     try:
         with _without_variadic_arguments(module):
             concrete = {
@@ -131,7 +142,6 @@ def trace_module(module: nn.Module) -> fx.GraphModule | None:
                 for p in _forward_parameters(module)[1:]
                 if p.default is not p.empty and p.kind in _NAMED
             }
-            tracer = LeafTracer(_float_dtype(module))
             graph = tracer.trace(module, concrete_args=concrete or None)
             graph_module = fx.GraphModule(module, graph, class_name=type(module).__name__)
             setattr(graph_module, ASSUMED_DTYPE, tracer.assumed_dtype)

@@ -418,6 +418,14 @@ def test_inline_ffn_in_a_forward_with_options_swaps_its_children():
     assert replaced[1](x, mask=mask).shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_activation_with_a_scalar_parameter_is_found_in_half_precision(dtype):
+    model = nn.Sequential(InlineWithKwargs(), InlineWithKwargs())
+    for layer in model:
+        layer.act = nn.PReLU()
+    assert [b.index for b in memcompile.find_ffn_blocks(model.to(dtype))] == [0, 1]
+
+
 def test_an_activation_with_a_scalar_parameter_is_found_and_replaced_with_its_ffn():
     torch.manual_seed(0)
     model = nn.Sequential(InlineWithKwargs(), InlineWithKwargs())
@@ -465,6 +473,35 @@ def test_ffn_beside_a_dtype_branch_is_found_and_its_graph_rewrite_refused():
     assert "\n" not in str(error.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(type(m) is InlineClampingHalf for m in model)
+
+
+class ClampingHalfIfInfinite(nn.Module):
+    """BART's encoder layer: fc1/act/fc2 children, and a float16 branch whose condition
+    (`isfinite(...).all()`) cannot be traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)
+
+    def forward(self, x):
+        y = x + self.fc2(self.act(self.fc1(x)))
+        if y.dtype == torch.float16 and not torch.isfinite(y).all():
+            y = y.clamp(-1e4, 1e4)
+        return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_blocks_beside_a_dtype_branch_are_the_same_in_every_dtype(dtype):
+    model = nn.Sequential(ClampingHalfIfInfinite(), ClampingHalfIfInfinite()).to(dtype)
+    assert [b.index for b in memcompile.find_ffn_blocks(model)] == [0, 1]
+
+
+def test_experts_without_a_router_are_no_moe_block():
+    model = Stack(lambda: MLP(nn.GELU()), n=2)
+    model.experts = nn.ModuleDict({"sentiment": nn.Linear(D, 2), "topic": nn.Linear(D, 5)})
+    assert [b.index for b in memcompile.find_ffn_blocks(model)] == [0, 1]
+    memcompile.transform(model, [1], **SMALL)
+    assert isinstance(model.layers[1].mlp, MemoryLayer)
 
 
 def test_a_block_gets_the_same_memory_whether_converted_alone_or_later():
