@@ -92,10 +92,19 @@ def name_activation_module(module: nn.Module) -> str | None:
         return None
     if isinstance(module, (nn.Dropout, nn.Identity)):
         return None
+    param = next(module.parameters(), None)
+    if param is None:
+        run = module
+    else:  # probe in the parameters' dtype and device, compare in float32
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = module(x.to(param.device, param.dtype))
+            return out.float().cpu() if isinstance(out, torch.Tensor) else out
+
     was_training = module.training
     module.eval()
     try:
-        name = _name_curve(module)
+        name = _name_curve(run)
     finally:
         module.train(was_training)
     return name or (None if name is None else type(module).__name__)

@@ -57,14 +57,21 @@ class _Matcher:
         return None
 
     def _parameter_shape(self, node) -> tuple[int, int] | None:
-        if isinstance(node, fx.Node) and node.op == "get_attr":
+        """The shape of a 2-d parameter named `weight` (a module's projection weight)."""
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return None
+        if node.target.rpartition(".")[2] != "weight":
+            return None  # a raw parameter, not a projection module's weight
+        try:
             shape = self.root.get_parameter(node.target).shape
-            return tuple(shape) if len(shape) == 2 else None
-        return None
+        except AttributeError:
+            return None  # a buffer or a constant: nothing to train
+        return tuple(shape) if len(shape) == 2 else None
 
     @staticmethod
     def _addmm(node: fx.Node) -> fx.Node | None:
-        """The addmm of `view(addmm(bias, view(x), weight))`, else None."""
+        """The addmm of `view(addmm(bias, view(x), weight))` applying the weight to x's last
+        dimension and keeping its leading ones (Conv1D), else None."""
         if node.op != "call_function" or node.target not in _VIEWS:
             return None
         addmm = node.args[0]
@@ -73,7 +80,17 @@ class _Matcher:
         flat = addmm.args[1]
         if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(flat.users) == 1):
             return None
-        return addmm if len(addmm.users) == 1 else None
+        if len(addmm.users) != 1 or not isinstance(flat.args[0], fx.Node):
+            return None
+        x, flat_out, out = (n.meta.get("val") for n in (flat.args[0], flat, node))
+        if not all(isinstance(v, torch.Tensor) for v in (x, flat_out, out)):
+            return None
+        # shapes may be symbolic: compared as text, which needs no guard
+        if flat_out.dim() != 2 or str(flat_out.shape[-1]) != str(x.shape[-1]):
+            return None
+        if str(out.shape[:-1]) != str(x.shape[:-1]):
+            return None
+        return addmm
 
     def projection_input(self, node: fx.Node) -> fx.Node:
         addmm = self._addmm(node)

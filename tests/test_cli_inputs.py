@@ -167,6 +167,7 @@ def test_plan_names_the_input_it_takes_for_a_program(tmp_path):
         (["convert", "m.pt", "-o", "out"], "Missing option '--layers'", "memcompile convert"),
         (["convert", "m.pt", "--layers", "1", "--mode", "swap", "-o", "o"], "'swap'", "convert"),
         (["export"], "Missing argument 'CKPT'", "memcompile export"),
+        (["convert", "m.pt", "-o"], "'-o' requires an argument", "memcompile convert"),
         (["frobnicate"], "No such command 'frobnicate'", "memcompile"),
         (["--bogus"], "No such option '--bogus'", "memcompile"),
     ],

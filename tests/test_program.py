@@ -161,6 +161,52 @@ def test_an_activation_export_decomposes_is_named_by_its_curve():
         memcompile.transform(program.module(), [0])
 
 
+class AddmmProjection(nn.Module):
+    """Holds a projection's `weight` (in, out) and `bias`, applied by the parent's forward."""
+
+    def __init__(self, d_in, d_out, as_buffer=False):
+        super().__init__()
+        weight = torch.randn(d_in, d_out) * 0.1
+        if as_buffer:
+            self.register_buffer("weight", weight)
+        else:
+            self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+
+class AddmmMLP(nn.Module):
+    """up and down as addmm on x.view(-1, d): Conv1D's pattern unless `layout` breaks it."""
+
+    def __init__(self, layout="conv1d", d=16, h=64):
+        super().__init__()
+        self.layout = layout
+        halves = 2 if layout == "split_rows" else 1  # each row of x split in two
+        self.up = AddmmProjection(d // halves, h // halves)
+        self.down = AddmmProjection(h, d, as_buffer=layout == "buffer")
+
+    def forward(self, x):
+        batch, seq, d = x.shape
+        flat = x.reshape(-1, d // 2) if self.layout == "split_rows" else x.view(-1, d)
+        h = torch.addmm(self.up.bias, flat, self.up.weight)
+        h = F.gelu(h.view(batch, seq, -1))
+        y = torch.addmm(self.down.bias, h.reshape(-1, h.shape[-1]), self.down.weight)
+        if self.layout == "to_heads":
+            return x + y.view(batch, seq, d, 1).squeeze(-1)
+        return x + y.view(batch, seq, d)
+
+
+@pytest.mark.parametrize("layout", ["to_heads", "split_rows", "buffer"])
+def test_an_addmm_that_is_no_conv1d_is_no_projection(layout):
+    program = torch.export.export(AddmmMLP(layout).eval(), (torch.randn(2, 5, 16),))
+    assert memcompile.find_ffn_blocks(program.module()) == []
+
+
+def test_an_addmm_mlp_is_a_conv1d_ffn():
+    program = torch.export.export(AddmmMLP().eval(), (torch.randn(2, 5, 16),))
+    (block,) = memcompile.find_ffn_blocks(program.module())
+    assert (block.kind, block.d_model, block.d_hidden, block.activation) == ("mlp", 16, 64, "gelu")
+
+
 @pytest.mark.parametrize(("source", "out"), [("a.pt2", "out"), ("a.pt", "out.pt2")])
 def test_program_in_program_out(tmp_path, source, out):
     (tmp_path / source).write_bytes(b"")

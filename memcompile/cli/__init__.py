@@ -20,33 +20,45 @@ EPILOG_MAIN = inspect_cmd.EPILOG_INSPECT.replace(
 class OneLineUsageError(click.UsageError):
     """A usage error shown as the one `error:` line every other bad input gets."""
 
+    def __init__(self, message: str, command_path: str) -> None:
+        super().__init__(message)
+        self.command_path = command_path
+
     def show(self, file=None) -> None:
-        command = self.ctx.command_path if self.ctx is not None else "memcompile"
         message = self.message.rstrip(".")
-        click.echo(f"error: {message} (see '{command} --help')", file=file, err=True)
+        click.echo(f"error: {message} (see '{self.command_path} --help')", file=file, err=True)
 
 
-def _one_line(error: click.UsageError) -> click.UsageError:
+def _one_line(error: click.UsageError, command_path: str) -> click.UsageError:
     # A bare `memcompile` still prints the help: it is not a mistake worth an error line.
     if isinstance(error, click.exceptions.NoArgsIsHelpError):
         return error
-    return OneLineUsageError(error.format_message(), error.ctx)
+    # click leaves `ctx` unset on some parse errors (an option missing its value)
+    path = error.ctx.command_path if error.ctx is not None else command_path
+    return OneLineUsageError(error.format_message(), path)
 
 
 class MemcompileGroup(click.Group):
     """click's group, with its usage errors (and its commands') on one line."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
-            raise _one_line(error) from None
+            raise _one_line(error, info_name or self.name) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except click.UsageError as error:
-            raise _one_line(error) from None
+            command = ctx.meta.get("memcompile.command")
+            path = f"{ctx.command_path} {command}" if command else ctx.command_path
+            raise _one_line(error, path) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["memcompile.command"] = name
+        return name, command, rest
 
 
 @click.group(
