@@ -4,8 +4,8 @@ The model is exported with the dynamo-based `torch.onnx.export`; the memory-laye
 lowered by `passes/lower_onnx.py` in the "decomposed" form (standard ONNX ops) or the
 "custom" form (`com.memcompile` nodes with ONNX function bodies, and native kernels in
 `memcompile.runtime.ort_session`). Dimension 0 of every input is the batch and dimension 1
-the sequence; both stay dynamic unless `dynamic=False`. The file is written to a temporary
-name beside `path` and renamed into place, so an error leaves nothing behind.
+of token inputs the sequence; both stay dynamic unless `dynamic=False`. The file is written
+to a temporary name beside `path` and renamed into place, so an error leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -136,14 +136,28 @@ def _named_inputs(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
     return named
 
 
-def _check_dynamic_shapes(named: dict[str, torch.Tensor]) -> None:
+def _dynamic_axes(named: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Dim 0 of every input is the batch; dim 1 is a sequence for token inputs (integer
+    tensors: ids, masks, positions) and `*_embeds`, not for pixels or audio features.
+    Decoder inputs get their own sequence axis: an axis name shared by two inputs tells
+    ONNX Runtime that their lengths are equal."""
+    axes = {}
     for name, tensor in named.items():
-        shape = tuple(tensor.shape)
-        if len(shape) < 2 or min(shape[:2]) < 2:
+        axes[name] = {0: "batch"}
+        if not tensor.is_floating_point() or name.endswith("embeds"):
+            axes[name][1] = "decoder_seq" if name.startswith("decoder_") else "seq"
+    return axes
+
+
+def _check_dynamic_shapes(named: dict[str, torch.Tensor]) -> None:
+    for name, dims in _dynamic_axes(named).items():
+        shape = tuple(named[name].shape)
+        if len(shape) < len(dims) or min(shape[: len(dims)]) < 2:
+            what = "batch and sequence dimensions" if len(dims) == 2 else "batch dimension"
             raise MemcompileError(
-                f"example input {name!r} has shape {shape}: with dynamic batch and sequence "
-                "dimensions each input needs them as dims 0 and 1, both >= 2 (a size-1 "
-                "example would be fixed at 1), or pass dynamic=False"
+                f"example input {name!r} has shape {shape}: its dynamic {what} need an "
+                "example size >= 2 (a size-1 example would be fixed at 1), or pass "
+                "dynamic=False"
             )
 
 
@@ -172,37 +186,56 @@ def _extra_kwargs(model: nn.Module) -> dict:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter prints its progress, logs that torchvision ops are unavailable and warns
-    that inputs share axis names (as meant here): none of it concerns a memcompile user."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    """The exporter prints its progress (and, when it fails, its graphs: the error raised
+    says what failed), logs that torchvision ops are unavailable and warns about axis
+    names: none of it concerns a memcompile user."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    quiet = (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()))
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with quiet[0], quiet[1], warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             yield
     finally:
-        registration.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_NOISY_LOGGERS = (
+    "torch.onnx._internal.exporter._registration",
+    "torch.fx.experimental.symbolic_shapes",
+)
 
 
 def _export(module: nn.Module, named: dict, outputs: list[str], form: str, opset: int, dynamic):
     lower_onnx = _lowering()
-    shapes = None
-    if dynamic:
-        shapes = (tuple({0: "batch", 1: "seq"} for _ in named),)
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            module,
-            tuple(named.values()),
-            dynamo=True,
-            opset_version=opset,
-            custom_translation_table=lower_onnx.translation_table(form),
-            dynamic_shapes=shapes,
-            input_names=list(named),
-            output_names=outputs,
-            verbose=False,
-        )
+    shapes = (tuple(_dynamic_axes(named).values()),) if dynamic else None
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                tuple(named.values()),
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=lower_onnx.translation_table(form),
+                dynamic_shapes=shapes,
+                input_names=list(named),
+                output_names=outputs,
+                verbose=False,
+            )
+    except Exception as error:  # noqa: BLE001 - the exporter's failures are tracebacks
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        hint = "; dynamic=False may export it" if dynamic else ""
+        raise MemcompileError(
+            f"torch.onnx.export cannot export {type(module.model).__name__}: "
+            f"{type(cause).__name__}: {lines[0] if lines else ''}{hint}"
+        ) from None
     model = program.model
     for node in model.graph.all_nodes():
         # The exporter's debug records (Python stack traces with local paths, FX nodes).
@@ -243,9 +276,10 @@ def export_onnx(
     the model accepts, e.g. `{"input_ids": ids}`. `form`: "decomposed" (standard ONNX ops,
     any ONNX Runtime provider) or "custom" (`com.memcompile` nodes with function bodies;
     `memcompile.runtime.ort_session` runs them with native kernels). `opset`: the ONNX
-    opset, 18 to 23 (default 20). `dynamic`: batch (dim 0) and sequence (dim 1) of every
-    input are dynamic. Inputs are named as the forward's parameters, outputs as the
-    model's (`logits`, `last_hidden_state`, ...). An existing file is replaced.
+    opset, 18 to 23 (default 20). `dynamic`: the batch (dim 0) of every input and the
+    sequence (dim 1) of token inputs (integer tensors and `*_embeds`) are dynamic. Inputs
+    are named as the forward's parameters, outputs as the model's (`logits`,
+    `last_hidden_state`, ...). An existing file is replaced.
     """
     opset = _check_options(form, opset)
     if Path(path).is_dir():

@@ -219,6 +219,55 @@ def test_minilm_augment_exports_and_matches(minilm, tmp_path):
     assert (embeddings - original).abs().max() > 1e-4  # the memories change the embeddings
 
 
+# Inputs other than one token sequence: dim 1 is dynamic only where it is a sequence, and
+# the decoder's sequence is an axis of its own (a shared name told ORT the lengths match).
+AXES = {
+    "bart": {"input_ids": ["batch", "seq"], "decoder_input_ids": ["batch", "decoder_seq"]},
+    "vit": {"pixel_values": ["batch", 3, 16, 16]},
+    "whisper": {"input_features": ["batch", 16, 32], "decoder_input_ids": ["batch", "decoder_seq"]},
+}
+
+
+@pytest.mark.parametrize(
+    "name,layers", [("bart", ["encoder.0", "decoder.1"]), ("vit", [1]), ("whisper", ["encoder.1"])]
+)
+def test_encoder_decoder_and_vision_inputs_get_their_own_dynamic_axes(tmp_path, name, layers):
+    case, model, _ = _converted(name, "replace", layers)
+    path = memcompile.export_onnx(model, case.example_inputs(0, batch=2, seq=9), tmp_path / "m")
+    graph = onnx.load(path).graph
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+    }
+    assert dims == AXES[name]
+    inputs = case.example_inputs(1, batch=3, seq=12)  # decoder: 5 tokens, encoder: 12
+    expected = _torch(case, model, inputs)
+    assert np.abs(_ort(ort_session(path), inputs) - expected).max() <= 1e-5
+
+
+class DataDependentBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)
+        )
+
+    def forward(self, x):
+        y = x + self.mlp(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_what_the_exporter_cannot_export_is_one_line(tmp_path, capfd):
+    model = memcompile.transform(DataDependentBranch(), **SMALL)
+    path = tmp_path / "m.onnx"
+    message = _one_line_error(
+        lambda: memcompile.export_onnx(model, torch.ones(2, 3, 16), path), "cannot export"
+    )
+    assert "DataDependentBranch" in message
+    assert capfd.readouterr().err == ""  # not the exporter's graphs and tracebacks either
+    assert list(tmp_path.iterdir()) == []
+
+
 def _one_line_error(call, match: str) -> str:
     with pytest.raises(MemcompileError, match=match) as error:
         call()
@@ -325,6 +374,24 @@ def test_cli_export_checkpoint(tmp_path):
 
     again = _cli("export", tmp_path / "ckpt", "--onnx", out)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_cli_export_of_an_encoder_decoder_takes_decoder_inputs(tmp_path):
+    case, model, _ = _converted("bart", "replace", ["encoder.1"])
+    memcompile.save(model, tmp_path / "ckpt")
+    out = tmp_path / "m.onnx"
+    result = _cli("export", tmp_path / "ckpt", "--onnx", out, "--json")
+    assert result.exit_code == 0, result.output
+    inputs = json.loads(result.stdout)["inputs"]
+    assert inputs == ["input_ids", "attention_mask", "decoder_input_ids"]
+    generator = torch.Generator().manual_seed(3)
+    feed = {
+        "input_ids": torch.randint(3, VOCAB, (2, 11), generator=generator),
+        "attention_mask": torch.ones(2, 11, dtype=torch.int64),
+        "decoder_input_ids": torch.randint(3, VOCAB, (2, 4), generator=generator),
+    }
+    expected = _torch(case, memcompile.load(tmp_path / "ckpt"), feed)
+    assert np.abs(_ort(ort_session(out), feed) - expected).max() <= 1e-5
 
 
 def test_cli_bad_input_exit_2_and_no_file(tmp_path):

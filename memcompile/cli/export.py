@@ -32,10 +32,11 @@ def _token_inputs(model, batch: int, seq_len: int) -> dict:
 
     import torch
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     parameters = inspect.signature(model.forward).parameters
     if not vocab or "input_ids" not in parameters:
-        missing = "config.vocab_size" if not vocab else "an input_ids argument"
+        missing = "config.vocab_size" if not vocab else "input_ids argument"
         raise MemcompileError(
             f"memcompile export makes Hugging Face-style inputs (input_ids from "
             f"config.vocab_size) and {type(model).__name__} has no {missing}: call "
@@ -50,6 +51,11 @@ def _token_inputs(model, batch: int, seq_len: int) -> dict:
         mask = torch.ones(batch, seq_len, dtype=torch.int64)
         mask[0, 0] = 0 if seq_len > 1 else 1
         inputs["attention_mask"] = mask
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
+        # A shorter decoder example: its length is an axis of its own in the ONNX graph.
+        decoder_len = max(2, seq_len // 2)
+        ids = torch.randint(0, vocab, (batch, decoder_len), generator=generator)
+        inputs["decoder_input_ids"] = ids
     return inputs
 
 
