@@ -235,6 +235,8 @@ def test_dense_layers_of_a_model_with_moe_blocks_convert(tmp_path):
     listed = json.loads(_run("inspect", path, "--quiet", "--json").output)
     assert listed["moe_blocks"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
     assert [(b["index"], b["path"]) for b in listed["blocks"]] == [(1, "model.layers.1.mlp")]
+    table = _run("inspect", path, "--quiet").output
+    assert "mixture-of-experts block 2 (not convertible): model.layers.2.mlp" in table
 
     refused = _run("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "moe")
     assert refused.exit_code == 2 and "layer 0 is a mixture-of-experts block" in refused.output

@@ -43,16 +43,16 @@ def inspect(
     **memory_settings,
 ):
     """List the FFN blocks of MODEL (an HF directory, a checkpoint, a .pt2 or a .pt file)."""
-    from ..api import find_ffn_blocks
     from ..costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
-    from ..passes.moe import find_moe_blocks
+    from ..passes import FIND_PASSES, TransformState, run_passes
     from ..runtime import MemoryLayer
 
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     with steps("tracing"):
-        blocks = find_ffn_blocks(loaded.model)
-        moe = find_moe_blocks(loaded.model)
+        found = run_passes(TransformState(loaded.model), FIND_PASSES)
+        blocks, moe_labels = found.blocks, found.moe_blocks
+        moe = list(moe_labels.values())
     config = memory_config(mem_size, **memory_settings) if mem_size else None
     rows = []
     for block in blocks:
@@ -113,8 +113,8 @@ def inspect(
         sizes = ", ".join(f"{d} {human_bytes(values * b)}" for d, b in BYTES_PER_DTYPE.items())
         share = "one table shared by all converted blocks" if config.share_values else "per block"
         click.echo(f"value table: {values:,} parameters ({sizes}), {share}")
-    for path in moe:
-        click.echo(f"mixture-of-experts block (not convertible): {path}")
+    for label, path in moe_labels.items():
+        click.echo(f"mixture-of-experts block {label} (not convertible): {path}")
     for m in memories:
         shared = ", shared values" if m["shared_values"] else ""
         click.echo(
