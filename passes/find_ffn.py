@@ -52,9 +52,8 @@ class _Matcher:
         if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS and len(node.args) > 1:
             shape = self._parameter_shape(node.args[1])
             return (shape[1], shape[0]) if shape is not None else None
-        if self._addmm(node) is not None:
-            return self._parameter_shape(self._addmm(node).args[2])
-        return None
+        addmm = self._addmm(node)
+        return self._parameter_shape(addmm.args[2]) if addmm is not None else None
 
     def _parameter_shape(self, node) -> tuple[int, int] | None:
         """The shape of a 2-d parameter named `weight` (a module's projection weight)."""

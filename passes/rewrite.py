@@ -138,19 +138,17 @@ def _strategy(block: FFNBlock) -> str:
         return "module"
     if _swappable_children(block) is not None:
         return "children"
+    other_code = None
     if getattr(block.capture.graph_module, ASSUMED_DTYPE, None) is not None:
+        other_code = "code that branches on the input's dtype"
+    elif not block.capture.whole_model and is_specialized(block.capture.module):
+        other_code = "other code that takes optional arguments"
+    if other_code is not None:
         raise MemcompileError(
             f"block {block.label} ({block.path}): its FFN shares "
-            f"{type(block.capture.module).__name__}.forward with code that branches on the "
-            "input's dtype, which a rewritten graph could not keep; this layout is not "
-            "supported yet, choose other layers"
-        )
-    if not block.capture.whole_model and is_specialized(block.capture.module):
-        raise MemcompileError(
-            f"block {block.label} ({block.path}): its FFN shares "
-            f"{type(block.capture.module).__name__}.forward with other code that takes "
-            "optional arguments, which a rewritten graph could not keep; this layout is not "
-            "supported yet, choose other layers"
+            f"{type(block.capture.module).__name__}.forward with {other_code}, which a "
+            "rewritten graph could not keep; this layout is not supported yet, choose other "
+            "layers"
         )
     return "graph"
 

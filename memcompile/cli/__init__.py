@@ -51,14 +51,9 @@ class MemcompileGroup(click.Group):
         try:
             return super().invoke(ctx)
         except click.UsageError as error:
-            command = ctx.meta.get("memcompile.command")
+            command = ctx.invoked_subcommand  # set once the command name resolved
             path = f"{ctx.command_path} {command}" if command else ctx.command_path
             raise _one_line(error, path) from None
-
-    def resolve_command(self, ctx: click.Context, args: list[str]):
-        name, command, rest = super().resolve_command(ctx, args)
-        ctx.meta["memcompile.command"] = name
-        return name, command, rest
 
 
 @click.group(
