@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from zoo import DECODER
 
 import memcompile
 from memcompile import checkpoint
@@ -193,14 +194,7 @@ def test_mixture_of_experts_is_reported_and_refused(tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        num_local_experts=2,
-        num_experts_per_tok=1,
+        **dict(DECODER, num_hidden_layers=2, num_local_experts=2, num_experts_per_tok=1)
     )
     path = tmp_path / "mixtral"
     MixtralForCausalLM(cfg).save_pretrained(path)
@@ -217,12 +211,7 @@ def test_dense_layers_of_a_model_with_moe_blocks_convert(tmp_path):
 
     torch.manual_seed(0)
     cfg = Qwen2MoeConfig(
-        num_hidden_layers=3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
+        **DECODER,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=16,

@@ -47,7 +47,7 @@ class ZooCase:
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-_DECODER = dict(
+DECODER = dict(
     num_hidden_layers=LAYERS,
     hidden_size=D,
     intermediate_size=H,
@@ -57,6 +57,17 @@ _DECODER = dict(
     bos_token_id=0,
     eos_token_id=0,
     pad_token_id=0,
+)
+# BART-style encoder-decoders (BART, Whisper): two layers on each side.
+ENCODER_DECODER = dict(
+    encoder_layers=2,
+    decoder_layers=2,
+    d_model=D,
+    encoder_ffn_dim=H,
+    decoder_ffn_dim=H,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    vocab_size=VOCAB,
 )
 
 ZOO = [
@@ -68,16 +79,16 @@ ZOO = [
         "mlp",
         causal_lm=True,
     ),
-    ZooCase("llama", "LlamaConfig", "LlamaForCausalLM", _DECODER, "gated", causal_lm=True),
-    ZooCase("mistral", "MistralConfig", "MistralForCausalLM", _DECODER, "gated", causal_lm=True),
-    ZooCase("qwen2", "Qwen2Config", "Qwen2ForCausalLM", _DECODER, "gated", causal_lm=True),
+    ZooCase("llama", "LlamaConfig", "LlamaForCausalLM", DECODER, "gated", causal_lm=True),
+    ZooCase("mistral", "MistralConfig", "MistralForCausalLM", DECODER, "gated", causal_lm=True),
+    ZooCase("qwen2", "Qwen2Config", "Qwen2ForCausalLM", DECODER, "gated", causal_lm=True),
     # xIELU, an activation module with two learnable scalars
-    ZooCase("apertus", "ApertusConfig", "ApertusForCausalLM", _DECODER, "mlp", causal_lm=True),
+    ZooCase("apertus", "ApertusConfig", "ApertusForCausalLM", DECODER, "mlp", causal_lm=True),
     ZooCase(
         "gemma",
         "GemmaConfig",
         "GemmaForCausalLM",
-        dict(_DECODER, head_dim=8),
+        dict(DECODER, head_dim=8),
         "gated",
         causal_lm=True,
     ),
@@ -85,7 +96,7 @@ ZOO = [
         "phi3",
         "Phi3Config",
         "Phi3ForCausalLM",
-        dict(_DECODER, num_key_value_heads=4),
+        dict(DECODER, num_key_value_heads=4),
         "fused_gated",
         causal_lm=True,
     ),
@@ -192,14 +203,7 @@ ZOO = [
         "BartConfig",
         "BartForConditionalGeneration",
         dict(
-            encoder_layers=2,
-            decoder_layers=2,
-            d_model=D,
-            encoder_ffn_dim=H,
-            decoder_ffn_dim=H,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            vocab_size=VOCAB,
+            ENCODER_DECODER,
             max_position_embeddings=64,
             pad_token_id=1,
             bos_token_id=0,
@@ -215,17 +219,10 @@ ZOO = [
         "WhisperConfig",
         "WhisperForConditionalGeneration",
         dict(
-            d_model=D,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=H,
-            decoder_ffn_dim=H,
+            ENCODER_DECODER,
             num_mel_bins=16,
             max_source_positions=16,
             max_target_positions=32,
-            vocab_size=VOCAB,
             pad_token_id=0,
             bos_token_id=0,
             eos_token_id=1,
