@@ -16,7 +16,16 @@ import triton.language as tl
 
 _PICKS_PER_STEP = 16  # at most this many (token, pick) pairs a backward step handles
 _FORWARD_MIN_PROGRAMS = 128  # about one per SM of an H100
-_FORWARD_TILE = 8192  # elements of values a forward program gathers per step
+_TILE = 8192  # elements of values a forward program gathers per step
+# Widest column block of a forward program: whole rows. H100, 1.3B-like, 2026-11-26:
+# whole rows ran at 0.98 of copy bandwidth, 256 columns a program at 0.55.
+_MAX_BLOCK_V = 4096
+# Output-gradient elements a backward step holds, and the widest column block of a
+# backward program. The same run swept the backward's blocks: 1024 columns by 4 pairs in
+# 4 warps took 7.2 ms, whole 2048-column rows by 4 pairs 13.0 ms (2 pairs: 7.8 ms), more
+# warps or pairs up to 37 ms; fewer registers a thread keep more rows in flight.
+_BACKWARD_TILE = 4096
+_MAX_BACKWARD_BLOCK_V = 1024
 
 
 @triton.jit
@@ -99,8 +108,25 @@ def _bag_backward_kernel(
         tl.store(grad_values + out_cols, acc.to(grad_values.dtype.element_ty), mask=col_mask)
 
 
-def _block_v(v_dim: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(v_dim, 1)), cap)
+def forward_blocks(n: int, picks: int, v_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_V, num_warps) of the forward: whole rows, unless a few tokens
+    (decode) would leave most SMs idle; then narrower column blocks, more programs."""
+    block_v = min(triton.next_power_of_2(max(v_dim, 1)), _MAX_BLOCK_V)
+    while block_v > 64 and n * triton.cdiv(v_dim, block_v) < _FORWARD_MIN_PROGRAMS:
+        block_v //= 2
+    # Up to 8K elements a step: a decode token's narrow blocks load all their picks at once,
+    # every gather in flight before the first use.
+    block_b = max(1, min(triton.next_power_of_2(picks), _TILE // block_v))
+    return block_b, block_v, 4  # 8 warps over 1024 columns ran at half the speed
+
+
+def row_blocks(v_dim: int, widest: int = _MAX_BACKWARD_BLOCK_V) -> tuple[int, int, int]:
+    """(BLOCK_V, BLOCK_P, num_warps) of a program that aggregates one value row's
+    gradient: column blocks of up to `widest` (the fused update holds whole rows) and
+    about _BACKWARD_TILE gradient elements (BLOCK_P pairs) a step."""
+    block_v = min(triton.next_power_of_2(max(v_dim, 1)), widest)
+    block_p = max(1, min(_PICKS_PER_STEP, _BACKWARD_TILE // block_v))
+    return block_v, block_p, 4 if block_v <= 1024 else 8
 
 
 def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -111,16 +137,10 @@ def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     out = torch.empty(n, v_dim, dtype=values.dtype, device=indices.device)
     if n == 0 or picks == 0:
         return out.zero_()
-    block_v = _block_v(v_dim, 256)
-    # A few tokens (decode) would leave most SMs idle: narrower column blocks, more programs.
-    while block_v > 64 and n * triton.cdiv(v_dim, block_v) < _FORWARD_MIN_PROGRAMS:
-        block_v //= 2
-    # Up to 8K elements a step: a decode token's narrow blocks load all their picks at once,
-    # every gather in flight before the first use.
-    block_b = min(triton.next_power_of_2(picks), max(32, _FORWARD_TILE // block_v))
+    block_b, block_v, warps = forward_blocks(n, picks, v_dim)
     grid = (n, triton.cdiv(v_dim, block_v))
     _bag_forward_kernel[grid](values, indices, weights, out, picks, v_dim,
-                              BLOCK_B=block_b, BLOCK_V=block_v)  # fmt: skip
+                              BLOCK_B=block_b, BLOCK_V=block_v, num_warps=warps)  # fmt: skip
     return out
 
 
@@ -153,14 +173,10 @@ def bag_backward(
     if row_ids.shape[0] == 0:
         return grad_values, grad_weights.to(weights.dtype)
     order, offsets = reverse_index(indices, n_rows)
-    block_v = _block_v(v_dim, 512)
-    # Pairs per step near the mean pairs per row (2 at the 1.3B-like training size): a
-    # smaller tile than the hot rows need keeps more programs resident; hot rows loop.
-    mean_pairs = triton.cdiv(n * picks, max(n_rows, 1))
-    block_p = min(_PICKS_PER_STEP, max(4, triton.next_power_of_2(mean_pairs)))
+    block_v, block_p, warps = row_blocks(v_dim)
     _bag_backward_kernel[(row_ids.shape[0],)](
         grad_out, values, weights, order, offsets, row_ids, grad_values, grad_weights,
-        picks, v_dim, BLOCK_P=block_p, BLOCK_V=block_v,
+        picks, v_dim, BLOCK_P=block_p, BLOCK_V=block_v, num_warps=warps,
     )  # fmt: skip
     return grad_values, grad_weights.to(weights.dtype)
 

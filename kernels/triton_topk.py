@@ -141,6 +141,16 @@ def supports(half: int, knn: int, element_size: int) -> bool:
     return k * max(16, triton.next_power_of_2(half)) * element_size <= _MAX_KEY_TILE_BYTES
 
 
+def scan_blocks(n: int, n_keys: int, half_p: int, k: int, element_size: int):
+    """(BLOCK_N, BLOCK_K, num_warps) of the sub-key scan: tokens and sub-keys a step."""
+    # 16 tokens a scan program, tl.dot's minimum rows before Triton 3.5 (a decode token
+    # fills one; the matrix unit's tile has 16 rows or more anyway). Decode scans in narrow
+    # steps, so its slices stay short.
+    widest = 32 if n < 16 else 128
+    fits = _KEY_TILE_BYTES // (half_p * element_size)
+    return 16, max(k, 16, min(widest, fits, triton.next_power_of_2(n_keys))), 4
+
+
 def pk_topk(
     q: torch.Tensor, keys: torch.Tensor, knn: int, softmax: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +163,9 @@ def pk_topk(
     indices = torch.empty(n, heads, knn, dtype=torch.int64, device=q.device)
     if n == 0:
         return scores, indices
-    k = triton.next_power_of_2(knn)
+    k = max(2, triton.next_power_of_2(knn))  # Triton 3.6's tl.topk fails to compile k = 1
     half_p = max(16, triton.next_power_of_2(half))
-    # 16 tokens a scan program, tl.dot's minimum rows before Triton 3.5 (a decode token
-    # fills one; the matrix unit's tile has 16 rows or more anyway). Decode scans in narrow
-    # steps, so its slices stay short.
-    block_n, widest = 16, (32 if n < 16 else 128)
-    fits = _KEY_TILE_BYTES // (half_p * q.element_size())
-    block_k = max(k, 16, min(widest, fits, triton.next_power_of_2(n_keys)))
+    block_n, block_k, warps = scan_blocks(n, n_keys, half_p, k, q.element_size())
     token_blocks = triton.cdiv(n, block_n)
     splits = 1
     if token_blocks * heads < _SPLIT_BELOW_PROGRAMS:
@@ -171,6 +176,7 @@ def pk_topk(
     _split_topk_kernel[(token_blocks, heads * 2, splits)](
         q, keys, partial, n, heads, n_keys, keys_per_split, HALF=half, HALF_P=half_p,
         BLOCK_N=block_n, BLOCK_K=block_k, K=k, SPLITS=splits, PRECISION=precision,
+        num_warps=warps,
     )  # fmt: skip
     _merge_splits_kernel[(n, heads)](
         partial, scores, indices, n, heads, n_keys, knn, BLOCK_N=1, K=k, SPLITS=splits,

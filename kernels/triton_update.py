@@ -22,11 +22,10 @@ from .fused_update import (
     row_grad_sq_reference,
     weight_grad_reference,
 )
-from .triton_bag import aggregate_row, reverse_index
+from .triton_bag import aggregate_row, reverse_index, row_blocks
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ROW = 16384  # widest row one program holds in registers
-_TILE = 8192  # elements of a (pairs, v_dim) tile of output gradients
 
 
 @triton.jit
@@ -116,12 +115,6 @@ def _weight_grad_kernel(
         tl.store(grad_weights + token * picks + offs, acc, mask=pick_mask)
 
 
-def _blocks(v_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_V, BLOCK_P, num_warps) of a program that holds a whole row."""
-    block_v = triton.next_power_of_2(max(v_dim, 1))
-    return block_v, max(1, min(16, _TILE // block_v)), 4 if block_v <= 1024 else 8
-
-
 def _triton_ok(values: torch.Tensor) -> bool:
     return values.dtype in _DTYPES and values.shape[1] <= _MAX_ROW
 
@@ -149,7 +142,7 @@ def row_grad_sq(values, indices, weights, grad_out) -> torch.Tensor:
     if indices.numel() == 0:
         return out
     order, offsets = reverse_index(indices, n_rows)
-    block_v, block_p, warps = _blocks(v_dim)
+    block_v, block_p, warps = row_blocks(v_dim, widest=_MAX_ROW)
     _row_sq_kernel[(n_rows,)](values, grad_out, weights, order, offsets, out,
                               indices.shape[1], v_dim, BLOCK_P=block_p, BLOCK_V=block_v,
                               num_warps=warps)  # fmt: skip
@@ -175,7 +168,7 @@ def fused_row_update(
     if indices.numel() == 0:
         return grad_w
     order, offsets = reverse_index(indices, n_rows)
-    block_v, block_p, warps = _blocks(v_dim)
+    block_v, block_p, warps = row_blocks(v_dim, widest=_MAX_ROW)
     # Unused pointer arguments get a non-empty stand-in (a null pointer is refused on CUDA).
     _update_kernel[(n_rows,)](
         values, state_a, state_b if adam else state_a, grad_out, weights, order, offsets,

@@ -34,7 +34,7 @@ def test_every_variant_of_the_gpu_runs_compiles_for_sm90_and_fits(tmp_path):
     forward_tiles = {
         v["constexprs"]["BLOCK_V"] for v in variants if v["kernel"] == "_bag_forward_kernel"
     }
-    assert {64, 256} <= forward_tiles
+    assert {64, 1024, 2048} <= forward_tiles  # decode; whole rows of both training configs
 
 
 def test_a_variant_over_the_shared_memory_limit_fails_the_check():
