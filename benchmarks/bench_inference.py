@@ -73,6 +73,22 @@ def time_cuda(fn, x, graph: bool) -> float:
                                        return_mode="median")  # fmt: skip
 
 
+def kernel_times(fn, x, calls: int = 20) -> str:
+    """The GPU kernels of `calls` eager calls, by device time: where a layer's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    title = f"kernels of {calls} calls, {x.shape[0]} tokens"
+    try:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
+    except Exception as error:  # a profile is for reading, never a reason to lose the rows
+        table = f"no table: {error}"
+    return f"{title}\n{table}"
+
+
 def layer_rows(device, d, n_keys, dtype, token_counts):
     config = MemoryConfig(mem_size=n_keys**2, heads=HEADS, knn=KNN, k_dim=2 * HALF).resolve(d)
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
@@ -98,6 +114,9 @@ def layer_rows(device, d, n_keys, dtype, token_counts):
                 file=sys.stderr,
             )
     if device == "cuda":
+        for tokens in (1, 4096):
+            print(kernel_times(memory, torch.randn(tokens, d, device=device, dtype=dtype)),
+                  file=sys.stderr)  # fmt: skip
         x = torch.randn(1, d, device=device, dtype=dtype)
         with torch.inference_mode():
             expected = memory(x)

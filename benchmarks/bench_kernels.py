@@ -14,7 +14,7 @@ forward+backward with a dense value gradient, then `torch.optim.AdamW(fused=True
 bf16 and fp32 tables; first the fused kernels are checked against the PyTorch path.
 Writes benchmarks/results/kernels.json (or --out) and prints a Markdown table.
 
-    python benchmarks/bench_kernels.py [--configs 1.3B,small] [--sections kernels,values]
+    python benchmarks/bench_kernels.py [--configs 1.3B,small] [--sections kernels,values,sweep]
 """
 
 from __future__ import annotations
@@ -247,11 +247,75 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
     return results
 
 
+# Block shapes tried by the sweep section (the first of each list is the default at the
+# 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward, (BLOCK_V, BLOCK_P,
+# num_warps) of the bag backward.
+FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
+BACKWARD_VARIANTS = [(1024, 4, 4), (1024, 2, 4), (512, 8, 4), (2048, 2, 8), (2048, 2, 4),
+                     (1024, 4, 8)]  # fmt: skip
+# (BLOCK_N, BLOCK_K, num_warps) of the pk_topk scan.
+SCAN_VARIANTS = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 4),
+                 (64, 64, 8), (64, 128, 8), (16, 64, 8)]  # fmt: skip
+
+
+def first_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
+    """Bag forward, bag backward and pk_topk forward under each block shape above; a shape
+    that fails (compile, resources) is reported and the sweep goes on."""
+    from memcompile.kernels import cuda, triton_bag, triton_topk
+
+    dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
+    g = torch.Generator(device=dev).manual_seed(0)
+    values = torch.randn(n_keys**2, v_dim, device=dev, generator=g).to(dt)
+    indices = torch.randint(0, n_keys**2, (tokens, picks), device=dev, generator=g)
+    weights = torch.softmax(torch.randn(tokens, picks, device=dev, generator=g), -1)
+    grad = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt)
+    q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
+    keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
+    moved = tokens * picks * v_dim * 2
+    cases = [
+        ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
+         lambda: cuda.bag_cuda(values, indices, weights)),
+        ("bag bwd", triton_bag, "row_blocks", BACKWARD_VARIANTS, "BLOCK_V BLOCK_P warps",
+         lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
+        ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS, "BLOCK_N BLOCK_K warps",
+         lambda: cuda.pk_topk_cuda(q, keys, KNN)),
+    ]  # fmt: skip
+    rows = []
+    for what, module, hook, variants, names, run in cases:
+        default = getattr(module, hook)
+        expected = first_tensor(run())  # every shape must compute what the default does
+        try:
+            for shape in variants:
+                setattr(module, hook, lambda *_, c=shape: c)
+                impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
+                row = {"config": name, "what": f"sweep {what}", "impl": impl}
+                try:
+                    ms = bench(run)
+                except Exception as error:  # one shape that fails must not end the sweep
+                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                row["ms"] = round(ms, 4)
+                got = first_tensor(run()).float()
+                row["same_result"] = torch.allclose(got, expected.float(), rtol=1e-2, atol=1e-2)
+                if what == "bag fwd":
+                    row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
+                    row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)
+                rows.append(row)
+        finally:
+            setattr(module, hook, default)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 1.3B-like first: its rows hold the targets, and a run may be stopped by a time limit.
     parser.add_argument("--configs", default="1.3B,small")
-    parser.add_argument("--sections", default="kernels,values", help="kernels, values or both")
+    parser.add_argument("--sections", default="kernels,values",
+                        help="any of kernels, values, sweep (block shapes of the kernels)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -282,6 +346,9 @@ def main() -> int:
     if "values" in sections:
         keep(check_fused_update())
     for name in args.configs.split(","):
+        if "sweep" in sections:
+            keep(sweep(name, **TRAINING[name], copy_bw=copy_bw))
+            torch.cuda.empty_cache()
         if "kernels" in sections:
             keep(run_config(name, **TRAINING[name], copy_bw=copy_bw))
             torch.cuda.empty_cache()

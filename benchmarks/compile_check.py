@@ -8,9 +8,13 @@ cuobjdump reads registers and stack bytes (spills) per thread off the binary. Th
 fails (exit 1) when a variant does not compile or needs more shared memory than an H100
 block may have (227 KB): found here that costs seconds, found in a GPU session it costs
 minutes of a short lease. Spills are reported, not failed. The figures are those of the
-installed Triton (the GPU machine's 3.6 spilled where 3.9 does not); the binding uses
-Triton's own launch helpers (`create_function_from_signature`, `JITFunction._pack_args`,
-as of Triton 3.9).
+installed Triton (the GPU machine's 3.6 spilled where 3.9 does not, and failed to compile
+`tl.topk` at k = 1 where 3.9 and the interpreter do not); the binding uses Triton's own
+launch helpers (`create_function_from_signature`, `JITFunction._pack_args`, Triton 3.6 to
+3.9). To compile with the GPU machine's Triton:
+
+    python -m pip install --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python benchmarks/compile_check.py
 
     python benchmarks/compile_check.py [--quick] [--json OUT.json]
 """
@@ -74,8 +78,9 @@ def bind(kernel: JITFunction, args, kwargs) -> tuple[ASTSource, dict]:
     backend = make_backend(H100)
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # absent in older Tritons
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(
@@ -158,7 +163,7 @@ def update_launches(n, rows, v_dim, picks, dtype) -> list:
 def launches(quick: bool) -> list:
     """The launches of the GPU runs (benchmarks/gpu_shapes.py): bench_kernels' training
     configs (bag, top-k, fused updates), bench_inference's lookups, kernel_check's shapes in
-    every dtype, and the largest top-k the CUDA dispatcher sends to Triton."""
+    every dtype, the largest top-k the CUDA dispatcher sends to Triton, and small knn."""
     bf16, picks, k_dim = torch.bfloat16, HEADS * KNN, 2 * HALF
     found = []
     for c in TRAINING.values():
@@ -184,6 +189,8 @@ def launches(quick: bool) -> list:
         for n in (1, 4096):  # knn 64 at the widest half the dispatcher allows for the dtype
             half = 256 if dtype == torch.float32 else 512
             found += topk_launches(n, HEADS, 1024, 2 * half, 64, dtype, softmax=True)
+        for n, knn in ((3, 1), (3, 3), (4096, 1)):  # the GPU tests' edges: knn 1 and 3, split
+            found += topk_launches(n, 3, 300, 32, knn, dtype, softmax=True)  # scan or not
     return found
 
 
