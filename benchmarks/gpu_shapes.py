@@ -9,7 +9,8 @@ TRAINING = {  # bench_kernels
 INFERENCE = dict(d_model=2048, n_keys=1024)  # bench_inference, Memory+ with v_dim = d_model
 INFERENCE_TOKENS = (1, 8, 64, 512, 4096)
 # kernel_check on a GPU
-CHECK_BAG = [(4096, 128, 65536, 1024), (1000, 128, 4096, 320)]  # n, picks, rows, v_dim
+# n, picks, rows, v_dim; v_dim 2048 runs the backward over two column blocks, as at 1.3B
+CHECK_BAG = [(4096, 128, 65536, 1024), (1000, 128, 4096, 320), (512, 128, 4096, 2048)]
 CHECK_TOPK = [(4096, 4, 512, 512, 32), (777, 4, 1024, 256, 16)]  # n, heads, n_keys, k_dim, knn
 CHECK_LOOKUP = [  # n, heads, n_keys, k_dim, knn, v_dim
     (1, 4, 1024, 512, 32, 2048),

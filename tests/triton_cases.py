@@ -35,8 +35,10 @@ def _bag_inputs(n, picks, rows, v_dim, dtype, seed=0, hot_row=None):
     return values, indices.to(DEVICE), weights.to(DEVICE)
 
 
-def _close(got, want, dtype):
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+def _close(got, want, dtype, terms: int = 1):
+    """Within the dtype's tolerance; sums of more than 128 `terms` get sqrt(terms / 128)
+    times more, as rounding errors grow."""
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype] * max(1.0, (terms / 128) ** 0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
@@ -46,7 +48,7 @@ BAG_CASES = [
     (5, 12, 30, 320, 7),
     (4, 1, 10, 96, None),  # bags of one
     (3, 48, 20, 96, 0),  # many picks per bag, one hot row
-    (3, 8, 16, 640, 2),  # v_dim above one backward block
+    (3, 8, 16, 1500, 2),  # v_dim over one backward block (1024): weight grads accumulate
     (0, 8, 16, 96, None),  # empty batch
 ]
 
@@ -61,11 +63,13 @@ def test_bag_forward_and_backward_match_the_reference(n, picks, rows, v_dim, hot
 
     grad = _rand(n, v_dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
     grad_values, grad_weights = cuda.bag_backward_cuda(grad, values, indices, weights)
-    ref_values, ref_weights = reference.bag_backward(grad, values, indices, weights)
+    ref_values, ref_weights = reference.bag_backward(
+        grad.double(), values.double(), indices, weights.double()
+    )
     assert grad_values.shape == values.shape and grad_weights.shape == weights.shape
     assert torch.isfinite(grad_values.float()).all()
     _close(grad_values, ref_values, dtype)
-    _close(grad_weights, ref_weights, dtype)
+    _close(grad_weights, ref_weights, dtype, terms=v_dim)  # a dot over the row
 
 
 def test_bag_backward_is_deterministic_and_handles_stride_zero_gradients():
@@ -188,3 +192,29 @@ def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype)
             values.double(), indices.view(-1, picks), probs.double().view(-1, picks)
         )
         _close(out, want, dtype)
+
+
+OPCHECK_CASES = ["contiguous", "permuted", "fp16"]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_ops_agree_with_their_fake_kernels_on_the_device(case):
+    # On a GPU this checks the Triton implementations: Inductor plans buffers from the fake
+    # kernels' shapes, strides and dtypes, so a real output that differs breaks compiled code.
+    g = torch.Generator().manual_seed(OPCHECK_CASES.index(case))
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    q = _rand(5, 2, 32, dtype=dtype, generator=g)
+    keys = _rand(2, 2, 40, 16, dtype=dtype, generator=g)
+    values = _rand(1600, 96, dtype=dtype, generator=g)
+    if case == "permuted":  # dense, not contiguous
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
+        values = values.t().contiguous().t()
+    ops = torch.ops.memcompile
+    torch.library.opcheck(ops.pk_topk.default, (q, keys, 4))
+    torch.library.opcheck(ops.pk_lookup.default, (q, keys, values, 4))
+    _, indices = ops.pk_topk(q, keys, 4)
+    indices = indices.view(5, -1)
+    weights = torch.rand(indices.shape, generator=g).to(DEVICE)
+    torch.library.opcheck(ops.bag.default, (values, indices, weights))
+    grad = _rand(5, 96, dtype=dtype, generator=g)
+    torch.library.opcheck(ops.bag_backward.default, (grad, values, indices, weights))
