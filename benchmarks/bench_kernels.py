@@ -256,16 +256,23 @@ BACKWARD_VARIANTS = [(1024, 4, 4), (1024, 2, 4), (512, 8, 4), (2048, 2, 8), (204
 # (BLOCK_N, BLOCK_K, num_warps) of the pk_topk scan.
 SCAN_VARIANTS = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 4),
                  (64, 64, 8), (64, 128, 8), (16, 64, 8)]  # fmt: skip
+# (BLOCK_P, num_warps) of the fused update, which holds whole rows: a values step with
+# fused row-wise Adagrad (bag forward, then the backward that updates the rows).
+UPDATE_VARIANTS = [(2, 8), (1, 8), (2, 4), (4, 4), (1, 4), (4, 8)]
 
 
-def first_tensor(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+def as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
-def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
-    """Bag forward, bag backward and pk_topk forward under each block shape above; a shape
-    that fails (compile, resources) is reported and the sweep goes on."""
-    from memcompile.kernels import cuda, triton_bag, triton_topk
+def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep) -> None:
+    """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step under
+    each block shape above, every output compared with the default shape's; a shape that
+    fails (compile, resources) is reported and the sweep goes on. `keep` saves rows."""
+    import triton
+
+    from memcompile.kernels import cuda, triton_bag, triton_topk, triton_update
+    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)
@@ -276,6 +283,22 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> li
     q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
     keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
     moved = tokens * picks * v_dim * 2
+    def adagrad_step(table_values, leaf_weights, table) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf_weights.grad = None
+        table.bag(table_values, indices, leaf_weights).backward(grad)
+        return table_values.detach(), leaf_weights.grad
+
+    def fresh_table():
+        table_values = values.clone().requires_grad_()
+        leaf_weights = weights.clone().requires_grad_()
+        return table_values, leaf_weights, FusedTable(table_values, ValueOptimizer(
+            "rowwise_adagrad", 1e-3))  # fmt: skip
+
+    timed_table = fresh_table()
+
+    def whole_rows(shape):
+        return lambda v_dim, **_: (triton.next_power_of_2(v_dim), *shape)
+
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
          lambda: cuda.bag_cuda(values, indices, weights)),
@@ -283,31 +306,43 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> li
          lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
         ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS, "BLOCK_N BLOCK_K warps",
          lambda: cuda.pk_topk_cuda(q, keys, KNN)),
+        # Timed on one table that each step changes; compared on one step of a fresh one.
+        ("values step, fused rowwise_adagrad", triton_update, "row_blocks", UPDATE_VARIANTS,
+         "BLOCK_P warps", lambda: adagrad_step(*timed_table),
+         lambda: adagrad_step(*fresh_table())),
     ]  # fmt: skip
-    rows = []
-    for what, module, hook, variants, names, run in cases:
+    for what, module, hook, variants, names, run, *result in cases:
+        result = result[0] if result else run
         default = getattr(module, hook)
-        expected = first_tensor(run())  # every shape must compute what the default does
+        rows = []
         try:
+            expected = as_tuple(result())  # every shape must compute what the default does
             for shape in variants:
-                setattr(module, hook, lambda *_, c=shape: c)
+                shaped = whole_rows(shape) if module is triton_update else lambda *_, c=shape: c
+                setattr(module, hook, shaped)
                 impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
                 row = {"config": name, "what": f"sweep {what}", "impl": impl}
                 try:
                     ms = bench(run)
+                    got = as_tuple(result())
                 except Exception as error:  # one shape that fails must not end the sweep
                     rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
                     continue
                 row["ms"] = round(ms, 4)
-                got = first_tensor(run()).float()
-                row["same_result"] = torch.allclose(got, expected.float(), rtol=1e-2, atol=1e-2)
+                row["same_result"] = all(
+                    torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                    for a, b in zip(got, expected)
+                )
                 if what == "bag fwd":
                     row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
                     row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)
                 rows.append(row)
+        except Exception as error:  # the default shape failed: report it, sweep the rest
+            rows.append({"config": name, "what": f"sweep {what}",
+                         "ok": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
         finally:
             setattr(module, hook, default)
-    return rows
+            keep(rows)  # each case's rows are saved before the next case runs
 
 
 def main() -> int:
@@ -347,7 +382,7 @@ def main() -> int:
         keep(check_fused_update())
     for name in args.configs.split(","):
         if "sweep" in sections:
-            keep(sweep(name, **TRAINING[name], copy_bw=copy_bw))
+            sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep)
             torch.cuda.empty_cache()
         if "kernels" in sections:
             keep(run_config(name, **TRAINING[name], copy_bw=copy_bw))

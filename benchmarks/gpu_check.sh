@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session, about 6 minutes: the CUDA tests beside the kernels' correctness check,
+# One GPU session, 6 to 8 minutes: the CUDA tests beside the kernels' correctness check,
 # then the kernel benchmark (with its block-shape sweep) and the inference benchmark, alone
 # on the GPU. Results go to $OUT (the device tool's output folder) or benchmarks/results:
-# gpu_log.txt (everything printed), gpu_tests.txt, kernel_check.json, kernels.json and
-# inference.json.
+# gpu_log.txt (everything printed), gpu_tests.txt, gpu_compiled*.txt, kernel_check.json,
+# kernels.json and inference.json.
 # The device machine has torch and triton but no network: memcompile is not pip-installed
 # there, its package layout (passes/, kernels/, runtime/ inside memcompile) is assembled
 # in a temporary folder put on PYTHONPATH.
@@ -25,18 +25,32 @@ python_step() {  # python_step SECONDS SCRIPT ARGS...
   timeout "$limit" python3 "$@" 2>&1 | tee -a "$log" \
     || echo "$1 failed or ran past ${limit} s" | tee -a "$log"
 }
-# The CUDA side of the tests: the Triton kernel cases natively (bf16 included) and a
-# converted LM decoding under torch.compile(mode="reduce-overhead"). Run from outside the
-# repository so the assembled package, not the bare memcompile/ folder, is imported; in
-# workers, so Triton compiles on several cores; beside kernel_check, which times nothing.
+# The CUDA side of the tests, beside kernel_check (none of them times anything): the Triton
+# kernel cases natively, in pytest workers so Triton compiles on several cores; and a
+# converted LM decoding under torch.compile(mode="reduce-overhead"), in a process of its
+# own, twice: it crashed in Inductor's static CUDA launcher on the first H100 (torch 2.11,
+# GPU_NOTES.md), so it also runs with that launcher off. Run from outside the repository
+# so the assembled package, not the bare memcompile/ folder, is imported.
 repo="$(pwd)"
-(cd /tmp && timeout 170 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -n 8 \
-  "$repo/tests/triton_cases.py" "$repo/tests/triton_update_cases.py" \
-  "$repo/tests/test_generate_compiled.py") > "$out/gpu_tests.txt" 2>&1 &
-tests=$!
+in_tmp_pytest() {  # in_tmp_pytest LOG TESTS...
+  local log_file="$out/$1"; shift
+  (cd /tmp && timeout 170 python3 -m pytest -q -rf --tb=short -p no:cacheprovider "$@") \
+    > "$log_file" 2>&1
+}
+in_tmp_pytest gpu_tests.txt -n 8 "$repo/tests/triton_cases.py" \
+  "$repo/tests/triton_update_cases.py" &
+cases=$!
+in_tmp_pytest gpu_compiled.txt "$repo/tests/test_generate_compiled.py" &
+compiled=$!
+TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 in_tmp_pytest gpu_compiled_no_static_launcher.txt \
+  "$repo/tests/test_generate_compiled.py" &
+no_static=$!
 python_step 100 benchmarks/kernel_check.py --json "$out/kernel_check.json"
-wait "$tests" || echo "GPU tests failed or ran out of time (see gpu_tests.txt)" | tee -a "$log"
-tail -n 25 "$out/gpu_tests.txt"
-python_step 200 benchmarks/bench_kernels.py --sections sweep,kernels,values --out "$out"
+for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
+           "$no_static:gpu_compiled_no_static_launcher.txt"; do
+  wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
+  tail -n 4 "$out/${job#*:}" | tee -a "$log"
+done
+python_step 260 benchmarks/bench_kernels.py --sections sweep,kernels,values --out "$out"
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
