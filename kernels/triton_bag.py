@@ -22,8 +22,8 @@ _TILE = 8192  # elements of values a forward program gathers per step
 _MAX_BLOCK_V = 4096
 # Output-gradient elements a backward step holds, and the widest column block of a
 # backward program. The same run swept the backward's blocks: 1024 columns by 4 pairs in
-# 4 warps took 7.2 ms, whole 2048-column rows by 4 pairs 13.0 ms (2 pairs: 7.8 ms), more
-# warps or pairs up to 37 ms; fewer registers a thread keep more rows in flight.
+# 4 warps took 7.2 ms; whole 2048-column rows 7.8 ms (2 pairs, 8 warps), 8.05 ms (4 pairs,
+# 4 warps) and 13.0 ms (4 pairs, 8 warps); 8 pairs a step or 16 warps 27 to 37 ms.
 _BACKWARD_TILE = 4096
 _MAX_BACKWARD_BLOCK_V = 1024
 
