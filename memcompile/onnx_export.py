@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .runtime import MemcompileError, MemoryLayer
+from .runtime.errors import is_integer
 from .runtime.memory_layer import value_owners
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _check_options(form: str, opset: int | None) -> int:
     if opset is None:
         return lower_onnx.DEFAULT_OPSET
     low, high = lower_onnx.MIN_OPSET, lower_onnx.MAX_OPSET
-    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+    if not is_integer(opset) or not low <= opset <= high:
         raise MemcompileError(
             f"ONNX opset {opset!r} is not supported: choose {low} to {high} "
             f"(default {lower_onnx.DEFAULT_OPSET})"

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from ..runtime.errors import MemcompileError
+from ..runtime.errors import MemcompileError, is_integer
 from ..runtime.memory_layer import MemoryLayer
 from ..runtime.plan import (
     MODES,
@@ -68,7 +67,7 @@ class PartitionConfig:
                 raise MemcompileError("strategy 'host' serves inference only: use --mode infer")
         for name in ("gpu_memory", "tokens_per_step", "host_memory", "optimizer_bytes_per_param"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise MemcompileError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("gpu_memory", "tokens_per_step", "host_memory"):
             if getattr(self, name) < 1:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .errors import MemcompileError
+from .errors import MemcompileError, is_integer
 
 _SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)\s*$", re.IGNORECASE)
@@ -32,10 +31,8 @@ def _nearest_squares(n: int) -> str:
 
 def parse_mem_size(mem_size: int | str) -> int:
     """Number of value rows: an int or a string with a K/M/G suffix ("64K" = 256**2)."""
-    if isinstance(mem_size, bool):
-        raise MemcompileError(f"mem_size must be an int or a string like '1M', got {mem_size!r}")
-    if isinstance(mem_size, int):
-        n = mem_size
+    if is_integer(mem_size):
+        n = int(mem_size)
     elif isinstance(mem_size, str):
         match = _SIZE_RE.match(mem_size)
         if match is None:
@@ -79,19 +76,19 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         for name in ("mem_size", "heads", "knn", "k_dim", "v_dim", "seed"):
             value = getattr(self, name)  # numpy and torch integers count as ints
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if is_integer(value):
                 object.__setattr__(self, name, int(value))
         for name in ("qk_norm", "share_values"):
             if not isinstance(getattr(self, name), bool):
                 raise MemcompileError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_integer(self.seed):
             raise MemcompileError(f"seed must be an integer, got {self.seed!r}")
         n = parse_mem_size(self.mem_size)
         object.__setattr__(self, "mem_size", n)
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+        if not is_integer(self.heads) or self.heads < 1:
             raise MemcompileError(f"heads must be an integer >= 1, got {self.heads!r}")
         n_keys = math.isqrt(n)
-        if isinstance(self.knn, bool) or not isinstance(self.knn, int) or self.knn < 1:
+        if not is_integer(self.knn) or self.knn < 1:
             raise MemcompileError(f"knn must be an integer >= 1, got {self.knn!r}")
         if self.knn > n_keys:
             raise MemcompileError(
@@ -101,9 +98,7 @@ class MemoryConfig:
             )
         for name in ("k_dim", "v_dim"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise MemcompileError(f"{name} must be a positive integer, got {value!r}")
         if self.k_dim is not None and self.k_dim % 2:
             raise MemcompileError(

@@ -1,13 +1,20 @@
-"""The one error type memcompile raises for bad input, and the optional-dependency check."""
+"""The one error type memcompile raises for bad input, the optional-dependency check, and
+the integer test that input checks share."""
 
 from __future__ import annotations
 
 import importlib
+import numbers
 from types import ModuleType
 
 
 class MemcompileError(ValueError):
     """Bad input to memcompile: the message says what is wrong and how to fix it."""
+
+
+def is_integer(value: object) -> bool:
+    """An integer (numpy and torch integers too), and not a bool: `True` is no layer count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require(module: str, extra: str, purpose: str) -> ModuleType:

@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import fused_update as fused_ops
 from ..kernels import ops
-from .errors import MemcompileError
+from .errors import MemcompileError, is_integer
 from .memory_layer import value_owners
 from .sharded_bag import ShardedBag
 
@@ -93,7 +93,7 @@ class ValueOptimizer:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}"),
-            (isinstance(self.accumulation_steps, int) and self.accumulation_steps >= 1,
+            (is_integer(self.accumulation_steps) and self.accumulation_steps >= 1,
              f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}"),
         ]  # fmt: skip
         for ok, message in checks:
