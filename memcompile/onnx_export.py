@@ -106,6 +106,13 @@ def _check_model(model) -> None:
             f"{type(model).__name__} has tensors on the meta device (lazy value tables): call "
             "memcompile.runtime.materialize_values(model) before exporting"
         )
+    if any(t.dtype == torch.bfloat16 for t in [*model.parameters(), *model.buffers()]):
+        # The file would be written, and ONNX Runtime's CPU provider has no bfloat16 Gemm.
+        raise MemcompileError(
+            f"{type(model).__name__} has bfloat16 tensors, which ONNX Runtime cannot run: "
+            "export a float32 or float16 copy (memcompile export --dtype float32; in Python "
+            "model.float() or model.half())"
+        )
 
 
 def _named_inputs(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
@@ -255,11 +262,14 @@ def _write(model, path: Path) -> None:
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     data_name = f"{path.name}.data" if weights > EXTERNAL_DATA_BYTES else None
     path.parent.mkdir(parents=True, exist_ok=True)
+    side_file = path.parent / f"{path.name}.data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         ir.save(model, staged, external_data=data_name)
         if data_name is not None:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            os.replace(Path(tmp) / data_name, side_file)
+        elif side_file.is_file():  # a replaced model's weights: nothing reads them now
+            side_file.unlink()
         os.replace(staged, path)
 
 

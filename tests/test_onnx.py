@@ -284,6 +284,8 @@ def test_bad_input_is_one_line_and_writes_nothing(converted, tmp_path):
     _one_line_error(lambda: memcompile.export_onnx(dense, ids, path), "has no memory layers")
     lazy = memcompile.transform(case.build(), layers=[0], lazy_init=True, **SMALL)
     _one_line_error(lambda: memcompile.export_onnx(lazy, ids, path), "meta device")
+    bf16 = memcompile.transform(case.build(), layers=[0], dtype="bfloat16", **SMALL)
+    _one_line_error(lambda: memcompile.export_onnx(bf16, ids, path), "bfloat16 tensors")
     fused = memcompile.transform(case.build(), layers=[0], **SMALL)
     handle = memcompile.fuse_value_updates(fused, "adam", 1e-2)
     _one_line_error(lambda: memcompile.export_onnx(fused, ids, path), "call handle.remove")
@@ -343,6 +345,8 @@ def test_large_weights_go_to_a_data_file_and_static_shapes(tmp_path, monkeypatch
     assert np.abs(ort_session(path).run(None, {"x": x.numpy()})[0] - expected).max() <= 1e-5
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1 << 30)
+    memcompile.export_onnx(layer, x, path)  # replaced by a model without a side file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]  # no stale weights
     fixed = memcompile.export_onnx(layer, x, tmp_path / "fixed.onnx", dynamic=False)
     shape = onnx.load(fixed).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in shape] == [2, 9, 32]
@@ -429,3 +433,8 @@ def test_cli_bad_input_exit_2_and_no_file(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ")
         assert re.search(message, lines[0])
         assert not out.exists()
+    # A large model's weights go to OUT.onnx.data: an existing one is an output in the way.
+    (tmp_path / "m.onnx.data").write_text("someone's weights")
+    result = _cli("export", converted, "--onnx", out, "--quiet")
+    assert result.exit_code == 2 and "m.onnx.data already exists" in result.output
+    assert not out.exists() and (tmp_path / "m.onnx.data").read_text() == "someone's weights"

@@ -107,7 +107,9 @@ def export(
 
     from ..onnx_export import export_onnx
 
-    refuse_existing(onnx_path, force, inputs=[model_path])
+    # A large model's weights go to a side file, ONNX_PATH.data: it is an output too.
+    for output in (onnx_path, f"{onnx_path}.data"):
+        refuse_existing(output, force, inputs=[model_path])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
@@ -126,11 +128,16 @@ def export(
         "custom_nodes": sum(n.domain == "com.memcompile" for n in exported.graph.node),
         "bytes": Path(onnx_path).stat().st_size,
     }
+    side_file = Path(f"{onnx_path}.data")
+    if side_file.exists():
+        result["external_data"] = str(side_file)
+        result["bytes"] += side_file.stat().st_size
     if as_json:
         echo_json(result)
     else:
         click.echo(
             f"wrote {onnx_path} ({form} form, opset {result['opset']}, inputs "
             f"{', '.join(result['inputs'])} -> {', '.join(result['outputs'])}, "
-            f"{human_bytes(result['bytes'])})"
+            f"{human_bytes(result['bytes'])}"
+            + (f", weights in {side_file})" if side_file.exists() else ")")
         )
