@@ -51,6 +51,21 @@ def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     return run_passes(TransformState(model), FIND_PASSES).blocks
 
 
+def graph_memory_lookups(model: nn.Module) -> int:
+    """How many memory lookups the graphs of `model` call (a converted torch.export
+    program's module holds them as memcompile ops, not as MemoryLayer modules)."""
+    from torch import fx
+
+    graphs = [m.graph for m in model.modules() if isinstance(m, fx.GraphModule)]
+    return sum(
+        getattr(node.target, "namespace", None) == "memcompile"
+        and node.target.__name__.split(".")[0] in ("pk_topk", "pk_lookup")
+        for graph in graphs
+        for node in graph.nodes
+        if node.op == "call_function"
+    )
+
+
 def transform(
     model: nn.Module,
     layers: Sequence[int | str] | None = None,
@@ -91,7 +106,16 @@ def transform(
         layers = [layers]
     if layers is not None:  # numpy arrays and tensors of indices too
         listed = layers.tolist() if hasattr(layers, "tolist") else list(layers)
+        if any(isinstance(x, bool) for x in listed):
+            raise MemcompileError(
+                f"layers takes block indices or labels like 'encoder.2', got {listed!r}"
+            )
         layers = [int(x) if isinstance(x, numbers.Integral) else x for x in listed]
+    if graph_memory_lookups(model):
+        raise MemcompileError(
+            "the graph already holds memory lookups (memcompile:: ops) and cannot be converted "
+            "again: convert the original program with all the layers at once"
+        )
     converted = {str(i) for step in getattr(model, RECIPE_ATTRIBUTE, []) for i in step["layers"]}
     again = [str(layer) for layer in layers or () if str(layer) in converted]
     if again:

@@ -18,6 +18,7 @@ BAD_INPUTS = [
     (dict(layers=[7]), "valid layers are 0-2"),
     (dict(layers=[-1]), "valid layers are 0-2"),
     (dict(layers=[1, 1]), "listed twice"),
+    (dict(layers=[True]), "layers takes block indices"),
     (dict(layers=["encoder.1"]), "valid layers are 0-2"),
     (dict(layers=[1], mem_size="2M"), "1448**2"),
     (dict(layers=[1], mem_size="lots"), "K/M/G suffix"),

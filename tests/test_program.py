@@ -76,6 +76,16 @@ def test_program_augment_is_exact_on_new_shapes_and_replace_swaps_ops(tmp_path):
     with torch.no_grad():
         assert replaced.module()(probe).shape == (3, 21, VOCAB)
 
+    # A converted program lists its lookups, and is not converted again (the graph holds
+    # memcompile ops, no MemoryLayer modules).
+    listed = CliRunner().invoke(main, ["inspect", str(tmp_path / "augment.pt2"), "--json"])
+    assert json.loads(listed.output)["graph_memory_lookups"] == 2
+    again = _convert(tmp_path / "replace.pt2", tmp_path / "again.pt2", "--layers", "0")
+    assert again.exit_code == 2 and not (tmp_path / "again.pt2").exists()
+    assert again.output.count("\n") == 1 and "already holds memory lookups" in again.output
+    with pytest.raises(memcompile.MemcompileError, match="convert the original program"):
+        memcompile.transform(replaced.module(), layers=[0], mem_size=256, knn=4, heads=2)
+
 
 def test_gated_and_fused_programs(tmp_path):
     torch.manual_seed(0)

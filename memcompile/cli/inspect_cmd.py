@@ -43,6 +43,7 @@ def inspect(
     **memory_settings,
 ):
     """List the FFN blocks of MODEL (an HF directory, a checkpoint, a .pt2 or a .pt file)."""
+    from ..api import graph_memory_lookups
     from ..costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
     from ..passes import FIND_PASSES, TransformState, run_passes
     from ..runtime import MemoryLayer
@@ -87,12 +88,18 @@ def inspect(
         for path, layer in loaded.model.named_modules()
         if isinstance(layer, MemoryLayer)
     ]  # fmt: skip
+    lookups = graph_memory_lookups(loaded.model)
     result = {"model": str(model_path), "kind": loaded.kind, "blocks": rows, "moe_blocks": moe,
-              "memory_layers": memories}  # fmt: skip
+              "memory_layers": memories, "graph_memory_lookups": lookups}  # fmt: skip
     if as_json:
         echo_json(result)
         return
     click.echo(f"{len(blocks)} FFN blocks in {model_path} ({loaded.kind})")
+    if lookups:
+        click.echo(
+            f"the graph already calls {lookups} memory lookups (memcompile:: ops): a block "
+            "augmented with one is listed with the memory's parameters"
+        )
     header = (
         f"{'index':>10} {'path':<40} {'kind':<11} {'d_model':>7} {'d_hidden':>8} {'params':>12}"
     )
