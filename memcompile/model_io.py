@@ -133,14 +133,17 @@ def load_model(
     trust_remote_code: bool = False,
     trust_pickle: bool = False,
     config: str | None = None,
+    materialize: bool = True,
 ) -> LoadedModel:
-    """Load the model at `path`, whatever of the accepted kinds it is."""
+    """Load the model at `path`, whatever of the accepted kinds it is. `materialize=False`
+    leaves a checkpoint's lazy value tables on the meta device (for reading the model's
+    structure without building tables that may not fit in memory)."""
     path = Path(path)
     if not path.exists():
         raise MemcompileError(f"{path} does not exist")
     if path.is_dir():
         if checkpoint.is_checkpoint(path):
-            model = checkpoint.load(path, trust_pickle=trust_pickle)
+            model = checkpoint.load(path, trust_pickle=trust_pickle, materialize=materialize)
             pickled = path / checkpoint.PICKLED_SOURCE
             return LoadedModel(model, "checkpoint", pickled if pickled.is_file() else None)
         if (path / "config.json").is_file():

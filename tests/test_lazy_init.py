@@ -102,6 +102,25 @@ def test_cli_lazy_init_stores_the_recipe_and_loads_the_same_model(tmp_path):
     assert memcompile.load(lazy_out, materialize=False).memcompile_pool.values.is_meta
 
 
+def test_inspect_lists_a_lazy_checkpoint_without_building_its_tables(tmp_path, monkeypatch):
+    from memcompile.runtime import init
+
+    source, lazy_out = tmp_path / "hf", tmp_path / "lazy"
+    build(LLAMA).save_pretrained(source)
+    args = ["convert", str(source), "--layers", "0", "--mem-size", "16K", "--knn", "4",
+            "--heads", "2", "--lazy-init", "--quiet", "-o", str(lazy_out)]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+
+    def no_build(*_, **__):  # a large lazy table would not fit in memory
+        raise AssertionError("inspect built a value table")
+
+    monkeypatch.setattr(init.ValuesInit, "materialize", no_build)
+    listed = CliRunner().invoke(main, ["inspect", str(lazy_out), "--json"])
+    assert listed.exit_code == 0, listed.output
+    (memory,) = json.loads(listed.output)["memory_layers"]
+    assert memory["rows"] == 16384 and memory["path"] == "model.layers.0.mlp"
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_a_table_not_built_yet_is_refused_with_the_fix(grad):
     layer = MemoryLayer(8, 8, MemoryConfig(mem_size=16, heads=2, knn=3, k_dim=6), lazy_values=True)

@@ -200,7 +200,7 @@ def memory_config(mem_size, **options):
     return MemoryConfig(mem_size=mem_size, **options)
 
 
-def load(path, steps, trust_remote_code, trust_pickle, config_path):
+def load(path, steps, trust_remote_code, trust_pickle, config_path, materialize=True):
     from ..model_io import load_model
 
     if steps.quiet:
@@ -210,5 +210,6 @@ def load(path, steps, trust_remote_code, trust_pickle, config_path):
             hf_logging.disable_progress_bar()
     with steps(f"loading {path}"):
         return load_model(
-            path, trust_remote_code=trust_remote_code, trust_pickle=trust_pickle, config=config_path
-        )
+            path, trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
+            config=config_path, materialize=materialize,
+        )  # fmt: skip

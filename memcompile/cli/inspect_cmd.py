@@ -49,7 +49,9 @@ def inspect(
     from ..runtime import MemoryLayer
 
     steps = steps_for(quiet, as_json)
-    loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    # Lazy value tables stay unbuilt: listing the blocks reads no values.
+    loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path,
+                  materialize=False)  # fmt: skip
     with steps("tracing"):
         found = run_passes(TransformState(loaded.model), FIND_PASSES)
         blocks, moe_labels = found.blocks, found.moe_blocks
