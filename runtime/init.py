@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import MemcompileError
+
 ROWS_PER_BLOCK = 4096
 # Tag of the shared pool's stream (a layer's own streams derive from its block's path).
 POOL_SEED_TAG = 1 << 20
@@ -76,7 +78,17 @@ class ValuesInit:
         device: torch.device | str | None = None,
         chunk_rows: int = 16 * ROWS_PER_BLOCK,
     ) -> torch.Tensor:
-        table = torch.empty(shape, dtype=dtype, device=device)
+        try:
+            table = torch.empty(shape, dtype=dtype, device=device)
+        except RuntimeError as error:  # the allocators' "can't allocate" / "out of memory"
+            if "allocat" not in str(error) and "out of memory" not in str(error):
+                raise
+            size = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size() / 2**30
+            raise MemcompileError(
+                f"the value table ({shape[0]:,} x {shape[1]}, {size:,.1f} GiB) does not fit in "
+                f"memory: pass lazy_init=True (--lazy-init) to store its init recipe instead "
+                "and build it where it fits, or choose a smaller mem_size"
+            ) from None
         for start in range(0, shape[0], chunk_rows):
             normal_rows_(table[start : start + chunk_rows], self.std, self.seed, row_offset=start)
         return table

@@ -130,3 +130,11 @@ def test_a_table_not_built_yet_is_refused_with_the_fix(grad):
     materialize_values(layer)
     with torch.set_grad_enabled(grad):
         assert torch.isfinite(layer(torch.randn(2, 8))).all()
+
+
+def test_a_table_too_large_to_allocate_names_lazy_init():
+    # 32 PiB: more than any address space, so the allocation fails whatever the overcommit.
+    with pytest.raises(memcompile.MemcompileError, match=r"lazy_init=True") as error:
+        MemoryPool(2**50, 8)
+    assert "33,554,432.0 GiB" in str(error.value)
+    assert "\n" not in str(error.value)

@@ -19,6 +19,7 @@ from ..runtime import MemcompileError
 # The library's errors name its Python arguments; on the command line they name the flags.
 _FLAG_SPELLINGS = [
     (r"trust_pickle=True \(--trust-pickle\)", "--trust-pickle"),
+    (r"lazy_init=True \(--lazy-init\)", "--lazy-init"),
     (r"\bshare_values=False\b", "--no-share"),
     (r"\bdynamic=False\b", "--static"),
     (r"\bgating='swilu'", "--gating swilu"),
