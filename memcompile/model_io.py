@@ -48,7 +48,9 @@ def _transformers():
 def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
     transformers = _transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise MemcompileError(
@@ -62,7 +64,18 @@ def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
             "save_pretrained(..., safe_serialization=True))"
         )
     cls = _model_class(config)
-    model = cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    try:
+        model = cls.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True, local_files_only=True
+        )
+    except Exception as error:  # noqa: BLE001 - weights that do not load are bad input
+        unreadable = isinstance(error, (OSError, ValueError, RuntimeError))
+        if not unreadable and "safetensor" not in type(error).__name__.lower():
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise MemcompileError(
+            f"{path}: its weights do not load ({type(error).__name__}: {first_line})"
+        ) from None
     return model.eval()
 
 
@@ -81,8 +94,13 @@ def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
+    if not config_path.is_file():
+        raise MemcompileError(
+            f"{config_path} does not exist: --config takes an HF config.json or its directory"
+        )
     try:
-        config = transformers.AutoConfig.from_pretrained(config_path)
+        # Local only: a name that is no file must never become a download from the Hub.
+        config = transformers.AutoConfig.from_pretrained(config_path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise MemcompileError(f"{config_path} is not a usable HF config: {error}") from None
     return _model_class(config)._from_config(config)

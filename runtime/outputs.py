@@ -47,6 +47,9 @@ def refuse_existing(
             )
     if Path(path).exists() and not force:
         raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+    existing = next(p for p in Path(path).absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise MemcompileError(f"{path} cannot be written: {existing} is a file, not a directory")
 
 
 def _replace(staged: Path, path: Path) -> None:

@@ -87,6 +87,30 @@ def test_a_corrupt_program_is_one_line_on_stderr(tmp_path):
     ]
 
 
+def test_unreadable_weights_and_a_config_that_is_no_config_are_one_line(hf_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # a header length of 2**64-1
+    errors = _error_lines(_run("inspect", broken))
+    assert len(errors) == 1 and "its weights do not load (SafetensorError" in errors[0]
+
+    torch.save(build(LLAMA).state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    for config, says in (("notes.txt", "is not a usable HF config"), ("gone", "does not exist")):
+        # Read locally: "notes.txt" must not be looked up as a Hub repository.
+        (tmp_path / "gone").mkdir(exist_ok=True)
+        result = _run("inspect", tmp_path / "weights.pt", "--config", tmp_path / config)
+        errors = _error_lines(result)
+        assert len(errors) == 1 and says in errors[0], errors
+
+
+def test_an_output_below_a_file_is_one_line(hf_dir, tmp_path):
+    out = hf_dir / "config.json" / "converted"
+    errors = _error_lines(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    assert errors == [f"error: {out} cannot be written: {hf_dir / 'config.json'} is a file, "
+                      "not a directory"]  # fmt: skip
+
+
 def test_force_never_replaces_the_input_or_the_current_directory(hf_dir, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
