@@ -85,6 +85,9 @@ def test_program_augment_is_exact_on_new_shapes_and_replace_swaps_ops(tmp_path):
     assert again.output.count("\n") == 1 and "already holds memory lookups" in again.output
     with pytest.raises(memcompile.MemcompileError, match="convert the original program"):
         memcompile.transform(replaced.module(), layers=[0], mem_size=256, knn=4, heads=2)
+    lazy = _convert(source, tmp_path / "lazy.pt2", "--layers", "0", "--lazy-init")
+    assert lazy.exit_code == 2 and not (tmp_path / "lazy.pt2").exists()
+    assert lazy.output.count("\n") == 1 and "drop --lazy-init" in lazy.output
 
 
 def test_gated_and_fused_programs(tmp_path):

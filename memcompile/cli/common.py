@@ -51,7 +51,8 @@ def fail_cleanly(command):
         try:
             return command(*args, **kwargs)
         except MemcompileError as error:
-            click.echo(f"error: {in_flags(str(error))}", err=True)
+            # Only our line: torch.fx appends the graph node it was executing.
+            click.echo(f"error: {in_flags((str(error).splitlines() or [''])[0])}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)

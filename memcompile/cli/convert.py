@@ -80,6 +80,11 @@ def convert(
             "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "
             f"does: got {model_path} -> {output}"
         )
+    if lazy_init and Path(output).suffix == ".pt2":
+        raise MemcompileError(
+            "--lazy-init stores a table's init recipe in a checkpoint; a .pt2 program holds "
+            "its values: drop --lazy-init"
+        )
     config = memory_config(mem_size, mode=mode, **memory_settings)
     wanted = [part.strip() for part in layers.split(",") if part.strip()]
     steps = steps_for(quiet, as_json)
