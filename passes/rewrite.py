@@ -13,6 +13,7 @@ Four ways, by how the FFN sits in the model, tried in this order:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import zlib
@@ -39,6 +40,26 @@ log = logging.getLogger(__name__)
 
 def _count(*modules: nn.Module) -> int:
     params = {id(p): p.numel() for m in modules for p in m.parameters()}
+    return sum(params.values())
+
+
+def ffn_parameters(model: nn.Module, block: FFNBlock) -> int:
+    """The FFN's own parameters: its module's when the module is the FFN (or the model is
+    one graph, whose FFN paths are its modules), else those its matched nodes use, as for an
+    FFN written inline in a bigger layer (BART's fc1 and fc2); a split FFN's two modules."""
+    capture = block.capture
+    if block.kind == "split" or capture.whole_model or _is_whole_module(block):
+        paths = [block.path, block.exit_path] if block.exit_path else [block.path]
+        return _count(*(model.get_submodule(path) for path in paths))
+    gm, match = capture.graph_module, block.match
+    nodes = [*match.interior, match.exit]
+    modules = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+    params = {id(p): p.numel() for m in modules for p in m.parameters()}
+    for node in nodes:
+        if node.op == "get_attr":  # a weight the forward reads itself (F.linear)
+            with contextlib.suppress(AttributeError):  # a buffer or a constant
+                weight = gm.get_parameter(node.target)
+                params[id(weight)] = weight.numel()
     return sum(params.values())
 
 

@@ -190,6 +190,19 @@ def test_inspect_table_and_json(hf_dir):
     )
 
 
+def test_inspect_counts_an_inline_ffn_by_its_projections(tmp_path):
+    # BART's fc1/fc2 are children of the whole encoder layer: the layer is no FFN.
+    from zoo import ZOO
+
+    bart = next(case for case in ZOO if case.name == "bart").build()
+    bart.save_pretrained(tmp_path / "bart")
+    report = json.loads(_run("inspect", tmp_path / "bart", "--json").output)
+    layer = bart.model.encoder.layers[0]
+    ffn = sum(p.numel() for m in (layer.fc1, layer.fc2) for p in m.parameters())
+    assert ffn < sum(p.numel() for p in layer.parameters())
+    assert [b["params"] for b in report["blocks"]] == [ffn] * 4
+
+
 def test_mixture_of_experts_is_reported_and_refused(tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 

@@ -46,6 +46,7 @@ def inspect(
     from ..api import graph_memory_lookups
     from ..costs import BYTES_PER_DTYPE, ffn_flops_per_token, memory_cost
     from ..passes import FIND_PASSES, TransformState, run_passes
+    from ..passes.rewrite import ffn_parameters
     from ..runtime import MemoryLayer
 
     steps = steps_for(quiet, as_json)
@@ -59,12 +60,7 @@ def inspect(
     config = memory_config(mem_size, **memory_settings) if mem_size else None
     rows = []
     for block in blocks:
-        ffn = loaded.model.get_submodule(block.path)
-        params = sum(p.numel() for p in ffn.parameters())
-        if block.exit_path:
-            params += sum(
-                p.numel() for p in loaded.model.get_submodule(block.exit_path).parameters()
-            )
+        params = ffn_parameters(loaded.model, block)
         row = {
             "index": block.index,
             "path": block.path,
