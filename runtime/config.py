@@ -71,7 +71,7 @@ class MemoryConfig:
     share_values: bool = True
     mode: str = "replace"
     seed: int = 0
-    dtype: str | None = None
+    dtype: str | torch.dtype | None = None  # stored as its name, e.g. "bfloat16"
 
     def __post_init__(self) -> None:
         for name in ("mem_size", "heads", "knn", "k_dim", "v_dim", "seed"):
@@ -108,6 +108,9 @@ class MemoryConfig:
             raise MemcompileError(f"gating must be 'swilu' or 'none', got {self.gating!r}")
         if self.mode not in ("replace", "augment"):
             raise MemcompileError(f"mode must be 'replace' or 'augment', got {self.mode!r}")
+        if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 as well as "bfloat16"
+            names = {dtype: name for name, dtype in _DTYPES.items()}
+            object.__setattr__(self, "dtype", names.get(self.dtype, str(self.dtype)))
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise MemcompileError(
                 f"dtype must be one of {', '.join(_DTYPES)} (or None for the model's), "

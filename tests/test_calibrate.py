@@ -212,7 +212,7 @@ def test_cli_calibrate_synthetic_writes_a_calibrated_checkpoint(llama_ckpt, one_
     "extra, message",
     [
         ([], "--data FILE.txt or --synthetic"),
-        (["--synthetic", "--data", "x.txt"], "--data FILE.txt or --synthetic"),
+        (["--synthetic", "--data", "x.txt"], "--synthetic, not both"),
         (["--data", DATA / "heldout.txt"], "tokenizer"),  # the zoo model has no tokenizer
         (["--synthetic", "--steps", "0"], "--steps"),
     ],

@@ -190,6 +190,18 @@ def test_inspect_table_and_json(hf_dir):
     )
 
 
+def test_layers_take_ranges(hf_dir, tmp_path):
+    small = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--json", "-q"]
+    result = _run("convert", hf_dir, "--layers", "0-1", *small, "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["converted"] == [0, 1]
+    backwards = _run("convert", hf_dir, "--layers", "2-1", *small, "-o", tmp_path / "b")
+    assert backwards.exit_code == 2 and backwards.output.strip().splitlines() == [
+        "error: --layers 2-1 runs backwards: write 1-2"
+    ]
+    assert not (tmp_path / "b").exists()
+
+
 def test_inspect_counts_an_inline_ffn_by_its_projections(tmp_path):
     # BART's fc1/fc2 are children of the whole encoder layer: the layer is no FFN.
     from zoo import ZOO

@@ -125,6 +125,7 @@ def test_bad_size_values(bad):
         {"mode": "merge"},
         {"dtype": "float64"},
         {"dtype": "fp16"},
+        {"dtype": torch.float64},
     ],
 )
 def test_invalid_fields(kwargs):
@@ -152,6 +153,8 @@ def test_valid_strings():
     assert MemoryConfig(mem_size=64, knn=2, dtype="bfloat16").torch_dtype is torch.bfloat16
     assert MemoryConfig(mem_size=64, knn=2, dtype="float16").torch_dtype is torch.float16
     assert MemoryConfig(mem_size=64, knn=2).torch_dtype is None
+    as_dtype = MemoryConfig(mem_size=64, knn=2, dtype=torch.bfloat16)  # a torch.dtype too
+    assert as_dtype.dtype == "bfloat16" and as_dtype.to_dict()["dtype"] == "bfloat16"
 
 
 def test_defaults():

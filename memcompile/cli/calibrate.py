@@ -72,7 +72,9 @@ def calibrate(
     from ..calibrate import synthetic_batches, text_batches
 
     refuse_existing(output, force, inputs=[p for p in (model_path, original, data) if p])
-    if (data is None) == (not synthetic):
+    if data is not None and synthetic:
+        raise MemcompileError("give --data FILE.txt or --synthetic, not both")
+    if data is None and not synthetic:
         raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
     if steps < 1:
         raise MemcompileError(f"--steps must be at least 1, got {steps}")

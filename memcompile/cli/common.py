@@ -36,6 +36,21 @@ _FLAG_SPELLINGS = [
 ]
 
 
+def layer_labels(text: str) -> list[str]:
+    """--layers: labels separated by commas, "a-b" for the blocks a to b (inclusive)."""
+    labels = []
+    for part in (p.strip() for p in text.split(",")):
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span is None:
+            labels += [part] if part else []
+            continue
+        first, last = int(span.group(1)), int(span.group(2))
+        if first > last:
+            raise MemcompileError(f"--layers {part} runs backwards: write {last}-{first}")
+        labels += [str(i) for i in range(first, last + 1)]
+    return labels
+
+
 def in_flags(message: str) -> str:
     """`message` with the Python argument names it uses spelled as the CLI's flags."""
     for pattern, flag in _FLAG_SPELLINGS:

@@ -10,6 +10,7 @@ from .common import (
     checkpoint_output_options,
     echo_json,
     fail_cleanly,
+    layer_labels,
     load,
     memory_config,
     memory_options,
@@ -29,7 +30,9 @@ Examples:
 
 @click.command("convert", epilog=EPILOG_CONVERT)
 @click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("--layers", required=True, help="block indices to convert, e.g. 4,12 or encoder.2")
+@click.option(
+    "--layers", required=True, help="block indices to convert, e.g. 4,12 or 0-3 or encoder.2"
+)
 @click.option(
     "--mem-size",
     default="1M",
@@ -86,7 +89,7 @@ def convert(
             "its values: drop --lazy-init"
         )
     config = memory_config(mem_size, mode=mode, **memory_settings)
-    wanted = [part.strip() for part in layers.split(",") if part.strip()]
+    wanted = layer_labels(layers)
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     with steps("converting"):
