@@ -169,8 +169,9 @@ def _check_dynamic_shapes(named: dict[str, torch.Tensor]) -> None:
             )
 
 
-def _example_outputs(model: nn.Module, named: dict, extra: dict) -> list[str]:
-    """Runs the model once: an input it rejects is bad input. Returns the output names."""
+def _example_outputs(model: nn.Module, named: dict, extra: dict) -> dict[str, tuple]:
+    """Runs the model once: an input it rejects is bad input. Returns each output's shape,
+    by name."""
     try:
         with torch.no_grad():
             out = model(**named, **extra)
@@ -181,10 +182,40 @@ def _example_outputs(model: nn.Module, named: dict, extra: dict) -> list[str]:
             f"{type(model).__name__} fails on the example inputs ({shapes}): "
             f"{type(error).__name__}: {first}"
         ) from None
-    names = [name for name, _ in _tensor_outputs(out)]
-    if not names:
+    shapes = {name: tuple(tensor.shape) for name, tensor in _tensor_outputs(out)}
+    if not shapes:
         raise MemcompileError(f"{type(model).__name__} returns no tensor to export")
-    return names
+    return shapes
+
+
+def _check_in_onnxruntime(path: Path, named: dict, shapes: dict[str, tuple]) -> None:
+    """The written model runs in ONNX Runtime on the example inputs and gives the example's
+    output shapes. An exporter can write a graph that ONNX Runtime rejects: torch 2.13 at
+    opset 23 writes Llama's rotary embedding for a batch of one."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # the error below says it; ORT would log it again
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        wanted = {i.name for i in session.get_inputs()}
+        feeds = {k: v.detach().cpu().numpy() for k, v in named.items() if k in wanted}
+        results = session.run(None, feeds)
+    except Exception as error:  # noqa: BLE001 - whatever ORT refuses, the file is unusable
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise MemcompileError(
+            f"ONNX Runtime cannot run the exported model on the example inputs ({first}): "
+            "nothing was written; another opset may export differently"
+        ) from None
+    got = {o.name: tuple(r.shape) for o, r in zip(session.get_outputs(), results)}
+    wrong = [name for name, shape in got.items() if shapes.get(name, shape) != shape]
+    if wrong:
+        raise MemcompileError(
+            f"the exported model's {wrong[0]} has shape {got[wrong[0]]} in ONNX Runtime, "
+            f"not {shapes[wrong[0]]} as in PyTorch: nothing was written"
+        )
 
 
 def _extra_kwargs(model: nn.Module) -> dict:
@@ -255,8 +286,9 @@ def _export(module: nn.Module, named: dict, outputs: list[str], form: str, opset
     return model
 
 
-def _write(model, path: Path) -> None:
-    """Saves the ir.Model at `path`, through a temporary directory beside it."""
+def _write(model, path: Path, check) -> None:
+    """Saves the ir.Model at `path`, through a temporary directory beside it; `check(staged)`
+    runs on the staged file first, and an error there writes nothing."""
     from onnxscript import ir
 
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
@@ -266,6 +298,7 @@ def _write(model, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         ir.save(model, staged, external_data=data_name)
+        check(staged)
         if data_name is not None:
             os.replace(Path(tmp) / data_name, side_file)
         elif side_file.is_file():  # a replaced model's weights: nothing reads them now
@@ -303,14 +336,14 @@ def export_onnx(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        outputs = _example_outputs(model, named, extra)
+        shapes = _example_outputs(model, named, extra)
         module = _Outputs(model, list(named), extra).eval()
-        onnx_model = _export(module, named, outputs, form, opset, dynamic)
+        onnx_model = _export(module, named, list(shapes), form, opset, dynamic)
     finally:
         for submodule, training in modes.items():
             submodule.training = training
     path = Path(path)
-    _write(onnx_model, path)
+    _write(onnx_model, path, check=lambda staged: _check_in_onnxruntime(staged, named, shapes))
     counts = _lowering().custom_nodes(onnx_model)
     log.info("wrote %s (%s form, opset %d, custom nodes %s)", path, form, opset, counts or "none")
     return path

@@ -275,6 +275,21 @@ def _one_line_error(call, match: str) -> str:
     return str(error.value)
 
 
+def test_a_model_onnx_runtime_cannot_run_is_not_written(converted, tmp_path):
+    # torch 2.13 exports Llama's rotary embedding at opset 23 as an ORT RotaryEmbedding node
+    # that takes a batch of one only: the example (batch 2) fails, so no file is written.
+    case, model, _ = converted(*MODELS[1])
+    ids = case.example_inputs(0)
+    assert ids["input_ids"].shape[0] > 1
+    message = _one_line_error(
+        lambda: memcompile.export_onnx(model, ids, tmp_path / "m.onnx", opset=23),
+        "ONNX Runtime cannot run the exported model on the example inputs",
+    )
+    assert "RotaryEmbedding" in message and "nothing was written" in message
+    assert list(tmp_path.iterdir()) == []
+    assert memcompile.export_onnx(model, ids, tmp_path / "m.onnx", opset=22).is_file()
+
+
 def test_bad_input_is_one_line_and_writes_nothing(converted, tmp_path):
     case, model, _ = converted(*MODELS[0])
     path = tmp_path / "out.onnx"
