@@ -1,13 +1,13 @@
 """memcompile checkpoints: a directory with `memcompile.json` and `model.safetensors`.
 
 `memcompile.json` records the source model (how to rebuild it: an HF config and class),
-the transforms applied (layers and MemoryConfig, in order) and the tensors that are
-aliases of others (tied weights). Loading rebuilds the base model, re-applies the
-transforms and copies the saved tensors in, so outputs are bit-identical (but for a model
-cast to fp16/bf16 before saving: transformers rebuilds non-persistent buffers such as
-rotary `inv_freq` in float32, as its own `from_pretrained` does). No pickle is
-ever read. Writes go to a temporary directory renamed into place, so an interrupted or
-failed save leaves nothing behind.
+the transforms applied (layers and MemoryConfig, in order), the tensors that are
+aliases of others (tied weights) and the dtypes of buffers the state dict leaves out (a
+model cast to fp16 has fp16 rotary `inv_freq`, which transformers rebuilds in float32).
+Loading rebuilds the base model, re-applies the transforms, copies the saved tensors in and
+casts those buffers, so outputs are bit-identical. No pickle is ever read. Writes go to a
+temporary directory renamed into place, so an interrupted or failed save leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def save(
         "transforms": getattr(model, RECIPE_ATTRIBUTE, []),
     }
     tensors, manifest["aliases"] = _unique_tensors(model)
+    manifest["buffer_dtypes"] = _unsaved_buffer_dtypes(model)
     manifest["lazy_values"] = _lazy_recipes(model, tensors)
     tensors = {name: t for name, t in tensors.items() if name not in manifest["lazy_values"]}
     with atomic_directory(path, force=force) as tmp:
@@ -230,6 +231,16 @@ def load(
         ) from None
 
 
+def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Dtypes of the floating buffers the state dict leaves out (non-persistent)."""
+    saved = set(model.state_dict())
+    return {
+        name: str(buffer.dtype).removeprefix("torch.")
+        for name, buffer in model.named_buffers()
+        if name not in saved and buffer.is_floating_point()
+    }
+
+
 def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) -> nn.Module:
     model = build_source(manifest["source"], path, trust_pickle)
     for step in manifest["transforms"]:
@@ -247,6 +258,11 @@ def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) 
         )
     for name, tensor in saved.items():
         _copy_in(model, name, tensor)
+    for name, dtype in manifest.get("buffer_dtypes", {}).items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if isinstance(owner._buffers.get(leaf), torch.Tensor):  # as the saved model had it
+            owner._buffers[leaf] = owner._buffers[leaf].to(getattr(torch, dtype))
     for name, recipe in lazy.items():
         owner = model.get_submodule(name.rpartition(".")[0])
         rebuilt, values = owner.values_init, owner._parameters["values"]

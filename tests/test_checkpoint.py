@@ -7,11 +7,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import memcompile
 from memcompile import MemcompileError
 
-from models import CASES, build
+from models import CASES, VOCAB, build
 
 LLAMA = next(c for c in CASES if c.name == "llama")
 
@@ -79,3 +80,16 @@ def test_save_refuses_what_it_cannot_write(tmp_path):
         with pytest.raises(MemcompileError, match=message):
             memcompile.save(*args, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_before_saving_loads_bit_identical(tmp_path, dtype):
+    # .to(dtype) casts the rotary inv_freq buffer, which the state dict leaves out and
+    # transformers rebuilds in float32: the checkpoint records its dtype.
+    model = build(LLAMA).to(dtype)
+    memcompile.transform(model, [1], mem_size=256, knn=4, heads=2, mode="augment")
+    loaded = memcompile.load(memcompile.save(model, tmp_path / "ckpt"))
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(LLAMA.logits(loaded, ids), LLAMA.logits(model, ids))
+    assert {b.dtype for b in loaded.buffers() if b.is_floating_point()} == {dtype}

@@ -79,3 +79,20 @@ def test_numpy_and_tensor_integers_are_integers():
         assert model.memcompile_report.config == want.memcompile_report.config
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                       want.state_dict().values()))  # fmt: skip
+
+
+def test_a_sequential_model_cannot_hold_the_shared_table_and_says_what_to_do():
+    def mlp():
+        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32))
+
+    model = nn.Sequential(*[mlp() for _ in range(3)])
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(memcompile.MemcompileError, match="pass share_values=False") as error:
+        memcompile.transform(model, layers=[1], mem_size=256, knn=4, mode="augment")
+    assert "\n" not in str(error.value) and not hasattr(model, "memcompile_pool")
+    memcompile.transform(model, layers=[1], mem_size=256, knn=4, mode="augment",
+                         share_values=False)  # fmt: skip
+    with torch.no_grad():  # unshared tables live in the layers: the Sequential still runs
+        assert torch.equal(model(x), before)
