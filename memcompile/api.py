@@ -106,6 +106,7 @@ def transform(
         layers = [layers]
     if layers is not None:  # numpy arrays and tensors of indices too
         listed = layers.tolist() if hasattr(layers, "tolist") else list(layers)
+        listed = listed if isinstance(listed, list) else [listed]  # a 0-d array or tensor
         if any(isinstance(x, bool) for x in listed):
             raise MemcompileError(
                 f"layers takes block indices or labels like 'encoder.2', got {listed!r}"

@@ -46,7 +46,9 @@ def refuse_existing(
                 f"{path} would write into the input {source}: write the output to a new path"
             )
     if Path(path).exists() and not force:
-        raise MemcompileError(f"{path} already exists: choose another output or pass --force")
+        raise MemcompileError(
+            f"{path} already exists: choose another output or pass force=True (--force)"
+        )
     existing = next(p for p in Path(path).absolute().parents if p.exists())
     if not existing.is_dir():
         raise MemcompileError(f"{path} cannot be written: {existing} is a file, not a directory")

@@ -96,3 +96,9 @@ def test_a_sequential_model_cannot_hold_the_shared_table_and_says_what_to_do():
                          share_values=False)  # fmt: skip
     with torch.no_grad():  # unshared tables live in the layers: the Sequential still runs
         assert torch.equal(model(x), before)
+
+
+def test_layers_may_be_a_zero_dimensional_tensor_or_array():
+    for layer in (torch.tensor(1), np.int64(1), np.array(1)):
+        model = memcompile.transform(build(EXAMPLE), layers=layer, mem_size=256, knn=4)
+        assert [b.index for b in model.memcompile_report.converted] == [1]

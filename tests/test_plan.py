@@ -140,7 +140,8 @@ def test_plan_file_round_trips_and_matches_the_schema(tmp_path):
     assert data["mesh"]["world_size"] == 4
     assert data["model_fingerprint"] == model_fingerprint(model)
     assert load_plan(path) == plan
-    with pytest.raises(memcompile.MemcompileError, match="already exists: .* pass --force"):
+    refused = r"already exists: .* pass force=True \(--force\)"
+    with pytest.raises(memcompile.MemcompileError, match=refused):
         save_plan(plan, path)
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(memcompile.MemcompileError, match="is a directory"):

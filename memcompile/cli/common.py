@@ -20,6 +20,7 @@ from ..runtime import MemcompileError
 _FLAG_SPELLINGS = [
     (r"trust_pickle=True \(--trust-pickle\)", "--trust-pickle"),
     (r"lazy_init=True \(--lazy-init\)", "--lazy-init"),
+    (r"force=True \(--force\)", "--force"),
     (r"\bshare_values=False\b", "--no-share"),
     (r"\bdynamic=False\b", "--static"),
     (r"\bgating='swilu'", "--gating swilu"),
