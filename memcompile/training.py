@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .runtime import MemcompileError
+from .runtime.errors import is_number
 from .runtime.fused_values import fuse_value_updates, fused_value_ids
 from .runtime.memory_layer import value_owners
 
@@ -54,9 +55,9 @@ def param_groups(
     `LambdaLR(opt, [schedule, lambda step: 1.0])`) to keep the value rate fixed.
     """
     for name, value in (("lr", lr), ("value_lr", value_lr)):
-        if not value > 0:
-            raise MemcompileError(f"{name} must be positive, got {value!r}")
-    if not weight_decay >= 0:
+        if not is_number(value) or not value > 0:
+            raise MemcompileError(f"{name} must be a positive number, got {value!r}")
+    if not is_number(weight_decay) or not weight_decay >= 0:
         raise MemcompileError(f"weight_decay must be >= 0, got {weight_decay!r}")
     tables = list(memory_values(model))
     fused = fused_value_ids(model)

@@ -65,13 +65,12 @@ class PartitionConfig:
                 )
             if strategy == "host" and self.mode == "train":
                 raise MemcompileError("strategy 'host' serves inference only: use --mode infer")
-        for name in ("gpu_memory", "tokens_per_step", "host_memory", "optimizer_bytes_per_param"):
+        minimum = {"gpu_memory": 1, "tokens_per_step": 1, "host_memory": 1,
+                   "optimizer_bytes_per_param": 0}  # fmt: skip
+        for name, low in minimum.items():
             value = getattr(self, name)
-            if not is_integer(value) or value < 0:
-                raise MemcompileError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("gpu_memory", "tokens_per_step", "host_memory"):
-            if getattr(self, name) < 1:
-                raise MemcompileError(f"{name} must be positive, got {getattr(self, name)!r}")
+            if not is_integer(value) or value < low:
+                raise MemcompileError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.bandwidth, BandwidthModel):
             raise MemcompileError(
                 f"bandwidth takes a memcompile.runtime.BandwidthModel, got "

@@ -298,7 +298,7 @@ def rewrite(state: TransformState) -> None:
     configs = [config.resolve(block.d_model, block.d_out) for block in state.selected]
     strategies = [_strategy(block) for block in state.selected]
     if config.share_values:
-        check_shareable(model, {(c.n_keys**2, c.v_dim) for c in configs})
+        check_shareable(model, {(c.n_keys**2, c.v_dim) for c in configs}, config.torch_dtype)
     swap = {
         "split": _swap_split,
         "module": _swap_module,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..runtime import MemcompileError, MemoryPool
@@ -10,8 +11,11 @@ from .blocks import TransformState
 POOL_NAME = "memcompile_pool"
 
 
-def check_shareable(model: nn.Module, shapes: set[tuple[int, int]]) -> None:
-    """Raise MemcompileError unless one table, and the model's pool if any, fits all `shapes`.
+def check_shareable(
+    model: nn.Module, shapes: set[tuple[int, int]], dtype: torch.dtype | None = None
+) -> None:
+    """Raise MemcompileError unless one table, and the model's pool if any, fits all `shapes`
+    (and `dtype`, when the new layers ask for one).
 
     `rewrite` calls this before it changes the model, so a bad request leaves it untouched.
     """
@@ -31,6 +35,12 @@ def check_shareable(model: nn.Module, shapes: set[tuple[int, int]]) -> None:
             f"the model already has a shared value table of shape {tuple(pool.values.shape)}; "
             f"new layers need {next(iter(shapes))}: use the same mem_size and v_dim, or "
             "share_values=False"
+        )
+    if pool is not None and dtype is not None and pool.values.dtype != dtype:
+        have, want = (str(d).removeprefix("torch.") for d in (pool.values.dtype, dtype))
+        raise MemcompileError(
+            f"the model's shared value table is {have}; new layers ask for dtype {want}: "
+            "use the same dtype, or share_values=False"
         )
 
 

@@ -4,6 +4,7 @@ the integer test that input checks share."""
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
 from types import ModuleType
 
@@ -15,6 +16,11 @@ class MemcompileError(ValueError):
 def is_integer(value: object) -> bool:
     """An integer (numpy and torch integers too), and not a bool: `True` is no layer count."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite real number, and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def require(module: str, extra: str, purpose: str) -> ModuleType:

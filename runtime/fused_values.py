@@ -33,8 +33,6 @@ Semantics:
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -45,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import fused_update as fused_ops
 from ..kernels import ops
-from .errors import MemcompileError, is_integer
+from .errors import MemcompileError, is_integer, is_number
 from .memory_layer import value_owners
 from .sharded_bag import ShardedBag
 
@@ -84,7 +82,7 @@ class ValueOptimizer:
             "beta2": self.betas[1],
         }
         for name, value in settings.items():
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_number(value):
                 raise MemcompileError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.lr > 0, f"lr must be positive, got {self.lr!r}"),
@@ -95,14 +93,12 @@ class ValueOptimizer:
              f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}"),
             (is_integer(self.accumulation_steps) and self.accumulation_steps >= 1,
              f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}"),
+            (isinstance(self.stochastic_rounding, bool),
+             f"stochastic_rounding must be True or False, got {self.stochastic_rounding!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise MemcompileError(message)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class _StepCounter:
@@ -192,7 +188,7 @@ class FusedTable:
         factor = self.lr_lambda(self.step)
         if isinstance(factor, torch.Tensor) and factor.numel() == 1 and factor.is_floating_point():
             factor = factor.item()
-        if not _is_real(factor) or not math.isfinite(factor) or factor < 0:
+        if not is_number(factor) or factor < 0:
             raise MemcompileError(
                 f"lr_lambda({self.step}) returned {factor!r}: it must return a finite "
                 "number >= 0 (the factor of the value lr at that update)"

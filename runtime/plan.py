@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import MemcompileError
+from .errors import MemcompileError, is_integer
 from .outputs import atomic_file
 
 PLAN_FORMAT = "memcompile.plan"
@@ -57,8 +57,9 @@ class Mesh:
     def __post_init__(self) -> None:
         for name in ("gpus_per_node", "nodes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise MemcompileError(f"mesh {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy and torch integers too
 
     @property
     def world_size(self) -> int:

@@ -102,3 +102,15 @@ def test_layers_may_be_a_zero_dimensional_tensor_or_array():
     for layer in (torch.tensor(1), np.int64(1), np.array(1)):
         model = memcompile.transform(build(EXAMPLE), layers=layer, mem_size=256, knn=4)
         assert [b.index for b in model.memcompile_report.converted] == [1]
+
+
+def test_more_layers_must_match_the_shared_table():
+    model = memcompile.transform(build(EXAMPLE), layers=[0], mem_size=256, knn=4)
+    for options, message in [
+        (dict(mem_size=1024), "already has a shared value table of shape"),
+        (dict(mem_size=256, dtype="bfloat16"), "shared value table is float32; new layers ask"),
+    ]:
+        with pytest.raises(memcompile.MemcompileError, match=message):
+            memcompile.transform(model, layers=[1], knn=4, **options)
+    assert model.memcompile_pool.values.dtype == torch.float32
+    memcompile.transform(model, layers=[1], mem_size=256, knn=4, dtype="float32")  # the same

@@ -422,6 +422,7 @@ def test_bad_arguments_are_one_line_errors():
         (dict(optimizer="adam", lr=0.0), "lr must be positive"),
         (dict(optimizer="adam", lr=0.1, accumulation_steps=0), "accumulation_steps"),
         (dict(optimizer="adam", lr=0.1, accumulation_steps=True), "accumulation_steps"),
+        (dict(optimizer="adam", lr=0.1, stochastic_rounding="yes"), "stochastic_rounding"),
         (dict(optimizer="adam", lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
         (dict(optimizer="adam", lr=0.1, betas=(0.9, 1.0)), "betas"),
         (dict(optimizer="adam", lr=float("inf")), "lr must be a finite number"),

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
@@ -192,10 +193,12 @@ def test_bad_settings_are_refused():
         memcompile.plan(model, 2, strategy="host")
     with pytest.raises(MemcompileError, match="gpus_per_node must be a positive"):
         memcompile.plan(model, 0)
+    assert Mesh(np.int64(2), nodes=np.int32(3)).world_size == 6  # numpy integers too
     with pytest.raises(MemcompileError, match="not a memory size"):
         memcompile.plan(model, 2, gpu_memory="lots")
     for kwargs, message in [
-        (dict(tokens_per_step=1.5), "tokens_per_step must be an integer >= 0, got 1.5"),
+        (dict(tokens_per_step=1.5), "tokens_per_step must be an integer >= 1, got 1.5"),
+        (dict(tokens_per_step=0), "tokens_per_step must be an integer >= 1, got 0"),
         (dict(tokens_per_step=True), "tokens_per_step must be an integer"),
         (dict(tokens_per_step="65536"), "tokens_per_step must be an integer"),
         (dict(bandwidth={"hbm": 3e12}), "bandwidth takes a memcompile.runtime.BandwidthModel"),

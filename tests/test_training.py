@@ -101,8 +101,10 @@ def test_bad_arguments_and_lazy_tables(one_thread):
         memcompile.param_groups(model, lr=1e-3)
     memcompile.runtime.materialize_values(model)
     assert len(memcompile.param_groups(model, lr=1e-3)) == 2
-    for kwargs in (dict(lr=0.0), dict(lr=1e-3, value_lr=-1.0), dict(lr=1e-3, weight_decay=-0.1)):
-        with pytest.raises(MemcompileError):
+    bad = [dict(lr=0.0), dict(lr=1e-3, value_lr=-1.0), dict(lr=1e-3, weight_decay=-0.1),
+           dict(lr="1e-3"), dict(lr=None), dict(lr=1e-3, weight_decay=float("nan"))]  # fmt: skip
+    for kwargs in bad:
+        with pytest.raises(MemcompileError):  # not a TypeError from a comparison
             memcompile.param_groups(model, **kwargs)
     for p in model.parameters():
         p.requires_grad_(False)
