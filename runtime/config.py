@@ -83,6 +83,8 @@ class MemoryConfig:
                 raise MemcompileError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_integer(self.seed):
             raise MemcompileError(f"seed must be an integer, got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**63:  # seeds are used mod 2**64: no two may collide
+            raise MemcompileError(f"seed must fit in 64 bits (a signed int64), got {self.seed}")
         n = parse_mem_size(self.mem_size)
         object.__setattr__(self, "mem_size", n)
         if not is_integer(self.heads) or self.heads < 1:

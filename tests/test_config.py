@@ -126,6 +126,8 @@ def test_bad_size_values(bad):
         {"dtype": "float64"},
         {"dtype": "fp16"},
         {"dtype": torch.float64},
+        {"seed": 2**63},
+        {"seed": -(2**63) - 1},
     ],
 )
 def test_invalid_fields(kwargs):
