@@ -19,11 +19,6 @@ def check_shareable(
 
     `rewrite` calls this before it changes the model, so a bad request leaves it untouched.
     """
-    if shapes and isinstance(model, nn.Sequential):
-        raise MemcompileError(
-            "an nn.Sequential calls each of its children in turn, so it cannot hold the shared "
-            "value table: pass share_values=False, or wrap the Sequential in a module"
-        )
     if len(shapes) > 1:
         raise MemcompileError(
             f"converted layers need value tables of different shapes {sorted(shapes)}: "

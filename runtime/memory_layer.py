@@ -47,6 +47,11 @@ class MemoryPool(nn.Module):
     # bag_impl(values, indices, weights) with indices and weights of shape (N, heads*knn).
     bag_impl = None
 
+    def forward(self, x):
+        """The input, unchanged: the pool sits at the model's root, and an nn.Sequential
+        root calls every child in turn, the pool last."""
+        return x
+
     def extra_repr(self) -> str:
         return f"rows={self.values.shape[0]}, v_dim={self.values.shape[1]}"
 

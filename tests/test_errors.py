@@ -81,7 +81,7 @@ def test_numpy_and_tensor_integers_are_integers():
                                                       want.state_dict().values()))  # fmt: skip
 
 
-def test_a_sequential_model_cannot_hold_the_shared_table_and_says_what_to_do():
+def test_a_sequential_model_runs_with_the_shared_table_at_its_root():
     def mlp():
         return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32))
 
@@ -89,13 +89,10 @@ def test_a_sequential_model_cannot_hold_the_shared_table_and_says_what_to_do():
     x = torch.randn(2, 32)
     with torch.no_grad():
         before = model(x)
-    with pytest.raises(memcompile.MemcompileError, match="pass share_values=False") as error:
-        memcompile.transform(model, layers=[1], mem_size=256, knn=4, mode="augment")
-    assert "\n" not in str(error.value) and not hasattr(model, "memcompile_pool")
-    memcompile.transform(model, layers=[1], mem_size=256, knn=4, mode="augment",
-                         share_values=False)  # fmt: skip
-    with torch.no_grad():  # unshared tables live in the layers: the Sequential still runs
-        assert torch.equal(model(x), before)
+    memcompile.transform(model, layers=[0, 2], mem_size=256, knn=4, mode="augment")
+    assert list(model)[-1] is model.memcompile_pool  # called last, by Sequential.forward
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # augment: unchanged at init
 
 
 def test_layers_may_be_a_zero_dimensional_tensor_or_array():
