@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint
 from .runtime import MemcompileError
-from .runtime.errors import require
+from .runtime.errors import first_line, require
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:
         unreadable = isinstance(error, (OSError, ValueError, RuntimeError))
         if not unreadable and "safetensor" not in type(error).__name__.lower():
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise MemcompileError(
-            f"{path}: its weights do not load ({type(error).__name__}: {first_line})"
+            f"{path}: its weights do not load ({type(error).__name__}: {first_line(error)})"
         ) from None
     return model.eval()
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .runtime import MemcompileError, MemoryLayer
-from .runtime.errors import is_integer
+from .runtime.errors import first_line, is_integer
 from .runtime.memory_layer import value_owners
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _example_outputs(model: nn.Module, named: dict, extra: dict) -> dict[str, tu
         with torch.no_grad():
             out = model(**named, **extra)
     except Exception as error:  # noqa: BLE001 - any failure here is the example's fault
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first = first_line(error)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in named.items())
         raise MemcompileError(
             f"{type(model).__name__} fails on the example inputs ({shapes}): "
@@ -204,7 +204,7 @@ def _check_in_onnxruntime(path: Path, named: dict, shapes: dict[str, tuple]) -> 
         feeds = {k: v.detach().cpu().numpy() for k, v in named.items() if k in wanted}
         results = session.run(None, feeds)
     except Exception as error:  # noqa: BLE001 - whatever ORT refuses, the file is unusable
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first = first_line(error)
         raise MemcompileError(
             f"ONNX Runtime cannot run the exported model on the example inputs ({first}): "
             "nothing was written; another opset may export differently"

@@ -1,5 +1,5 @@
 """The one error type memcompile raises for bad input, the optional-dependency check, and
-the integer test that input checks share."""
+what input checks and one-line messages share."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from types import ModuleType
 
 class MemcompileError(ValueError):
     """Bad input to memcompile: the message says what is wrong and how to fix it."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message ("" for none): a one-line message quotes it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def is_integer(value: object) -> bool:

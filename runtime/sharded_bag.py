@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..kernels import ops
 from ..kernels.reference import accumulation_dtype
+from .errors import first_line
 from .plan import chunk_ranges
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def run_collective(label: str, op: str, what: str, *args, **kwargs) -> None:
     try:
         getattr(dist, op)(*args, **kwargs)
     except Exception as error:  # gloo and NCCL raise RuntimeError and DistBackendError
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error) or type(error).__name__
         rank = dist.get_rank() if dist.is_initialized() else -1
         raise CollectiveError(
             f"{label}: {op} of {what} failed on rank {rank} (a peer rank raised, "

@@ -15,6 +15,7 @@ import sys
 import click
 
 from ..runtime import MemcompileError
+from ..runtime.errors import first_line
 
 # The library's errors name its Python arguments; on the command line they name the flags.
 _FLAG_SPELLINGS = [
@@ -68,7 +69,7 @@ def fail_cleanly(command):
             return command(*args, **kwargs)
         except MemcompileError as error:
             # Only our line: torch.fx appends the graph node it was executing.
-            click.echo(f"error: {in_flags((str(error).splitlines() or [''])[0])}", err=True)
+            click.echo(f"error: {in_flags(first_line(error))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
