@@ -101,12 +101,13 @@ def _check_model(model) -> None:
             "sharding (a bag_impl): export before fuse_value_updates/apply_plan, or call "
             "handle.remove() first"
         )
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
         raise MemcompileError(
             f"{type(model).__name__} has tensors on the meta device (lazy value tables): call "
             "memcompile.runtime.materialize_values(model) before exporting"
         )
-    if any(t.dtype == torch.bfloat16 for t in [*model.parameters(), *model.buffers()]):
+    if any(t.dtype == torch.bfloat16 for t in tensors):
         # The file would be written, and ONNX Runtime's CPU provider has no bfloat16 Gemm.
         raise MemcompileError(
             f"{type(model).__name__} has bfloat16 tensors, which ONNX Runtime cannot run: "
@@ -286,15 +287,20 @@ def _export(module: nn.Module, named: dict, outputs: list[str], form: str, opset
     return model
 
 
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where the weights of a model too large for one file go, beside `path`."""
+    return Path(f"{path}.data")
+
+
 def _write(model, path: Path, check) -> None:
     """Saves the ir.Model at `path`, through a temporary directory beside it; `check(staged)`
     runs on the staged file first, and an error there writes nothing."""
     from onnxscript import ir
 
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    data_name = f"{path.name}.data" if weights > EXTERNAL_DATA_BYTES else None
+    side_file = external_data_path(path)
+    data_name = side_file.name if weights > EXTERNAL_DATA_BYTES else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    side_file = path.parent / f"{path.name}.data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         ir.save(model, staged, external_data=data_name)

@@ -105,10 +105,11 @@ def export(
 
     import torch
 
-    from ..onnx_export import export_onnx
+    from ..onnx_export import export_onnx, external_data_path
 
     # A large model's weights go to a side file, ONNX_PATH.data: it is an output too.
-    for output in (onnx_path, f"{onnx_path}.data"):
+    side_file = external_data_path(onnx_path)
+    for output in (onnx_path, side_file):
         refuse_existing(output, force, inputs=[model_path])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
@@ -128,7 +129,6 @@ def export(
         "custom_nodes": sum(n.domain == "com.memcompile" for n in exported.graph.node),
         "bytes": Path(onnx_path).stat().st_size,
     }
-    side_file = Path(f"{onnx_path}.data")
     if side_file.exists():
         result["external_data"] = str(side_file)
         result["bytes"] += side_file.stat().st_size
@@ -139,5 +139,5 @@ def export(
             f"wrote {onnx_path} ({form} form, opset {result['opset']}, inputs "
             f"{', '.join(result['inputs'])} -> {', '.join(result['outputs'])}, "
             f"{human_bytes(result['bytes'])}"
-            + (f", weights in {side_file})" if side_file.exists() else ")")
+            + (f", weights in {side_file})" if "external_data" in result else ")")
         )
