@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .runtime import MemcompileError, MemoryLayer
-from .runtime.errors import first_line, is_integer
+from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
 
 log = logging.getLogger(__name__)
@@ -229,19 +229,11 @@ def _quiet_exporter():
     """The exporter prints its progress (and, when it fails, its graphs: the error raised
     says what failed), logs that torchvision ops are unavailable and warns about axis
     names: none of it concerns a memcompile user."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
     quiet = (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()))
-    try:
-        with quiet[0], quiet[1], warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    with quieted_loggers(_NOISY_LOGGERS), quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
 
 
 _NOISY_LOGGERS = (

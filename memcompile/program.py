@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .runtime import MemcompileError
+from .runtime.errors import quieted_loggers
 from .runtime.outputs import atomic_file
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,11 @@ log = logging.getLogger(__name__)
 
 def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
     # torch.export logs a traceback before raising on a bad archive: the error says it all.
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.CRITICAL)
     try:
-        return torch.export.load(path)
+        with quieted_loggers(["torch.export"], logging.CRITICAL):
+            return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
         raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
-    finally:
-        export_log.setLevel(level)
 
 
 def _dynamic_shapes(program: torch.export.ExportedProgram):

@@ -3,9 +3,12 @@ what input checks and one-line messages share."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import math
 import numbers
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 
@@ -17,6 +20,21 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message ("" for none): a one-line message quotes it."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
+
+
+@contextlib.contextmanager
+def quieted_loggers(names: Iterable[str], level: int = logging.ERROR) -> Iterator[None]:
+    """These loggers at `level` or above for the block: third-party logs that repeat or bury
+    the one-line error memcompile raises."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels):
+            logger.setLevel(old)
 
 
 def is_integer(value: object) -> bool:
