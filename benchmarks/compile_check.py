@@ -4,10 +4,12 @@ The launchers in kernels/triton_*.py run on meta tensors at the shapes of the be
 and of kernel_check.py; each kernel launch is recorded instead of run. Each distinct
 variant is bound as Triton binds a launch (argument types, 16-byte alignment and
 divisibility, constant 1s, options) and compiled for sm_90 by the installed Triton;
-cuobjdump reads registers and stack bytes (spills) per thread off the binary. The check
-fails (exit 1) when a variant does not compile or needs more shared memory than an H100
-block may have (227 KB): found here that costs seconds, found in a GPU session it costs
-minutes of a short lease. Spills are reported, not failed. The figures are those of the
+cuobjdump reads registers, stack bytes (spills) per thread and the count of SASS
+instructions off the binary (the top-k kernels' instruction counts guided their shapes
+while no GPU was at hand; a count is not a time). The check fails (exit 1) when a
+variant does not compile or needs more shared memory than an H100 block may have
+(227 KB): found here that costs seconds, found in a GPU session it costs minutes of a
+short lease. Spills are reported, not failed. The figures are those of the
 installed Triton (the GPU machine's 3.6 spilled where 3.9 does not, and failed to compile
 `tl.topk` at k = 1 where 3.9 and the interpreter do not); the binding uses Triton's own
 launch helpers (`create_function_from_signature`, `JITFunction._pack_args`, Triton 3.6 to
@@ -115,16 +117,23 @@ def check_variant(kernel: JITFunction, source: ASTSource, options: dict) -> dict
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers and stack bytes (spills and local arrays) per thread, read off the cubin
-    by the cuobjdump bundled with Triton."""
+    """Registers and stack bytes (spills and local arrays) per thread, and the count of
+    SASS instructions (a static size: a proxy for the unrolled work of a loop-free kernel
+    such as the top-k merge, not a time), read off the cubin by Triton's cuobjdump."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        done = subprocess.run([str(cuobjdump), "-res-usage", str(path)],
-                              capture_output=True, text=True)  # fmt: skip
-    usage = dict(re.findall(r"(REG|STACK):(\d+)", done.stdout))
-    return {"registers": int(usage.get("REG", -1)), "stack_bytes": int(usage.get("STACK", -1))}
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(path)],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        sass = subprocess.run([str(cuobjdump), "-sass", str(path)],
+                              capture_output=True, text=True).stdout  # fmt: skip
+    found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+    return {
+        "registers": int(found.get("REG", -1)),
+        "stack_bytes": int(found.get("STACK", -1)),
+        "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
+    }
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -212,7 +221,7 @@ def main() -> int:
         rows.append(row)
         shown = row.get("error") or (
             f"shared {row['shared_bytes'] / 1024:.0f} KB, {row['registers']} registers, "
-            f"{row['stack_bytes']} B stack"
+            f"{row['stack_bytes']} B stack, {row['sass_instructions']} instructions"
         )
         data = next(t for t in row["types"].values() if t[:3] in ("*fp", "*bf"))
         consts = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())

@@ -51,7 +51,7 @@ def test_a_variant_over_the_shared_memory_limit_fails_the_check():
     # never picks this (triton_topk.supports); launched by hand it would not fit.
     q, keys = torch.empty(64, 4, 1024, device="meta"), torch.empty(4, 2, 1024, 512, device="meta")
     partial = torch.empty(64, 4, 2, 1, 32, dtype=torch.int64, device="meta")
-    constexprs = dict(HALF=512, HALF_P=512, BLOCK_N=16, BLOCK_K=128, K=32, SPLITS=1,
+    constexprs = dict(HALF=512, HALF_P=512, BLOCK_N=16, BLOCK_K=128, K=32, LOG_K=5, SPLITS=1,
                       PRECISION="ieee")  # fmt: skip
     args = (q, keys, partial, 64, 4, 1024, 1024)
     kernel = triton_topk._split_topk_kernel

@@ -139,13 +139,33 @@ def test_pk_topk_matches_the_reference(n, heads, n_keys, k_dim, knn, dtype):
     assert (scores[..., :-1] >= scores[..., 1:]).all()
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split-keys", "one-slice"])
+@pytest.mark.parametrize("dominant_half", [0, 1])
+@pytest.mark.parametrize("knn", [8, 7])
+def test_pk_topk_when_one_sub_key_dominates(dominant_half, knn):
+    # Sub-key 0 of one half outscores the rest by far, so the top-knn full keys pair it
+    # with the other half's top-knn: the candidate pairs deepest in one list, (K - 1, 0)
+    # or (0, K - 1), which the merge must rank.
+    g = torch.Generator().manual_seed(knn)
+    q = _rand(3, 2, 32, generator=g).abs()
+    keys = _rand(2, 2, 40, 16, generator=g)
+    keys[:, dominant_half, 0] = 5.0
+    scores, indices = cuda.pk_topk_cuda(q, keys, knn)
+    ref_scores, ref_indices = reference.pk_topk(q, keys, knn)
+    picked = indices // 40 if dominant_half == 0 else indices % 40  # id = i1 * n_keys + i2
+    assert torch.equal(picked, torch.zeros_like(picked))  # the case is what it claims
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["split-keys", "one-slice", "wide-blocks"])
 @pytest.mark.parametrize(("n", "knn"), [(1, 4), (19, 8)])
-def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, split, n, knn):
+def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, path, n, knn):
     from memcompile.kernels import triton_topk
 
-    # Force the path: small batches split each sub-key scan over slices, large ones do not.
-    monkeypatch.setattr(triton_topk, "_SPLIT_BELOW_PROGRAMS", 10**9 if split else 0)
+    # Force the path: small batches split each sub-key scan over slices, large ones do not,
+    # and the largest scan 64 tokens a program.
+    monkeypatch.setattr(triton_topk, "_SPLIT_BELOW_PROGRAMS", 10**9 if path == "split-keys" else 0)
+    monkeypatch.setattr(triton_topk, "_WIDE_SCAN_TOKENS", 1 if path == "wide-blocks" else 10**9)
     g = torch.Generator().manual_seed(n)
     q = _rand(n, 2, 32, generator=g)
     keys = _rand(2, 2, 300, 16, generator=g)  # three key blocks per half, a ragged last one
