@@ -65,6 +65,9 @@ class ValueOptimizer:
     max_grad_norm: float | None = None
     accumulation_steps: int = 1
     stochastic_rounding: bool = False  # bf16 tables only
+    # Row-wise Adagrad's starting sum (torch.optim.Adagrad's name): damps a row's first
+    # steps, which without it move every element by about lr whatever the gradient's size.
+    initial_accumulator_value: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -80,6 +83,7 @@ class ValueOptimizer:
             "max_grad_norm": 1.0 if self.max_grad_norm is None else self.max_grad_norm,
             "beta1": self.betas[0],
             "beta2": self.betas[1],
+            "initial_accumulator_value": self.initial_accumulator_value,
         }
         for name, value in settings.items():
             if not is_number(value):
@@ -89,6 +93,10 @@ class ValueOptimizer:
             (self.eps > 0, f"eps must be positive, got {self.eps!r}"),
             (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (self.initial_accumulator_value >= 0,
+             f"initial_accumulator_value must be >= 0, got {self.initial_accumulator_value!r}"),
+            (self.initial_accumulator_value == 0 or self.name == "rowwise_adagrad",
+             "initial_accumulator_value is row-wise Adagrad's: leave it 0 for adam"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}"),
             (is_integer(self.accumulation_steps) and self.accumulation_steps >= 1,
@@ -160,6 +168,8 @@ class FusedTable:
         shape_a, shape_b = fused_ops.state_shapes(optimizer.name, tuple(values.shape))
         names = ("sum",) if optimizer.name == "rowwise_adagrad" else ("exp_avg", "exp_avg_sq")
         tensors = [torch.zeros(s, dtype=acc, device=values.device) for s in (shape_a, shape_b)]
+        if optimizer.name == "rowwise_adagrad":
+            tensors[0].fill_(optimizer.initial_accumulator_value)
         self.state = dict(zip(names, tensors))
         self._state_a, self._state_b = tensors
         self.step = 0
@@ -429,6 +439,7 @@ def fuse_value_updates(
     max_grad_norm: float | None = None,
     accumulation_steps: int = 1,
     stochastic_rounding: bool = False,
+    initial_accumulator_value: float = 0.0,
     process_group: dist.ProcessGroup | None = None,
     seed: int = 0,
     step_with: torch.optim.Optimizer | None = None,
@@ -436,8 +447,9 @@ def fuse_value_updates(
 ) -> FusedValueUpdates:
     """Update every value table of `model` inside the backward pass (module docstring).
 
-    `optimizer`: "rowwise_adagrad" (one float32 state per row) or "adam" (lazy: per-element
-    moments of the touched rows). Train the other parameters with your optimizer over
+    `optimizer`: "rowwise_adagrad" (one float32 state per row, starting at
+    `initial_accumulator_value`) or "adam" (lazy: per-element moments of the touched
+    rows). Train the other parameters with your optimizer over
     `memcompile.param_groups(model, ...)`, which leaves fused tables out. Checkpoint
     `handle.state_dict()` beside the model's; `handle.remove()` undoes the fusion.
     `lr_lambda`: a schedule, update k uses `lr * lr_lambda(k)` (the function you give
@@ -455,7 +467,8 @@ def fuse_value_updates(
         )
     betas = tuple(betas) if isinstance(betas, (tuple, list)) else (betas,)
     rule = ValueOptimizer(optimizer, lr, betas, eps, weight_decay, max_grad_norm,
-                          accumulation_steps, stochastic_rounding)  # fmt: skip
+                          accumulation_steps, stochastic_rounding,
+                          initial_accumulator_value)  # fmt: skip
     owners = value_owners(model)
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")

@@ -49,10 +49,11 @@ def _dense(rows, batches):
 class Reference:
     """Row-wise Adagrad / lazy Adam in float64, written from their textbook definitions."""
 
-    def __init__(self, values, name, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, values, name, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 initial_sum=0.0):  # fmt: skip
         self.w = values.detach().double().clone()
         self.name, self.lr, self.betas, self.eps, self.wd = name, lr, betas, eps, weight_decay
-        self.sum = torch.zeros(self.w.shape[0], dtype=torch.float64)
+        self.sum = torch.full((self.w.shape[0],), initial_sum, dtype=torch.float64)
         self.m, self.v, self.t = torch.zeros_like(self.w), torch.zeros_like(self.w), 0
 
     def step(self, grad, touched, max_norm=None):
@@ -110,6 +111,22 @@ def test_steps_match_the_float64_reference_and_untouched_rows_keep_everything(na
         _close(table.state["exp_avg_sq"], ref.v)
     else:
         _close(table.state["sum"], ref.sum)
+
+
+def test_initial_accumulator_value_starts_every_rows_adagrad_sum():
+    values = nn.Parameter(torch.randn(40, 12))
+    rule = ValueOptimizer("rowwise_adagrad", 0.05, initial_accumulator_value=0.5)
+    table = FusedTable(values, rule)
+    ref = Reference(values, "rowwise_adagrad", 0.05, initial_sum=0.5)
+    unstarted = Reference(values, "rowwise_adagrad", 0.05)
+    for seed in range(2):
+        batch = _dense(40, [_batch(40, 12, seed)])
+        _step(table, *_batch(40, 12, seed))
+        ref.step(*batch)
+        unstarted.step(*batch)
+    _close(values.detach(), ref.w)
+    _close(table.state["sum"], ref.sum)
+    assert (ref.w - unstarted.w).abs().max() > 1e-2  # the starting sum changed the steps
 
 
 def _warmup_then_halve(k: int) -> float:
@@ -432,6 +449,10 @@ def test_bad_arguments_are_one_line_errors():
         (dict(optimizer="adam", lr=0.1, weight_decay=None), "weight_decay must be a finite"),
         (dict(optimizer="adam", lr=0.1, lr_lambda=0.5), "lr_lambda takes a function"),
         (dict(optimizer="adam", lr=0.1, step_with=model), "step_with takes the torch.optim"),
+        (dict(optimizer="rowwise_adagrad", lr=0.1, initial_accumulator_value=-1.0),
+         "initial_accumulator_value must be >= 0"),
+        (dict(optimizer="adam", lr=0.1, initial_accumulator_value=0.1),
+         "initial_accumulator_value is row-wise Adagrad's"),
     ]:
         with pytest.raises(MemcompileError, match=re.escape(message)):
             memcompile.fuse_value_updates(model, **kwargs)
