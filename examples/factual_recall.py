@@ -73,7 +73,11 @@ class Setup:
     batch: int = 1024
     lr: float = 2e-3
     value_lr: float = 1e-2  # AdamW's and fused Adam's value learning rate
-    adagrad_value_lr: float = 5e-2  # row-wise Adagrad's (its steps shrink as rows are read)
+    adagrad_value_lr: float = 0.1  # row-wise Adagrad's (its steps shrink as rows are read)
+    # Row-wise Adagrad's starting sum. A row's mean squared value gradient here is about
+    # 1e-12 a step: 1e-11 damps a row's first steps, which otherwise move it by about lr
+    # whatever its gradient.
+    adagrad_initial_sum: float = 1e-11
     weight_decay: float = 0.0
     evals: int = 10  # recall measurements along training
     seed: int = 0
@@ -190,8 +194,12 @@ def train(
     """Train on shuffled epochs of all facts; measure recall `setup.evals` times."""
     fused = VALUE_OPTIMIZERS[value_optimizer]
     if fused is not None:
-        lr = setup.adagrad_value_lr if fused == "rowwise_adagrad" else setup.value_lr
-        memcompile.fuse_value_updates(model, fused, lr, weight_decay=setup.weight_decay)
+        adagrad = fused == "rowwise_adagrad"
+        memcompile.fuse_value_updates(
+            model, fused, setup.adagrad_value_lr if adagrad else setup.value_lr,
+            weight_decay=setup.weight_decay,
+            initial_accumulator_value=setup.adagrad_initial_sum if adagrad else 0.0,
+        )  # fmt: skip
     groups = memcompile.param_groups(model, setup.lr, setup.weight_decay, setup.value_lr)
     optimizer = torch.optim.AdamW(groups)
     generator = torch.Generator().manual_seed(setup.seed + 1)  # the same batches for all
