@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--value-lr", type=float, help="override every value learning rate")
     parser.add_argument(
+        "--adagrad-initial-sum", type=float, help="row-wise Adagrad's starting sum (1e-11)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -361,6 +364,8 @@ def _main(args: argparse.Namespace) -> dict:
         setup = replace(setup, steps=args.steps, evals=min(setup.evals, args.steps))
     if args.value_lr:
         setup = replace(setup, value_lr=args.value_lr, adagrad_value_lr=args.value_lr)
+    if args.adagrad_initial_sum is not None:
+        setup = replace(setup, adagrad_initial_sum=args.adagrad_initial_sum)
     value_optimizers = tuple(args.value_optimizer.split(",")) if args.value_optimizer else ()
     unknown = [v for v in value_optimizers if v not in VALUE_OPTIMIZERS]
     if unknown:
