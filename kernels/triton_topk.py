@@ -85,7 +85,10 @@ def _half_topk(
         row_mask = rows < key_stop
         kt = tl.load(key_base + rows[:, None] * HALF + dims[None, :],
                      mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # fmt: skip
-        scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
+        if BLOCK_N >= 16:
+            scores = tl.dot(qh, tl.trans(kt), input_precision=PRECISION)
+        else:  # decode: a few rows, no matrix tile to fill; the same fp32 sums of products
+            scores = tl.sum(qh.to(tl.float32)[:, None, :] * kt.to(tl.float32)[None, :, :], 2)
         scores = tl.where(row_mask[None, :], scores, float("-inf"))
         packed = _pack(scores, tl.broadcast_to(rows[None, :], (BLOCK_N, BLOCK_K)))
         best = _merge_sorted(best, tl.topk(packed, K), LOG_K)
@@ -193,15 +196,19 @@ def supports(half: int, knn: int, element_size: int) -> bool:
 def scan_blocks(n: int, n_keys: int, half_p: int, k: int, element_size: int):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the sub-key scan: tokens and sub-keys a
     step, and the depth of its key-tile pipeline."""
-    # Decode scans in narrow steps, so its slices stay short. The scan's cost is its sorts,
-    # not its loads: a 64-token program sorts with half the instructions per (token, key)
-    # of a 16-token one (SASS for sm_90, Triton 3.6, 1.3B-like bf16: 4.6 against 8.6), and
-    # one or two pipeline stages keep its shared memory at 48-64 KB, so 3 or 4 programs
-    # share an SM (3 stages: 80 KB at 16 tokens, 2 programs). 16 tokens (tl.dot's minimum
-    # rows before Triton 3.5) where 64 would leave SMs idle. Not yet timed on a GPU.
+    # The scan's cost is its sorts, not its loads: a 64-token program sorts with half the
+    # instructions per (token, key) of a 16-token one (SASS for sm_90, Triton 3.6,
+    # 1.3B-like bf16: 4.6 against 8.6), and one or two pipeline stages keep its shared
+    # memory at 48-64 KB, so 3 or 4 programs share an SM (3 stages: 80 KB at 16 tokens,
+    # 2 programs). 16 tokens (tl.dot's minimum rows before Triton 3.5) where 64 would
+    # leave SMs idle. Decode scans one token a program without tl.dot, whose 16 rows would
+    # sort 15 masked ones (912 instructions a thread in 8 warps against 1,344), in narrow
+    # steps, so its slices stay short. Not yet timed on a GPU.
     widest = 32 if n < 16 else 128
     fits = _KEY_TILE_BYTES // (half_p * element_size)
     block_k = max(k, 16, min(widest, fits, triton.next_power_of_2(n_keys)))
+    if n < 16:
+        return 1, block_k, 8, 2
     if n >= _WIDE_SCAN_TOKENS and k <= 32 and element_size <= 2:  # fp32 spills at 64
         return 64, block_k, 4, 1
     return 16, block_k, 4, 2
