@@ -116,6 +116,7 @@ TOPK_CASES = [
     (3, 3, 8, 20, 8),  # knn == n_keys, half width 10
     (18, 1, 300, 32, 4),  # several key blocks per half
     (0, 2, 16, 32, 4),  # empty batch
+    (4, 2, 5, 16, 5),  # knn == n_keys < K = 8: each half's top-K padded past its sub-keys
 ]
 
 
