@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         "factual_recall_fused(_quick).json in the same places with --value-optimizer)",
     )
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -358,18 +359,45 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
 
 
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors (exit 2) before anything is built, trained or written."""
+    value_optimizers = args.value_optimizer.split(",") if args.value_optimizer else []
+    unknown = [v for v in value_optimizers if v not in VALUE_OPTIMIZERS]
+    if unknown:
+        parser.error(f"unknown --value-optimizer {unknown}: use {', '.join(VALUE_OPTIMIZERS)}")
+    checks = [
+        (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+        (args.value_lr is None or math.isfinite(args.value_lr) and args.value_lr > 0,
+         f"--value-lr must be a positive number, got {args.value_lr}"),
+        (args.adagrad_initial_sum is None
+         or math.isfinite(args.adagrad_initial_sum) and args.adagrad_initial_sum >= 0,
+         f"--adagrad-initial-sum must be a number >= 0, got {args.adagrad_initial_sum}"),
+        (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    if args.out is not None:
+        if args.out.suffix != ".json":
+            parser.error(f"--out names the JSON file (its PNG goes beside it): {args.out} does "
+                         "not end in .json")  # fmt: skip
+        for path in (args.out, args.out.with_suffix(".png")):
+            if path.is_dir():
+                parser.error(f"--out: {path} is a directory; name a file")
+        parent = next((p for p in args.out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            parser.error(f"--out: {parent} is a file, so {args.out} cannot be created")
+
+
 def _main(args: argparse.Namespace) -> dict:
     setup = QUICK if args.quick else FULL
-    if args.steps:
+    if args.steps is not None:
         setup = replace(setup, steps=args.steps, evals=min(setup.evals, args.steps))
-    if args.value_lr:
+    if args.value_lr is not None:
         setup = replace(setup, value_lr=args.value_lr, adagrad_value_lr=args.value_lr)
     if args.adagrad_initial_sum is not None:
         setup = replace(setup, adagrad_initial_sum=args.adagrad_initial_sum)
     value_optimizers = tuple(args.value_optimizer.split(",")) if args.value_optimizer else ()
-    unknown = [v for v in value_optimizers if v not in VALUE_OPTIMIZERS]
-    if unknown:
-        raise SystemExit(f"unknown --value-optimizer {unknown}: use {', '.join(VALUE_OPTIMIZERS)}")
     stem = "factual_recall_fused" if value_optimizers else "factual_recall"
     out = args.out or (
         ROOT / "build" / f"{stem}_quick.json"
@@ -392,9 +420,19 @@ def _main(args: argparse.Namespace) -> dict:
 
 
 def _write(result: dict, out: Path) -> dict:
+    """The JSON and its plot, each written whole (a temporary file renamed) or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
+    png = out.with_suffix(".png")
+    staged_json = out.with_name(f".{out.name}.tmp")
+    staged_png = png.with_name(f".{png.stem}.tmp.png")
+    try:
+        staged_json.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, staged_png)
+        staged_png.replace(png)
+        staged_json.replace(out)
+    finally:
+        staged_json.unlink(missing_ok=True)
+        staged_png.unlink(missing_ok=True)
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result

@@ -491,7 +491,7 @@ def test_a_bad_state_dict_loads_nothing_and_a_changed_dtype_is_named():
         EXAMPLE.loss(model, _ids(0)).backward()
 
 
-def test_factual_recall_example_compares_value_optimizers(tmp_path):
+def test_factual_recall_example_compares_value_optimizers(tmp_path, capsys):
     import factual_recall as fr
 
     out = tmp_path / "fused.json"
@@ -503,5 +503,15 @@ def test_factual_recall_example_compares_value_optimizers(tmp_path):
     assert result["models"][0]["recall_vs_adamw"] == 1.0
     assert all(0.0 <= r["recall"] <= 1.0 and "recall_vs_adamw" in r for r in result["models"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    with pytest.raises(SystemExit, match="unknown --value-optimizer"):
-        fr.main(["--quick", "--value-optimizer", "sgd", "--out", str(out)])
+    refused = tmp_path / "refused.json"
+    for bad, message in [
+        (["--value-optimizer", "sgd"], "unknown --value-optimizer ['sgd']"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),  # not the default steps
+        (["--value-lr", "0"], "--value-lr must be a positive number"),
+        (["--adagrad-initial-sum", "-1"], "--adagrad-initial-sum must be a number >= 0"),
+        (["--out", str(tmp_path / "plot.png")], "does not end in .json"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            fr.main(["--quick", "--out", str(refused), *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.json", "fused.png"]
