@@ -308,6 +308,13 @@ class FusedTable:
     def state_dict(self) -> dict:
         """{"optimizer", "hyperparameters", "step", "seed", "state": {name: tensor}} (the
         tensors themselves, as torch optimizers do: copy them to keep a snapshot)."""
+        if self._pending or self._accumulated:
+            # The buffered micro-batches are not state: a resumed run would lose them.
+            raise MemcompileError(
+                "cannot save optimizer state in the middle of an accumulation window "
+                f"(accumulation_steps={self.optimizer.accumulation_steps}): save after the "
+                "update"
+            )
         return {
             "optimizer": self.optimizer.name,
             "hyperparameters": asdict(self.optimizer),
@@ -332,7 +339,7 @@ class FusedTable:
                 f"the saved state holds {sorted(saved) if isinstance(saved, dict) else saved!r}"
                 f"; the {self.optimizer.name} optimizer keeps {sorted(self.state)}"
             )
-        if not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "seed")):
+        if not all(is_integer(state.get(k)) and state[k] >= 0 for k in ("step", "seed")):
             raise MemcompileError("the saved state needs integer 'step' and 'seed' (>= 0)")
         for name, tensor in self.state.items():
             got = saved[name]
@@ -341,6 +348,11 @@ class FusedTable:
                 raise MemcompileError(
                     f"optimizer state {name!r} is {got}, this table needs {tuple(tensor.shape)}"
                 )
+            if not got.is_floating_point():
+                raise MemcompileError(f"optimizer state {name!r} is {got.dtype}, not floating")
+            # Adagrad's sums and Adam's second moments are square roots' arguments.
+            if name in ("sum", "exp_avg_sq") and not bool((got >= 0).all()):
+                raise MemcompileError(f"optimizer state {name!r} holds negative or NaN entries")
 
     def load_state_dict(self, state: dict) -> None:
         """Load a `state_dict()`: all of it, or (MemcompileError) nothing. The hyperparameters
@@ -380,7 +392,8 @@ class FusedValueUpdates:
         if (
             not isinstance(state, dict)
             or state.get("format") != _FORMAT
-            or len(state.get("tables", ())) != len(self.tables)
+            or not isinstance(state.get("tables"), (list, tuple))
+            or len(state["tables"]) != len(self.tables)
         ):
             raise MemcompileError(
                 f"not the state of fused value updates of {len(self.tables)} table(s)"
@@ -460,6 +473,8 @@ def fuse_value_updates(
             f"step_with takes the torch.optim.Optimizer of the other parameters, got "
             f"{type(step_with).__name__}"
         )
+    if not is_integer(seed) or not 0 <= seed < 2**62:
+        raise MemcompileError(f"seed must be an int in [0, 2**62), got {seed!r}")
     if lr_lambda is not None and not callable(lr_lambda):
         raise MemcompileError(
             f"lr_lambda takes a function of the update count, as LambdaLR does, got "

@@ -229,6 +229,8 @@ def test_accumulation_steps_step_once_on_the_summed_micro_batches():
     micro = [_batch(25, 6, seed) for seed in (7, 8)]
     _step(table, *micro[0])
     assert torch.equal(values.detach(), before) and table.step == 0
+    with pytest.raises(MemcompileError, match="middle of an accumulation window"):
+        table.state_dict()  # the buffered micro-batch is not state: a resume would lose it
     _step(table, *micro[1])
     assert table.step == 1
     ref.step(*_dense(25, micro))
@@ -453,6 +455,8 @@ def test_bad_arguments_are_one_line_errors():
          "initial_accumulator_value must be >= 0"),
         (dict(optimizer="adam", lr=0.1, initial_accumulator_value=0.1),
          "initial_accumulator_value is row-wise Adagrad's"),
+        (dict(optimizer="adam", lr=0.1, seed=-1), "seed must be an int in [0, 2**62)"),
+        (dict(optimizer="adam", lr=0.1, seed=True), "seed must be an int"),
     ]:
         with pytest.raises(MemcompileError, match=re.escape(message)):
             memcompile.fuse_value_updates(model, **kwargs)
@@ -482,10 +486,17 @@ def test_a_bad_state_dict_loads_nothing_and_a_changed_dtype_is_named():
           "step": "x"}, "integer 'step'"),
         ({**saved, "state": None}, "the adam optimizer keeps"),
         (None, "cannot be loaded"),
+        ({**saved, "step": True}, "integer 'step'"),
+        ({**saved, "state": {**saved["state"], "exp_avg_sq": saved["state"]["exp_avg_sq"] - 1}},
+         "'exp_avg_sq' holds negative or NaN"),
+        ({**saved, "state": {**saved["state"], "exp_avg": saved["state"]["exp_avg"].long()}},
+         "'exp_avg' is torch.int64, not floating"),
     ]:  # fmt: skip
         with pytest.raises(MemcompileError, match=message):
             handle.load_state_dict({**handle.state_dict(), "tables": [broken]})
         assert all(torch.equal(t, before[name]) for name, t in table.state.items())
+    with pytest.raises(MemcompileError, match="not the state of fused value updates"):
+        handle.load_state_dict({**handle.state_dict(), "tables": 5})
     model.double()
     with pytest.raises(MemcompileError, match="values are torch.float64 now"):
         EXAMPLE.loss(model, _ids(0)).backward()
