@@ -181,7 +181,12 @@ def test_plan_names_the_input_it_takes_for_a_program(tmp_path):
     program = torch.export.export(build(EXAMPLE).eval(), (torch.randint(0, 10, (2, 5)),))
     path = save_program(program, tmp_path / "example.pt2")
     (error,) = _error_lines(_run("plan", path, "--gpus", "2", "-o", tmp_path / "plan.json"))
-    assert "torch.export program" in error and "checkpoint" in error
+    assert "torch.export program" in error and "convert -o DIR" in error
+    # The advice names a module as the source: a program converts only to a program.
+    assert "from a module" in error and "a .pt2 converts only to .pt2" in error
+    converted = _run("convert", path, *SMALL, "--layers", "1", "-o", tmp_path / "ckpt")
+    (refusal,) = _error_lines(converted)
+    assert ".pt2" in refusal
     assert not Path(tmp_path / "plan.json").exists()
 
 

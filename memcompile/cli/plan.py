@@ -99,8 +99,9 @@ def plan(
     refuse_existing(output, force, inputs=[model_path])
     if Path(model_path).suffix == ".pt2":
         raise MemcompileError(
-            f"{model_path} is a torch.export program: `memcompile plan` reads the memcompile "
-            "checkpoint it was converted from (convert the model to a directory with -o DIR)"
+            f"{model_path} is a torch.export program: `memcompile plan` reads a memcompile "
+            "checkpoint directory, which `memcompile convert -o DIR` writes from a module (a "
+            "Hugging Face directory, a .pt or safetensors file); a .pt2 converts only to .pt2"
         )
     if not is_checkpoint(Path(model_path)):
         raise MemcompileError(
