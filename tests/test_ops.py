@@ -213,6 +213,24 @@ def test_pk_topk_backward_matches_brute_force_autograd():
     torch.testing.assert_close(gk, rk, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pk_topk_backward_in_half_precision_is_close_to_float64(dtype):
+    # Half-precision inputs take half-precision matmuls (float32 accumulation): the
+    # gradients stay within that dtype's rounding of the float64 ones.
+    q = _randn(40, 2, 16, seed=33, dtype=dtype, requires_grad=True)
+    keys = _randn(2, 2, 9, 8, seed=34, dtype=dtype, requires_grad=True)
+    upstream = _randn(40, 2, 4, seed=35, dtype=torch.float32)
+    scores, indices = kernels.pk_topk(q, keys, 4)
+    gq, gk = torch.autograd.grad((scores * upstream).sum(), (q, keys))
+    assert gq.dtype == gk.dtype == dtype
+    q64, k64 = q.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
+    ref = selected_scores(q64, k64, indices)
+    rq, rk = torch.autograd.grad((ref * upstream.double()).sum(), (q64, k64))
+    for got, want in ((gq, rq), (gk, rk)):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 1e-2, error
+
+
 @pytest.mark.parametrize("knn", [1, 2, 4])
 def test_pk_topk_gradcheck(knn):
     q = _randn(3, 2, 6, seed=40 + knn, requires_grad=True)
