@@ -312,3 +312,8 @@ def test_inspect_lists_the_memory_layers_a_checkpoint_already_has(hf_dir, tmp_pa
     ]  # fmt: skip
     text = _run("inspect", ckpt, "--quiet").output
     assert "memory layer (replace): model.layers.1.mlp: 256 x 32 values" in text
+    own = tmp_path / "own"  # a table per layer: not shared
+    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "--no-share", "-o", own).exit_code == 0
+    report = json.loads(_run("inspect", own, "--quiet", "--json").output)
+    assert [m["shared_values"] for m in report["memory_layers"]] == [False]
+    assert "shared values" not in _run("inspect", own, "--quiet").output

@@ -82,7 +82,7 @@ def inspect(
         rows.append(row)
     memories = [
         {"path": path, "rows": layer.n_keys**2, "v_dim": layer.v_dim, "heads": layer.heads,
-         "knn": layer.knn, "mode": layer.config.mode, "shared_values": layer._pool is not None}
+         "knn": layer.knn, "mode": layer.config.mode, "shared_values": bool(layer._pool)}
         for path, layer in loaded.model.named_modules()
         if isinstance(layer, MemoryLayer)
     ]  # fmt: skip
