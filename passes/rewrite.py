@@ -65,7 +65,16 @@ def ffn_parameters(model: nn.Module, block: FFNBlock) -> int:
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, module)
+    _replace_child(model.get_submodule(parent_path), name, module)
+
+
+def _replace_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """parent.name = module, in the train/eval mode of the module it replaces (a model in
+    eval() stays in eval())."""
+    replaced = getattr(parent, name, None)
+    if isinstance(replaced, nn.Module):
+        module.train(replaced.training)
+    setattr(parent, name, module)
 
 
 def _exit_projection(model: nn.Module, block: FFNBlock) -> nn.Module:
@@ -147,7 +156,7 @@ def _swap_children(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augmen
     else:
         new = layer, nn.Identity(), nn.Identity()
     for name, module in zip((up_name, act_name, down_name), new):
-        setattr(parent, name, module)
+        _replace_child(parent, name, module)
     original, replacement = nn.Sequential(up, act, down), nn.Sequential(*new)
     return ConvertedBlock(block, layer, original, replacement, _count(up, act, down))
 

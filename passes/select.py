@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import torch.fx as fx
 
-from ..runtime import MemcompileError
+from ..runtime import MemcompileError, MemoryLayer
 from .blocks import TransformState
 
 
@@ -28,6 +30,12 @@ def select(state: TransformState) -> None:
             f"blocks ({paths[0]}, ...) are not convertible"
         )
     if not state.blocks:
+        converted = sum(isinstance(m, MemoryLayer) for m in state.model.modules())
+        if converted:
+            raise MemcompileError(
+                f"no FFN blocks left in {model_name}: all are memory layers already "
+                f"({converted} converted)"
+            )
         raise MemcompileError(
             f"no FFN blocks found in {model_name}: memcompile converts Linear -> activation -> "
             "Linear and gated (SwiGLU/GeGLU) feed-forward blocks"
@@ -48,6 +56,12 @@ def select(state: TransformState) -> None:
             raise MemcompileError(
                 f"layer {label} is a mixture-of-experts block ({state.moe_blocks[label]}), "
                 f"which memcompile does not convert: choose from {_describe(list(by_label))}"
+            )
+        if label not in by_label and re.fullmatch(r"\d+-\d+", label):
+            first, last = (int(end) for end in label.split("-"))
+            raise MemcompileError(
+                f"layer {label}: ranges are the command line's --layers syntax; in Python "
+                f"pass range({first}, {last + 1}) or a list"
             )
         if label not in by_label:
             raise MemcompileError(

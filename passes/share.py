@@ -62,7 +62,7 @@ def share(state: TransformState) -> None:
             device=weight.device,
             lazy=state.lazy_values,
         )
-        state.model.add_module(POOL_NAME, pool)
+        state.model.add_module(POOL_NAME, pool.train(state.model.training))
     for layer in layers:
         layer.attach_pool(pool)
     state.pool = pool

@@ -249,6 +249,7 @@ def test_second_transform_with_another_v_dim_raises_and_leaves_the_model_alone()
         (["mlp"], r"layer mlp is not an FFN block .*0-3"),
         (["encoder.1"], "layer encoder.1 is not an FFN block"),
         ([], r"no layers given: choose from 0-3"),
+        (["1-2"], r"ranges are the command line's --layers syntax; in Python pass range\(1, 3\)"),
     ],
 )
 def test_bad_layers_raise_one_line_errors_before_touching_the_model(layers, pattern):
@@ -275,6 +276,15 @@ def test_model_without_ffn_raises():
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["gelu_module", "split_bert", "inline_block"])
+@pytest.mark.parametrize("mode", ["replace", "augment"])
+def test_new_modules_take_the_train_or_eval_mode_of_what_they_replace(name, mode):
+    for training in (False, True):
+        model = build(name).train(training)
+        memcompile.transform(model, [0, 2], mode=mode, **SMALL)
+        assert {m.training for m in model.modules()} == {training}
+
+
 def test_report_counts_found_and_converted_blocks():
     model = build("gelu_module")
     result = memcompile.transform(model, [3, 1], **SMALL)
@@ -299,7 +309,7 @@ def test_converted_blocks_are_not_found_again(name, mode):
     memcompile.transform(model, mode=mode, **SMALL)  # the rest
     assert memcompile.find_ffn_blocks(model) == []
     assert len(memories(model)) == 4
-    with pytest.raises(MemcompileError, match="no FFN blocks found"):
+    with pytest.raises(MemcompileError, match=r"all are memory layers already \(4 converted"):
         memcompile.transform(model, mode=mode, **SMALL)
 
 
