@@ -31,6 +31,8 @@ _FLAG_SPELLINGS = [
     (r"\bknn\b", "--knn"),
     (r"\bmesh gpus_per_node\b", "--gpus"),
     (r"\bmesh nodes\b", "--nodes"),
+    (r"\bgpu_memory\b", "--gpu-mem"),
+    (r"\btokens_per_step\b", "--tokens-per-step"),
     (r"\bbandwidth hbm\b", "--hbm"),
     (r"\bbandwidth intra_node\b", "--intra-node"),
     (r"\bbandwidth inter_node\b", "--inter-node"),

@@ -97,6 +97,11 @@ def plan(
     from ..runtime.outputs import refuse_existing
 
     refuse_existing(output, force, inputs=[model_path])
+    if gpu_mem.strip().replace(".", "", 1).isdigit():  # a bare number would count bytes
+        raise MemcompileError(
+            f"--gpu-mem {gpu_mem} needs a unit: e.g. {gpu_mem.strip()}GB (10**9 bytes) or "
+            f"{gpu_mem.strip()}GiB (2**30)"
+        )
     if Path(model_path).suffix == ".pt2":
         raise MemcompileError(
             f"{model_path} is a torch.export program: `memcompile plan` reads a memcompile "
