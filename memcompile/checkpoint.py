@@ -199,6 +199,10 @@ def _copy_in(model: nn.Module, name: str, saved: torch.Tensor) -> None:
             f"checkpoint tensor {name} has shape {tuple(saved.shape)}, the rebuilt model "
             f"{tuple(target.shape)}: the checkpoint does not match its manifest"
         )
+    if saved.data_ptr() % 64:
+        # safetensors hands out views at any offset of its file; CPU matmul kernels may
+        # round differently on unaligned data, so a loaded model would not be bit-identical.
+        saved = saved.clone()
     if target.is_meta:  # a lazily created value table: it gets its first real storage
         module._parameters[attr] = nn.Parameter(saved, requires_grad=target.requires_grad)
         return
