@@ -26,6 +26,7 @@ from torch import nn
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
+from .runtime.outputs import created_parents
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,10 @@ def _write(model, path: Path, check) -> None:
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     side_file = external_data_path(path)
     data_name = side_file.name if weights > EXTERNAL_DATA_BYTES else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    with (
+        created_parents(path),
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp,
+    ):
         staged = Path(tmp) / path.name
         ir.save(model, staged, external_data=data_name)
         check(staged)

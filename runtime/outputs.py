@@ -72,6 +72,21 @@ def _replace(staged: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def created_parents(path: str | os.PathLike) -> Iterator[None]:
+    """Makes the missing directories above `path`; if the block fails, removes those it made
+    (the ones still empty), so a failed write leaves no empty folders behind."""
+    missing = [p for p in Path(path).absolute().parents if not p.exists()]  # deepest first
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in missing:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yields a temporary directory beside `path`; renames it to `path` if the block succeeds.
 
@@ -80,18 +95,18 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
     """
     path = Path(path)
     refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        mask = _umask()
-        for file in tmp.rglob("*"):
-            file.chmod((0o777 if file.is_dir() else 0o666) & ~mask)
-        tmp.chmod(0o777 & ~mask)
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with created_parents(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            mask = _umask()
+            for file in tmp.rglob("*"):
+                file.chmod((0o777 if file.is_dir() else 0o666) & ~mask)
+            tmp.chmod(0o777 & ~mask)
+            _replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -102,14 +117,14 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     refuse_existing(path, force)
     if path.is_dir():
         raise MemcompileError(f"{path} is a directory: give the path of a file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(f"{path.suffix}", f".{path.name}.tmp-", path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.chmod(0o666 & ~_umask())
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with created_parents(path):
+        handle, name = tempfile.mkstemp(f"{path.suffix}", f".{path.name}.tmp-", path.parent)
+        os.close(handle)
+        tmp = Path(name)
+        try:
+            yield tmp
+            tmp.chmod(0o666 & ~_umask())
+            _replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
