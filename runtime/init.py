@@ -107,8 +107,10 @@ def materialize_values(
     """Build every lazily created value table of `model` from its init recipe.
 
     Tables land on `device` (default: the device of the module's other parameters, else
-    CPU). Returns how many tables were built.
+    the model's, else CPU: a shared pool holds nothing but its table). Returns how many
+    tables were built.
     """
+    model_devices = [p.device for p in model.parameters() if not p.is_meta]
     built = 0
     for module in model.modules():
         recipe = getattr(module, "values_init", None)
@@ -117,7 +119,7 @@ def materialize_values(
             continue
         target = device
         if target is None:
-            others = [p.device for p in module.parameters() if not p.is_meta]
+            others = [p.device for p in module.parameters() if not p.is_meta] + model_devices
             target = others[0] if others else "cpu"
         table = recipe.materialize(tuple(values.shape), values.dtype, target, chunk_rows)
         module.values = nn.Parameter(table, requires_grad=values.requires_grad)
