@@ -119,6 +119,17 @@ def _custom_domains(path: Path) -> bool:
     return any(entry.domain == DOMAIN for entry in model.opset_import)
 
 
+_LIBRARY_ENTRY = "memcompile.kernel_library"
+
+
+def _has_library(options, library: Path) -> bool:
+    """Whether `ort_session` registered `library` on these SessionOptions already."""
+    try:
+        return options.get_session_config_entry(_LIBRARY_ENTRY) == str(library)
+    except RuntimeError:  # no such entry
+        return False
+
+
 def ort_session(
     path: str | os.PathLike,
     providers: Sequence[str] | None = None,
@@ -142,12 +153,15 @@ def ort_session(
     options = options if options is not None else ort.SessionOptions()
     if native is not False and _custom_domains(path):
         library = native_library()
-        if library is not None:
+        if library is not None and not _has_library(options, library):
             options.register_custom_ops_library(str(library))
-        elif native:
+            # ONNX Runtime refuses a second registration on the same options: remember it.
+            options.add_session_config_entry(_LIBRARY_ENTRY, str(library))
+        elif library is None and native:
             raise MemcompileError(
-                "the native com.memcompile kernels could not be built (see the log): install "
-                "a C++17 compiler or pass native=False to run the ONNX function bodies"
+                f"the native com.memcompile kernels could not be built in {_cache_dir()} (see "
+                "the log): install a C++17 compiler, point MEMCOMPILE_CACHE at a writable "
+                "folder, or pass native=False to run the ONNX function bodies"
             )
     return ort.InferenceSession(
         str(path), options, providers=list(providers or ["CPUExecutionProvider"])

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -105,6 +106,10 @@ def test_onnx_runtime_matches_pytorch(converted, tmp_path, name, mode, layers, f
         plain = _ort(ort_session(path, native=False), inputs)
         assert native_kernel_calls() - calls == 2 * n_memories
         assert np.abs(plain - expected).max() <= 1e-5
+        options = ort.SessionOptions()  # one SessionOptions serves several sessions
+        for _ in range(2):
+            assert np.array_equal(_ort(ort_session(path, options=options), inputs), got)
+        assert native_kernel_calls() - calls == 6 * n_memories
 
 
 def test_native_kernels_build():
