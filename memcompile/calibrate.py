@@ -26,6 +26,8 @@ from .api import find_ffn_blocks
 from .passes import FFNBlock
 from .passes.capture import is_projection
 from .runtime import MemcompileError, MemoryLayer
+from .runtime.errors import is_integer, is_number
+from .runtime.fused_values import fused_value_ids
 from .training import param_groups
 
 log = logging.getLogger(__name__)
@@ -357,8 +359,18 @@ def calibrate(
     `callback(step, loss)` is called after every step (a progress bar, say).
     Changes `model` in place and returns a `CalibrationReport`.
     """
+    if not (is_integer(steps) and is_integer(batch_tokens) and is_number(heldout)):
+        raise MemcompileError(
+            f"calibrate takes integer steps and batch_tokens and a number heldout, got "
+            f"{steps!r}, {batch_tokens!r}, {heldout!r}"
+        )
     if steps < 0 or batch_tokens < 1 or not 0 <= heldout < 1:
         raise MemcompileError("calibrate needs steps >= 0, batch_tokens >= 1, 0 <= heldout < 1")
+    if fused_value_ids(model):
+        raise MemcompileError(
+            "the model's values have fused updates, which would step them instead of "
+            "calibrate's AdamW at value_lr: call handle.remove() first, fuse again after"
+        )
     targets = _targets(model, original)
     data = _capture(original, targets, batches)
     generator = torch.Generator().manual_seed(seed)

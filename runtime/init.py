@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import MemcompileError
+from .errors import MemcompileError, is_integer
 
 ROWS_PER_BLOCK = 4096
 # Tag of the shared pool's stream (a layer's own streams derive from its block's path).
@@ -110,6 +110,8 @@ def materialize_values(
     the model's, else CPU: a shared pool holds nothing but its table). Returns how many
     tables were built.
     """
+    if not is_integer(chunk_rows) or chunk_rows < 1:
+        raise MemcompileError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
     model_devices = [p.device for p in model.parameters() if not p.is_meta]
     built = 0
     for module in model.modules():

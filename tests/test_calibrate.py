@@ -162,6 +162,12 @@ def test_bad_inputs_are_refused(one_thread):
         memcompile.calibrate(replaced, build(other), _batches(1))
     with pytest.raises(MemcompileError, match="no calibration batches"):
         memcompile.calibrate(replaced, original, [])
+    with pytest.raises(MemcompileError, match="integer steps and batch_tokens"):
+        memcompile.calibrate(replaced, original, _batches(1), steps=2.5)
+    handle = memcompile.fuse_value_updates(replaced, "adam", 0.01)
+    with pytest.raises(MemcompileError, match="call handle.remove"):
+        memcompile.calibrate(replaced, original, _batches(1), steps=1)
+    handle.remove()
 
 
 # --- the command line -------------------------------------------------------------------

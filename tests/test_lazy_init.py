@@ -31,6 +31,14 @@ def test_materialised_table_does_not_depend_on_the_chunk_size(chunk_rows):
     assert built.std().item() == pytest.approx(8**-0.5, rel=0.02)
 
 
+@pytest.mark.parametrize("chunk_rows", [0, -1, 2.5])
+def test_a_bad_chunk_size_is_refused_and_builds_nothing(chunk_rows):
+    model = memcompile.transform(build(LLAMA), [1], lazy_init=True, **OPTIONS)
+    with pytest.raises(memcompile.MemcompileError, match="chunk_rows must be an int >= 1"):
+        materialize_values(model, chunk_rows=chunk_rows)
+    assert all(v.is_meta for v in memcompile.memory_values(model))
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_lazy_transform_then_materialise_equals_eager(share):
     eager = memcompile.transform(build(LLAMA), [0, 2], share_values=share, **OPTIONS)
