@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .passes.partition import PartitionConfig, plan_model
-from .runtime import BandwidthModel, Mesh, Plan, parse_bytes
+from .runtime import BandwidthModel, MemcompileError, Mesh, Plan, parse_bytes
 
 
 def plan(
@@ -29,6 +29,11 @@ def plan(
     (names as in `model.named_parameters()`, e.g. "memcompile_pool.values"). Save the plan with
     `memcompile.runtime.save_plan` and run it with `memcompile.runtime.apply_plan`.
     """
+    if not isinstance(model, nn.Module):
+        raise MemcompileError(
+            f"plan takes the converted model (an nn.Module), got {type(model).__name__}: for a "
+            "checkpoint, pass memcompile.load(path, materialize=False)"
+        )
     config = PartitionConfig(
         mesh=Mesh(gpus_per_node, nodes),
         mode=mode,

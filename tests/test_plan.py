@@ -96,6 +96,11 @@ def test_the_chosen_placement_is_the_fastest_that_fits():
     assert table.strategy in table.reason
 
 
+def test_plan_of_a_path_names_what_it_takes():
+    with pytest.raises(MemcompileError, match=r"plan takes the converted model .* got str"):
+        memcompile.plan("ckpt", 2)
+
+
 def test_a_table_too_big_says_how_many_gpus_it_needs():
     model = converted(mem_size="256K")
     values = model.memcompile_pool.values.numel() * 4
