@@ -136,10 +136,15 @@ def offload_values(model: nn.Module, pin: bool = True) -> int:
     (only they cross the host link, no host synchronisation); otherwise each lookup sums
     its rows on the host. Call it after `model.to(device)`, which would move the tables
     back. Returns how many tables moved."""
+    if any(v.is_meta for m in model.modules() if (v := m._parameters.get("values")) is not None):
+        raise MemcompileError(
+            "the model's value tables are not built yet (lazy init): call "
+            "memcompile.runtime.materialize_values(model) before offload_values"
+        )
     moved = 0
     for module in model.modules():
         values = module._parameters.get("values")
-        if values is None or values.is_meta:
+        if values is None:
             continue
         host = values.detach().to("cpu")
         if pin and torch.cuda.is_available():

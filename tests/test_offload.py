@@ -7,6 +7,7 @@ benchmarks/bench_inference.py on a GPU, against device-resident values.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import memcompile
@@ -30,3 +31,9 @@ def test_offload_moves_each_table_once_and_keeps_outputs():
         assert all(p.requires_grad for p in values)
         with torch.no_grad():
             assert torch.equal(LLAMA.logits(model, ids), expected)
+
+
+def test_offloading_tables_not_built_yet_is_refused():
+    model = memcompile.transform(build(LLAMA), [1], mem_size=256, knn=4, heads=2, lazy_init=True)
+    with pytest.raises(memcompile.MemcompileError, match="call memcompile.runtime.materialize"):
+        offload_values(model)
