@@ -55,10 +55,7 @@ def _merge_sorted(a, b, LOG_K: tl.constexpr):
     cleaner); log2 K compare-and-swap passes sort it. Rows live on the hypercube
     (BLOCK_N, 2, ..., 2), where axis 1 + t is bit LOG_K - 1 - t of the column."""
     shape: tl.constexpr = [a.shape[0]] + [2] * LOG_K
-    reversed_b = tl.reshape(b, shape)
-    for axis in tl.static_range(1, LOG_K + 1):
-        reversed_b = _exchange(reversed_b, axis)
-    h = tl.maximum(tl.reshape(a, shape), reversed_b)
+    h = tl.reshape(tl.maximum(a, tl.flip(b, 1)), shape)
     for axis in tl.static_range(1, LOG_K + 1):
         right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_K - axis)) == 1
         partner = _exchange(h, axis)
