@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memcompile  # noqa: E402
 from memcompile.costs import memory_cost  # noqa: E402
+from memcompile.runtime.outputs import atomic_file, refuse_existing  # noqa: E402
 
 from tiny_transformer import TinyConfig, TinyTransformer  # noqa: E402
 
@@ -384,9 +385,10 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         for path in (args.out, args.out.with_suffix(".png")):
             if path.is_dir():
                 parser.error(f"--out: {path} is a directory; name a file")
-        parent = next((p for p in args.out.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            parser.error(f"--out: {parent} is a file, so {args.out} cannot be created")
+            try:
+                refuse_existing(path, force=True)  # results are rewritten run after run
+            except memcompile.MemcompileError as error:
+                parser.error(f"--out: {error}")
 
 
 def _main(args: argparse.Namespace) -> dict:
@@ -420,19 +422,13 @@ def _main(args: argparse.Namespace) -> dict:
 
 
 def _write(result: dict, out: Path) -> dict:
-    """The JSON and its plot, each written whole (a temporary file renamed) or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    staged_json = out.with_name(f".{out.name}.tmp")
-    staged_png = png.with_name(f".{png.stem}.tmp.png")
-    try:
+    """The JSON and its plot, each written whole (staged and renamed) or not at all."""
+    with (
+        atomic_file(out, force=True) as staged_json,
+        atomic_file(out.with_suffix(".png"), force=True) as staged_png,
+    ):
         staged_json.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, staged_png)
-        staged_png.replace(png)
-        staged_json.replace(out)
-    finally:
-        staged_json.unlink(missing_ok=True)
-        staged_png.unlink(missing_ok=True)
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
