@@ -38,8 +38,10 @@ from .share import check_shareable
 log = logging.getLogger(__name__)
 
 
-def _count(*modules: nn.Module) -> int:
+def _count(*modules: nn.Module, extra: tuple[nn.Parameter, ...] = ()) -> int:
+    """Parameters of `modules` and `extra`, each tied or shared one counted once."""
     params = {id(p): p.numel() for m in modules for p in m.parameters()}
+    params.update((id(p), p.numel()) for p in extra)
     return sum(params.values())
 
 
@@ -54,13 +56,12 @@ def ffn_parameters(model: nn.Module, block: FFNBlock) -> int:
     gm, match = capture.graph_module, block.match
     nodes = [*match.interior, match.exit]
     modules = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-    params = {id(p): p.numel() for m in modules for p in m.parameters()}
+    weights = []  # those the forward reads itself (F.linear)
     for node in nodes:
-        if node.op == "get_attr":  # a weight the forward reads itself (F.linear)
+        if node.op == "get_attr":
             with contextlib.suppress(AttributeError):  # a buffer or a constant
-                weight = gm.get_parameter(node.target)
-                params[id(weight)] = weight.numel()
-    return sum(params.values())
+                weights.append(gm.get_parameter(node.target))
+    return _count(*modules, extra=tuple(weights))
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
