@@ -248,18 +248,18 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
 
 
 # Block shapes tried by the sweep section (the first of each list is the default at the
-# 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward, (BLOCK_V, BLOCK_P,
-# num_warps) of the bag backward.
+# 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
+# num_warps, rows a program) of the row pass (triton_rows.py: the bag backward, and the
+# fused update). A program of one row has no pipeline to speak of: the first backward's
+# form, one row a program, took 7.2 ms at best (H100, third run).
 FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
-BACKWARD_VARIANTS = [(1024, 4, 4), (1024, 2, 4), (512, 8, 4), (2048, 2, 8), (2048, 2, 4),
-                     (1024, 4, 8)]  # fmt: skip
+ROW_PASS_VARIANTS = [(4, 1024, 4, 256), (4, 512, 4, 256), (2, 1024, 4, 256), (8, 512, 4, 256),
+                     (4, 2048, 8, 256), (4, 1024, 4, 64), (4, 1024, 4, 2048), (4, 1024, 4, 1),
+                     (4, 256, 4, 256)]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
                  (32, 64, 4, 2), (16, 128, 4, 2), (64, 64, 8, 1), (32, 128, 4, 1)]  # fmt: skip
-# (BLOCK_P, num_warps) of the fused update, which holds whole rows: a values step with
-# fused row-wise Adagrad (bag forward, then the backward that updates the rows).
-UPDATE_VARIANTS = [(2, 8), (1, 8), (2, 4), (4, 4), (1, 4), (4, 8)]
 
 
 def as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -270,9 +270,8 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
     """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step under
     each block shape above, every output compared with the default shape's; a shape that
     fails (compile, resources) is reported and the sweep goes on. `keep` saves rows."""
-    import triton
 
-    from memcompile.kernels import cuda, triton_bag, triton_topk, triton_update
+    from memcompile.kernels import cuda, triton_bag, triton_rows, triton_topk
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
@@ -297,20 +296,18 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
 
     timed_table = fresh_table()
 
-    def whole_rows(shape):
-        return lambda v_dim, **_: (triton.next_power_of_2(v_dim), *shape)
-
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
          lambda: cuda.bag_cuda(values, indices, weights)),
-        ("bag bwd", triton_bag, "row_blocks", BACKWARD_VARIANTS, "BLOCK_V BLOCK_P warps",
+        ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
+         "BLOCK_P BLOCK_V warps rows_a_program",
          lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
         ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS,
          "BLOCK_N BLOCK_K warps stages",
          lambda: cuda.pk_topk_cuda(q, keys, KNN)),
         # Timed on one table that each step changes; compared on one step of a fresh one.
-        ("values step, fused rowwise_adagrad", triton_update, "row_blocks", UPDATE_VARIANTS,
-         "BLOCK_P warps", lambda: adagrad_step(*timed_table),
+        ("values step, fused rowwise_adagrad", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
+         "BLOCK_P BLOCK_V warps rows_a_program", lambda: adagrad_step(*timed_table),
          lambda: adagrad_step(*fresh_table())),
     ]  # fmt: skip
     for what, module, hook, variants, names, run, *result in cases:
@@ -320,8 +317,7 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
         try:
             expected = as_tuple(result())  # every shape must compute what the default does
             for shape in variants:
-                shaped = whole_rows(shape) if module is triton_update else lambda *_, c=shape: c
-                setattr(module, hook, shaped)
+                setattr(module, hook, lambda *_, c=shape: c)
                 impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
                 row = {"config": name, "what": f"sweep {what}", "impl": impl}
                 try:

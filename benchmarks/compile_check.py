@@ -52,7 +52,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from memcompile.kernels import triton_bag, triton_topk, triton_update
+from memcompile.kernels import fused_update, triton_bag, triton_topk, triton_update
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # the opt-in maximum of one block
@@ -156,10 +156,11 @@ def topk_launches(n, heads, n_keys, k_dim, knn, dtype, softmax: bool) -> list:
 
 def update_launches(n, rows, v_dim, picks, dtype) -> list:
     values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
-    indices, weights, state = meta(n, picks, dtype=torch.int64), meta(n, picks), meta(rows, v_dim)
+    indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
     found = record_launches(partial(triton_update.bag_weight_grad, grad, values, indices))
     found += record_launches(partial(triton_update.row_grad_sq, values, indices, weights, grad))
     for optimizer in ("adam", "rowwise_adagrad"):
+        state = meta(*fused_update.state_shapes(optimizer, (rows, v_dim))[0])
         update = partial(
             triton_update.fused_row_update, values, state, state, indices, weights, grad, None,
             None, optimizer, 1e-3, 1e-8, 0.9, 0.999, 0.0, v_dim, 1, 0, dtype == torch.bfloat16,

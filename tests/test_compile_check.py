@@ -11,8 +11,8 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 KERNELS = {
-    "_bag_forward_kernel", "_bag_backward_kernel", "_split_topk_kernel", "_merge_splits_kernel",
-    "_update_kernel", "_row_sq_kernel", "_weight_grad_kernel",
+    "_bag_forward_kernel", "_row_pass_kernel", "_split_topk_kernel", "_merge_splits_kernel",
+    "_weight_grad_kernel",
 }  # fmt: skip
 
 

@@ -100,6 +100,26 @@ def test_row_sparse_value_gradient_holds_exactly_the_touched_rows():
     assert torch.count_nonzero(dense[untouched.to(DEVICE)]) == 0
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_backward_over_column_blocks_with_rows_past_the_pipeline(monkeypatch, sparse):
+    from memcompile.kernels import triton_bag, triton_rows
+
+    # 2 pairs of a row in the pipeline, so most rows (and the hot one) read the rest in the
+    # inner loop; blocks of 16 columns, so v_dim 40 is three column blocks (the weight
+    # gradient summed over them). 60 rows, 7 a program: 9 programs, each striding over the list.
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_: (2, 16, 4, 7))
+    values, indices, weights = _bag_inputs(7, 12, 60, 40, torch.float32, hot_row=17)
+    grad = _rand(7, 40, generator=torch.Generator().manual_seed(3))
+    dense, ref_weights = reference.bag_backward(
+        grad.double(), values.double(), indices, weights.double()
+    )
+    # Rows in a shuffled order (sparse), or all rows (dense).
+    rows = torch.unique(indices)[torch.randperm(torch.unique(indices).numel())] if sparse else None
+    grad_values, grad_weights = triton_bag.bag_backward(grad, values, indices, weights, rows)
+    _close(grad_values, dense if rows is None else dense[rows], torch.float32)
+    _close(grad_weights, ref_weights, torch.float32)
+
+
 def _all_pair_scores(q, keys):
     """Scores of every full key [k1_i ; k2_j]: (N, heads, n_keys**2), brute force."""
     half = keys.shape[-1]

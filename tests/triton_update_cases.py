@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 
 import pytest  # noqa: E402
 
-from memcompile.kernels import fused_update, triton_update  # noqa: E402
+from memcompile.kernels import fused_update, triton_rows, triton_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -67,6 +67,22 @@ def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimiz
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[args[3].reshape(-1).cpu()] = False
     assert torch.equal(args[0][untouched.to(DEVICE)], ref[0][untouched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_fused_update_over_several_column_blocks(monkeypatch, optimizer):
+    # Blocks of 16 columns, 2 pairs of a row in the pipeline: v_dim 40 is three column
+    # blocks, so Adagrad's row norms must come from the whole row before any block is
+    # stepped, and most rows read their other pairs in the inner loop.
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_: (2, 16, 4, 7))
+    args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
+    ref = [t.clone() for t in args]
+    hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
+    grad_w = triton_update.fused_row_update(*args, None, None, *hyper)
+    want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
+    for got, want in zip(args[:3], ref[:3]):
+        _close(got, want, torch.float32)
+    _close(grad_w, want_w, torch.float32)
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
