@@ -152,17 +152,21 @@ def _row_pass_kernel(
         if WEIGHT_GRAD:
             share = tl.sum(g1.to(tl.float32) * value1.to(tl.float32)[None, :], axis=1)
             tl.store(wgrad + pair1, share, mask=mask1)
-        for more in range(first1 + BLOCK_P, last1, BLOCK_P):  # a row with many pairs
-            extra_mask = more + lanes < last1
-            pair = tl.load(order + more + lanes, mask=extra_mask, other=0)
+        # A row with more pairs reads the rest here, each step's pairs read a step ahead.
+        extra_mask = first1 + BLOCK_P + lanes < last1
+        pair = tl.load(order + first1 + BLOCK_P + lanes, mask=extra_mask, other=0)
+        for more in range(first1 + BLOCK_P, last1, BLOCK_P):
             w, g, _unused_row, _unused_m, _unused_v = _gathers(
                 grad_out, weights, values, state_a, state_b, pair, extra_mask, row1, 0, 0, cols,
                 col_mask, picks, v_dim, False, False,
             )  # fmt: skip
+            next_mask = more + BLOCK_P + lanes < last1
+            next_pair = tl.load(order + more + BLOCK_P + lanes, mask=next_mask, other=0)
             acc += tl.sum(g.to(tl.float32) * w[:, None], axis=0)
             if WEIGHT_GRAD:
                 share = tl.sum(g.to(tl.float32) * value1.to(tl.float32)[None, :], axis=1)
                 tl.store(wgrad + pair, share, mask=extra_mask)
+            pair, extra_mask = next_pair, next_mask
 
         if MODE == 0:
             tl.store(out + slot1 * v_dim + cols, acc.to(out.dtype.element_ty),
@@ -187,8 +191,8 @@ def pass_blocks(v_dim: int, pairs_per_row: float) -> tuple[int, int, int, int]:
     are in the pipeline, twice the average (the rest go through the inner loop: 5% of rows
     at 2 a row), with at most _TILE gathered elements. Programs of a few hundred rows: the
     pipeline's start is a small share of a program, and the GPU runs as many at once as
-    their registers allow (Triton 3.6 for sm_90, 1.3B-like: about 125 registers a thread
-    for the gradient and the update, 64 for the squared norms)."""
+    their registers allow (Triton 3.6 for sm_90, 1.3B-like: about 114 registers a thread
+    for the gradient and the Adagrad update, so 4 programs of 4 warps an SM)."""
     block_p = min(max(triton.next_power_of_2(int(2 * pairs_per_row)), 2), _MAX_BLOCK_P)
     block_v = min(max(triton.next_power_of_2(max(v_dim, 1)), 16), _MAX_BLOCK_V, _TILE // block_p)
     return block_p, block_v, 4, _ROWS_PER_PROGRAM
@@ -199,9 +203,12 @@ def reverse_index(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, tor
     [offsets[r], offsets[r+1]) range in `order`; int32 below 2**31 pairs (fewer registers
     in the row pass). No host synchronisation."""
     flat = indices.reshape(-1)
-    sorted_rows, order = torch.sort(flat, stable=True)
+    # int32 with room for the pipeline's lane offsets past a row's end (first + lanes).
+    narrow = flat.numel() < 2**31 - 4 * _MAX_BLOCK_P
+    # Row ids below 2**31 sort as int32 keys: half the radix passes of int64.
+    keys = flat.to(torch.int32) if n_rows < 2**31 else flat
+    sorted_rows, order = torch.sort(keys, stable=True)
     bounds = torch.arange(n_rows + 1, device=flat.device, dtype=sorted_rows.dtype)
-    narrow = flat.numel() < 2**31
     offsets = torch.searchsorted(sorted_rows, bounds, out_int32=narrow)
     return (order.to(torch.int32) if narrow else order), offsets
 
@@ -224,6 +231,8 @@ def row_pass(
     returns the rows' squared gradient norms, float32; mode 2 steps `values` in place with
     `optimizer_args` (state_a, state_b, scale and the `_row_pass_kernel` scalars). With
     `weight_grad` (modes 0 and 2) returns the weight gradient, float32, shaped as `weights`."""
+    if mode == 0 and out is None:
+        raise ValueError("row_pass mode 0 writes the value gradient into `out`: pass one")
     v_dim = grad_out.shape[1]
     n_rows = offsets.shape[0] - 1
     n_out = n_rows if rows is None else rows.shape[0]
@@ -237,7 +246,8 @@ def row_pass(
     if rows is None:
         starts, stops, row_ids = offsets[:-1], offsets[1:], offsets
     else:
-        starts, stops, row_ids = offsets[rows], offsets[rows + 1], rows
+        row_ids = rows.to(torch.int64).contiguous()  # the kernel reads it by position
+        starts, stops = offsets[row_ids], offsets[row_ids + 1]
     opt = dict(state_a=weights, state_b=weights, scale=weights, lr=0.0, eps=0.0, beta1=0.0,
                beta2=0.0, decay=1.0, step_size=0.0, bc2_sqrt=1.0, seed=0, adam=False,
                has_scale=False, stochastic=False) | (optimizer_args or {})  # fmt: skip
@@ -254,6 +264,8 @@ def row_pass(
             HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
             BLOCK_P=block_p, BLOCK_V=block_v, num_warps=warps,
         )  # fmt: skip
+    elif mode == 0:
+        out.zero_()  # no rows or no pairs: a zero gradient
     if mode == 1:
         return out[0] if n_blocks == 1 else out.sum(0)
     if not weight_grad:

@@ -80,7 +80,8 @@ def fused_row_update(
     beta1, beta2, weight_decay, width, step, seed, stochastic_rounding, weight_grad,
 ):  # fmt: skip
     """The Triton form of `memcompile::fused_row_update` (same arguments and result)."""
-    if values.dtype not in _DTYPES or not values.is_contiguous():
+    contiguous = all(t.is_contiguous() for t in (values, state_a, state_b))
+    if values.dtype not in _DTYPES or not contiguous:
         return fused_row_update_reference(
             values, state_a, state_b, indices, weights, grad_out, row_sq, scale, optimizer,
             lr, eps, beta1, beta2, weight_decay, width, step, seed, stochastic_rounding,
@@ -95,7 +96,9 @@ def fused_row_update(
             sq = row_pass(1, grad_out, weights, order, offsets, values)
         if scale is not None:
             sq = sq * scale.float().reshape(()).square()
-        state_a.add_(sq.to(state_a.dtype), alpha=1.0 / width)
+        # Touched rows only: a row_sq from outside, or a NaN clip scale, leaves the rest alone.
+        touched = offsets[1:] > offsets[:-1]
+        state_a.add_(torch.where(touched, sq, 0.0).to(state_a.dtype), alpha=1.0 / width)
     grad_w = row_pass(
         2, grad_out, weights, order, offsets, values, weight_grad=weight_grad,
         optimizer_args=dict(

@@ -113,8 +113,11 @@ def test_backward_over_column_blocks_with_rows_past_the_pipeline(monkeypatch, sp
     dense, ref_weights = reference.bag_backward(
         grad.double(), values.double(), indices, weights.double()
     )
-    # Rows in a shuffled order (sparse), or all rows (dense).
-    rows = torch.unique(indices)[torch.randperm(torch.unique(indices).numel())] if sparse else None
+    # Rows in a shuffled order, as a strided (not contiguous) view (sparse), or all rows.
+    rows = None
+    if sparse:
+        shuffled = torch.unique(indices)[torch.randperm(torch.unique(indices).numel())]
+        rows = torch.stack([shuffled, shuffled], 1)[:, 0]
     grad_values, grad_weights = triton_bag.bag_backward(grad, values, indices, weights, rows)
     _close(grad_values, dense if rows is None else dense[rows], torch.float32)
     _close(grad_weights, ref_weights, torch.float32)

@@ -103,6 +103,22 @@ def test_given_row_norms_and_clip_scale_and_no_weight_gradient(optimizer):
         _close(got, want, torch.float32)
 
 
+def test_adagrad_state_of_untouched_rows_stays_when_norms_come_from_outside():
+    # Row norms given for every row (as a caller may), and a NaN clip scale (from a NaN
+    # gradient norm): only the rows this step touches may change state.
+    args = _problem(4, 3, 30, 16, None, torch.float32, "rowwise_adagrad", seed=5)
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[args[3].reshape(-1).cpu()] = False
+    before = args[1].clone()
+    row_sq = torch.ones(30, device=DEVICE)
+    hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.0, 16, 1, 5, False, False)
+    for scale in (torch.tensor([0.5], device=DEVICE), torch.tensor([float("nan")], device=DEVICE)):
+        triton_update.fused_row_update(*args, row_sq, scale, *hyper)
+        keep = untouched.to(DEVICE)
+        assert torch.equal(args[1][keep], before[keep])
+    assert not torch.isnan(args[1][untouched.to(DEVICE)]).any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "picks", "rows", "v_dim"), [(5, 40, 30, 300), (3, 7, 9, 20)])
 def test_weight_gradient_alone(n, picks, rows, v_dim, dtype):
