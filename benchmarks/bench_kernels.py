@@ -115,6 +115,14 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
         return out
 
     record("bag fwd+bwd", "memcompile triton", bench(our_bag_step))
+    # A hot row: one pick of every token on row 0 (a collapsed key early in training). The
+    # row pass sums a row's pairs in one program, so this row is one serial loop.
+    hot = indices.clone()
+    hot[:, 0] = 0
+    record("bag bwd", "memcompile triton, uniform rows",
+           bench(lambda: cuda.bag_backward_cuda(grad, values, indices, weights)))  # fmt: skip
+    record("bag bwd", f"memcompile triton, one row in all {tokens} tokens",
+           bench(lambda: cuda.bag_backward_cuda(grad, values, hot, weights)))  # fmt: skip
 
     q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
     keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
