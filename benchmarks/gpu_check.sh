@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# One GPU session, 6 to 8 minutes: the CUDA tests beside the kernels' correctness check,
-# then the kernel benchmark (with its block-shape sweep) and the inference benchmark, alone
-# on the GPU. Results go to $OUT (the device tool's output folder) or benchmarks/results:
+# One GPU session: the CUDA tests beside the kernels' correctness check (float64
+# references), then the kernel benchmark and the inference benchmark, alone on the GPU:
+# expected 4 to 5 minutes (not yet timed without the sweep). `gpu_check.sh --sweep` also
+# times each kernel's block shapes (bench_kernels.py's sweep section), to set the defaults
+# from; the earlier runs, all with the sweep, took 6 to 8 minutes.
+# Results go to $OUT (the device tool's output folder) or benchmarks/results:
 # gpu_log.txt (everything printed), gpu_tests.txt, gpu_compiled*.txt, kernel_check.json,
 # kernels.json and inference.json.
 # The device machine has torch and triton but no network: memcompile is not pip-installed
 # there, its package layout (passes/, kernels/, runtime/ inside memcompile) is assembled
 # in a temporary folder put on PYTHONPATH.
 set -euo pipefail
+sections=kernels,values
+case "${1:-}" in
+  --sweep) sections=sweep,kernels,values ;;
+  "") ;;
+  *) echo "usage: benchmarks/gpu_check.sh [--sweep]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -19,7 +28,7 @@ export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$log"
 # Each step reports and the next one still runs: one failure must not end a short GPU session.
-# Each has a time limit; together they fit the device tool's 600 s a call.
+# Each has a time limit; together they fit the device tool's 600 s a call (with --sweep).
 python_step() {  # python_step SECONDS SCRIPT ARGS...
   local limit="$1"; shift
   timeout "$limit" python3 "$@" 2>&1 | tee -a "$log" \
@@ -51,6 +60,6 @@ for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
   wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
   tail -n 4 "$out/${job#*:}" | tee -a "$log"
 done
-python_step 260 benchmarks/bench_kernels.py --sections sweep,kernels,values --out "$out"
+python_step 260 benchmarks/bench_kernels.py --sections "$sections" --out "$out"
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
