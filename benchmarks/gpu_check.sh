@@ -37,8 +37,9 @@ python_step() {  # python_step SECONDS SCRIPT ARGS...
 # The CUDA side of the tests, beside kernel_check (none of them times anything): the Triton
 # kernel cases natively, in pytest workers so Triton compiles on several cores; and a
 # converted LM decoding under torch.compile(mode="reduce-overhead"), in a process of its
-# own, twice: it crashed in Inductor's static CUDA launcher on the first H100 (torch 2.11,
-# GPU_NOTES.md), so it also runs with that launcher off. Run from outside the repository
+# own, twice: its earlier, hand-compiled form crashed in Inductor's static CUDA launcher
+# on the first H100 (torch 2.11, GPU_NOTES.md), so it also runs with that launcher off.
+# Run from outside the repository
 # so the assembled package, not the bare memcompile/ folder, is imported.
 repo="$(pwd)"
 in_tmp_pytest() {  # in_tmp_pytest LOG TESTS...
