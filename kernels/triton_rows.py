@@ -81,12 +81,15 @@ def _gathers(
 
 @triton.jit
 def _step_row(
-    values, state_a, state_b, scale, row, g, w, m, v, cols, live, v_dim, lr, eps, beta1, beta2,
-    decay, step_size, bc2_sqrt, seed,
+    values, state_a, state_b, scale, row, g, w, m, v, cols, live, active, v_dim, lr, eps,
+    beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
     ADAM: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    LOCAL_NORM: tl.constexpr,
 ):  # fmt: skip
-    """One optimizer step on the columns `live` of a row: gradient g, values w and Adam's
-    moments m and v, all float32; writes the row and its state."""
+    """One optimizer step on the columns `live` of a row (`active`: the row has pairs):
+    gradient g, values w and Adam's moments m and v, all float32; writes the row and its
+    state. Adagrad with LOCAL_NORM (the whole row in this block) advances the row's state
+    here; without, the state was advanced from a norms pass."""
     ptrs = row * v_dim + cols
     if HAS_SCALE:
         g = g * tl.load(scale).to(tl.float32)
@@ -96,8 +99,12 @@ def _step_row(
         tl.store(state_a + ptrs, m, mask=live)
         tl.store(state_b + ptrs, v, mask=live)
         new = w * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-    else:  # the row's state, already advanced by the row's full gradient norm
-        s = tl.load(state_a + row + cols * 0, mask=live, other=1.0)
+    else:
+        if LOCAL_NORM:
+            s = tl.load(state_a + row, mask=active, other=0.0) + tl.sum(g * g, axis=0) * inv_width
+            tl.store(state_a + row, s, mask=active)
+        else:
+            s = tl.load(state_a + row + cols * 0, mask=live, other=1.0)
         new = w * decay - lr * g / (tl.sqrt(s) + eps)
     if STOCHASTIC:  # bf16: add 16 random low bits, then truncate them
         noise = tl.randint(seed, ptrs.to(tl.uint32)) & 0xFFFF
@@ -110,9 +117,10 @@ def _step_row(
 def _row_pass_kernel(
     grad_out, weights, order, starts, stops, row_ids, values, out, grad_weights,
     state_a, state_b, scale,
-    n_out, n_pairs, picks, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, seed,
+    n_out, n_pairs, picks, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, inv_width,
+    seed,
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
-    HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     READ_VALUES: tl.constexpr = WEIGHT_GRAD or MODE == 2
@@ -176,9 +184,11 @@ def _row_pass_kernel(
                      mask=slot1 < n_out)  # fmt: skip
         else:  # rows with pairs only (past the list's end first = last = 0)
             live = _live_columns(col_mask, cols, first1, last1)
-            _step_row(values, state_a, state_b, scale, row1, acc, value1.to(tl.float32), m1, v1,
-                      cols, live, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, seed,
-                      ADAM, HAS_SCALE, STOCHASTIC)  # fmt: skip
+            _step_row(
+                values, state_a, state_b, scale, row1, acc, value1.to(tl.float32), m1, v1, cols,
+                live, last1 > first1, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt,
+                inv_width, seed, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+            )  # fmt: skip
 
         slot1, row1, first1, last1, mask1, pair1 = slot2, row2, first2, last2, mask2, pair2
         w1, g1, value1, m1, v1 = w2, g2, value2, m2, v2
@@ -249,8 +259,9 @@ def row_pass(
         row_ids = rows.to(torch.int64).contiguous()  # the kernel reads it by position
         starts, stops = offsets[row_ids], offsets[row_ids + 1]
     opt = dict(state_a=weights, state_b=weights, scale=weights, lr=0.0, eps=0.0, beta1=0.0,
-               beta2=0.0, decay=1.0, step_size=0.0, bc2_sqrt=1.0, seed=0, adam=False,
-               has_scale=False, stochastic=False) | (optimizer_args or {})  # fmt: skip
+               beta2=0.0, decay=1.0, step_size=0.0, bc2_sqrt=1.0, inv_width=1.0, seed=0,
+               adam=False, has_scale=False, stochastic=False, local_norm=False,
+               ) | (optimizer_args or {})  # fmt: skip
     if n_out and order.numel():
         grid = (triton.cdiv(n_out, rows_each), n_blocks)
         # Unused pointer arguments get a non-empty stand-in (a null pointer is refused on CUDA).
@@ -259,9 +270,10 @@ def row_pass(
             values if out is None else out, shares, opt["state_a"], opt["state_b"], opt["scale"],
             n_out, order.numel(), weights.shape[-1], v_dim, opt["lr"], opt["eps"],
             opt["beta1"], opt["beta2"], opt["decay"], opt["step_size"], opt["bc2_sqrt"],
-            opt["seed"],
+            opt["inv_width"], opt["seed"],
             MODE=mode, SPARSE=rows is not None, WEIGHT_GRAD=weight_grad, ADAM=opt["adam"],
             HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
+            LOCAL_NORM=opt["local_norm"],
             BLOCK_P=block_p, BLOCK_V=block_v, num_warps=warps,
         )  # fmt: skip
     elif mode == 0:

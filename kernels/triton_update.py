@@ -7,8 +7,9 @@ state in place. The value gradient is never written to memory. No host synchroni
 no atomics: the result is deterministic.
 
 Row-wise Adagrad needs a row's full gradient norm before any of its column blocks is
-stepped: a first pass (mode 1, which gathers the output gradients but reads no values)
-gives the norms, and the row states are advanced before the update pass.
+stepped. Where a column block holds the whole row, the update pass advances the row's
+state itself; otherwise a first pass (mode 1, which gathers the output gradients but reads
+no values) gives the norms, and the row states are advanced before the update pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_rows
 from .fused_update import (
     fused_row_update_reference,
     row_grad_sq_reference,
@@ -90,7 +92,11 @@ def fused_row_update(
     indices, weights, grad_out = indices.contiguous(), weights.contiguous(), grad_out.contiguous()
     adam = optimizer == "adam"
     order, offsets = reverse_index(indices, values.shape[0])
-    if not adam:  # s += mean(g**2) over the full row; untouched rows add 0
+    n_rows, v_dim = values.shape
+    block_v = triton_rows.pass_blocks(v_dim, order.numel() / max(n_rows, 1))[1]
+    # Adagrad over whole rows in one column block: the update pass advances each row's state.
+    local_norm = not adam and row_sq is None and block_v >= v_dim
+    if not adam and not local_norm:  # s += mean(g**2) over the full row, from a norms pass
         sq = row_sq
         if sq is None:
             sq = row_pass(1, grad_out, weights, order, offsets, values)
@@ -109,6 +115,7 @@ def fused_row_update(
             bc2_sqrt=math.sqrt(1 - beta2**step) if adam else 1.0, seed=seed, adam=adam,
             has_scale=scale is not None,
             stochastic=stochastic_rounding and values.dtype == torch.bfloat16,
+            local_norm=local_norm, inv_width=1.0 / width,
         ),
     )  # fmt: skip
     return grad_w if weight_grad else torch.empty(0, dtype=torch.float32, device=values.device)
