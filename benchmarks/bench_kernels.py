@@ -415,6 +415,12 @@ def main() -> int:
         if "values" in sections:
             keep(values_step(name, **TRAINING[name]))
             torch.cuda.empty_cache()
+    from memcompile.kernels import cuda
+
+    # A kernel that could not be built ran the PyTorch reference (kernels/cuda.py): its
+    # rows above then time the reference.
+    keep([{"config": "all", "what": "ops whose Triton kernel was not built",
+           "ok": sorted(cuda._ON_REFERENCE) or "none"}])  # fmt: skip
     rows = result["rows"]
     print(f"device {result['device']}, copy {result['copy_TB/s']} TB/s")
     print("| config | what | implementation | ms | TB/s |")

@@ -3,36 +3,68 @@
 
 float64 inputs (used for gradient checks) stay on the PyTorch reference. The backward of
 pk_topk stays on the reference too: a dense sub-key score gradient and four matrix
-products, which cuBLAS runs near its peak.
+products, which cuBLAS runs near its peak. A kernel that cannot be built for the GPU at
+hand (a compile error, or more shared memory or registers than it has, as on GPUs smaller
+than the H100 the shapes were chosen for) is reported once and its op runs the PyTorch
+reference from then on.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from . import ops, reference
+from . import fused_update, ops, reference
 
 log = logging.getLogger(__name__)
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ON_REFERENCE: set[str] = set()  # ops whose Triton kernel could not be built here
+
+
+def _triton_or_reference(op: str, triton_call: Callable, reference_call: Callable):
+    """triton_call(), or reference_call() for an op whose kernel cannot be built on this
+    GPU. The Triton calls build their kernels before they write anything, so a failed one
+    has changed nothing."""
+    if op not in _ON_REFERENCE:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+
+        try:
+            return triton_call()
+        except (CompilationError, OutOfResources, PTXASError) as error:
+            _ON_REFERENCE.add(op)
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning(
+                "memcompile: the Triton kernel of %s cannot be built for %s (%s: %s); "
+                "%s runs its PyTorch implementation from now on",
+                op, device, type(error).__name__, reason[:200], op,
+            )  # fmt: skip
+    return reference_call()
 
 
 def bag_cuda(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     from . import triton_bag
 
+    args = (values, indices, weights)
     if values.dtype not in _TRITON_DTYPES:
-        return reference.bag(values, indices, weights)
-    return triton_bag.bag_forward(values, indices, weights)
+        return reference.bag(*args)
+    return _triton_or_reference("bag", partial(triton_bag.bag_forward, *args),
+                                partial(reference.bag, *args))  # fmt: skip
 
 
 def bag_backward_cuda(grad_out, values, indices, weights):
     from . import triton_bag
 
+    args = (grad_out, values, indices, weights)
     if values.dtype not in _TRITON_DTYPES:
-        return reference.bag_backward(grad_out, values, indices, weights)
-    return triton_bag.bag_backward(grad_out, values, indices, weights)
+        return reference.bag_backward(*args)
+    return _triton_or_reference("bag_backward", partial(triton_bag.bag_backward, *args),
+                                partial(reference.bag_backward, *args))  # fmt: skip
 
 
 def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
@@ -40,7 +72,8 @@ def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
 
     if not _triton_topk_applies(q, keys, knn):
         return reference.pk_topk(q, keys, knn)
-    return triton_topk.pk_topk(q, keys, knn)
+    return _triton_or_reference("pk_topk", partial(triton_topk.pk_topk, q, keys, knn),
+                                partial(reference.pk_topk, q, keys, knn))  # fmt: skip
 
 
 def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
@@ -53,18 +86,48 @@ def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
 
 
 def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int):
-    from . import triton_bag, triton_topk
-
     # Host values that are not pinned (or not contiguous: a copy would not be pinned) cannot
     # be read by the GPU: the reference sums them on the host.
     readable = values.device == q.device or (values.is_pinned() and values.is_contiguous())
     if not (_triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES and readable):
         return reference.pk_lookup(q, keys, values, knn)
+    return _triton_or_reference("pk_lookup", partial(_triton_lookup, q, keys, values, knn),
+                                partial(reference.pk_lookup, q, keys, values, knn))  # fmt: skip
+
+
+def _triton_lookup(q, keys, values, knn):
+    from . import triton_bag, triton_topk
+
     picks = q.shape[1] * knn
     # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag,
     # which gathers host-resident rows over the host link (zero-copy) like device rows.
     probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
     return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks))
+
+
+def bag_weight_grad_cuda(grad_out, values, indices):
+    from . import triton_update
+
+    args = (grad_out, values, indices)
+    return _triton_or_reference("bag_weight_grad", partial(triton_update.bag_weight_grad, *args),
+                                partial(fused_update.weight_grad_reference, *args))  # fmt: skip
+
+
+def row_grad_sq_cuda(values, indices, weights, grad_out):
+    from . import triton_update
+
+    args = (values, indices, weights, grad_out)
+    return _triton_or_reference("row_grad_sq", partial(triton_update.row_grad_sq, *args),
+                                partial(fused_update.row_grad_sq_reference, *args))  # fmt: skip
+
+
+def fused_row_update_cuda(*args):
+    from . import triton_update
+
+    return _triton_or_reference(
+        "fused_row_update", partial(triton_update.fused_row_update, *args),
+        partial(fused_update.fused_row_update_reference, *args),
+    )  # fmt: skip
 
 
 def register_cuda_kernels() -> bool:
@@ -76,13 +139,11 @@ def register_cuda_kernels() -> bool:
     except ImportError:
         log.info("triton is not installed: memcompile ops use the PyTorch reference on CUDA")
         return False
-    from . import fused_update, triton_update
-
     ops.bag.register_kernel("cuda")(bag_cuda)
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
     ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
-    fused_update.bag_weight_grad.register_kernel("cuda")(triton_update.bag_weight_grad)
-    fused_update.row_grad_sq.register_kernel("cuda")(triton_update.row_grad_sq)
-    fused_update.fused_row_update.register_kernel("cuda")(triton_update.fused_row_update)
+    fused_update.bag_weight_grad.register_kernel("cuda")(bag_weight_grad_cuda)
+    fused_update.row_grad_sq.register_kernel("cuda")(row_grad_sq_cuda)
+    fused_update.fused_row_update.register_kernel("cuda")(fused_row_update_cuda)
     return True

@@ -96,6 +96,7 @@ def fused_row_update(
     block_v = triton_rows.pass_blocks(v_dim, order.numel() / max(n_rows, 1))[1]
     # Adagrad over whole rows in one column block: the update pass advances each row's state.
     local_norm = not adam and row_sq is None and block_v >= v_dim
+    state = state_a  # what the update pass reads as Adagrad's row states
     if not adam and not local_norm:  # s += mean(g**2) over the full row, from a norms pass
         sq = row_sq
         if sq is None:
@@ -104,11 +105,13 @@ def fused_row_update(
             sq = sq * scale.float().reshape(()).square()
         # Touched rows only: a row_sq from outside, or a NaN clip scale, leaves the rest alone.
         touched = offsets[1:] > offsets[:-1]
-        state_a.add_(torch.where(touched, sq, 0.0).to(state_a.dtype), alpha=1.0 / width)
+        # Into a new tensor, stored after the update pass: nothing is written before the
+        # pass's kernel is built (see cuda._triton_or_reference).
+        state = torch.where(touched, sq, 0.0).to(state_a.dtype).div_(width).add_(state_a)
     grad_w = row_pass(
         2, grad_out, weights, order, offsets, values, weight_grad=weight_grad,
         optimizer_args=dict(
-            state_a=state_a, state_b=state_b if adam else state_a,
+            state_a=state, state_b=state_b if adam else state,
             scale=scale if scale is not None else weights, lr=lr, eps=eps, beta1=beta1,
             beta2=beta2, decay=1.0 - lr * weight_decay,
             step_size=lr / (1 - beta1**step) if adam else 0.0,
@@ -118,4 +121,6 @@ def fused_row_update(
             local_norm=local_norm, inv_width=1.0 / width,
         ),
     )  # fmt: skip
+    if state is not state_a:
+        state_a.copy_(state)
     return grad_w if weight_grad else torch.empty(0, dtype=torch.float32, device=values.device)

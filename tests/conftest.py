@@ -13,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernels_built():
+    """Fails a test in which a Triton kernel could not be built and its op ran the PyTorch
+    reference instead (kernels/cuda.py falls back there on a GPU): the test would compare
+    the reference with itself."""
+    from memcompile.kernels import cuda
+
+    yield
+    assert not cuda._ON_REFERENCE, f"Triton kernels not built for: {sorted(cuda._ON_REFERENCE)}"

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from memcompile.kernels import cuda, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "kernels_built")
 
 
 def _rand(*shape, dtype=torch.float32, generator):

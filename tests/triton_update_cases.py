@@ -20,7 +20,7 @@ from memcompile.kernels import fused_update, triton_rows, triton_update  # noqa:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "kernels_built")
 
 CASES = [
     # n, picks, rows, v_dim, hot row (picked by every token, several times per bag)
