@@ -343,6 +343,10 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
         rows = []
         try:
             expected = as_tuple(result())  # every shape must compute what the default does
+            if cuda._ON_REFERENCE:  # the default shape was not built: compared with the reference
+                rows.append({"config": name, "what": f"sweep {what}", "impl": "default",
+                             "ok": f"not built: {sorted(cuda._ON_REFERENCE)}"})  # fmt: skip
+                cuda._ON_REFERENCE.clear()
             for shape in variants:
                 setattr(module, hook, lambda *_, c=shape: c)
                 impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
@@ -352,6 +356,10 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
                     got = as_tuple(result())
                 except Exception as error:  # one shape that fails must not end the sweep
                     rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                if cuda._ON_REFERENCE:  # not built (too big for the GPU): the reference ran
+                    rows.append(row | {"ok": f"not built: {sorted(cuda._ON_REFERENCE)}"})
+                    cuda._ON_REFERENCE.clear()  # the next shapes try their kernels again
                     continue
                 row["ms"] = round(ms, 4)
                 row["same_result"] = all(
