@@ -182,7 +182,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
 
 def check_fused_update() -> list[dict]:
     """The Triton fused update against the PyTorch path (on the CPU) at a small size."""
-    from memcompile.kernels import fused_update, triton_update
+    from memcompile.kernels import cuda, fused_update
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -198,7 +198,7 @@ def check_fused_update() -> list[dict]:
             gpu = [t.cuda() for t in (values, *state, indices, weights, grad)]
             hyper = (opt, 1e-2, 1e-8, 0.9, 0.999, 0.01, 512, 3, 1, False, True)
             want_w = fused_update.fused_row_update_reference(*cpu, None, None, *hyper)
-            got_w = triton_update.fused_row_update(*gpu, None, None, *hyper)
+            got_w = cuda.fused_row_update_cuda(*gpu, None, None, *hyper)
             err = max(
                 ((a.double().cpu() - b.double()).norm() / b.double().norm()).item()
                 for a, b in zip((gpu[0], gpu[1], got_w), (cpu[0], cpu[1], want_w))
@@ -289,6 +289,20 @@ SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
                  (32, 64, 4, 2), (16, 128, 4, 2), (64, 64, 8, 1), (32, 128, 4, 1)]  # fmt: skip
 
 
+def not_built(config: str, section: str) -> list[dict]:
+    """A row naming the ops whose Triton kernel could not be built during `section` (they
+    ran the PyTorch reference, kernels/cuda.py, so that section's rows time the reference
+    for them), and a clean slate for the next section; no row when all were built."""
+    from memcompile.kernels import cuda
+
+    if not cuda._ON_REFERENCE:
+        return []
+    row = {"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
+           "ok": sorted(cuda._ON_REFERENCE)}  # fmt: skip
+    cuda._ON_REFERENCE.clear()
+    return [row]
+
+
 def as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
@@ -343,10 +357,7 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
         rows = []
         try:
             expected = as_tuple(result())  # every shape must compute what the default does
-            if cuda._ON_REFERENCE:  # the default shape was not built: compared with the reference
-                rows.append({"config": name, "what": f"sweep {what}", "impl": "default",
-                             "ok": f"not built: {sorted(cuda._ON_REFERENCE)}"})  # fmt: skip
-                cuda._ON_REFERENCE.clear()
+            rows += not_built(name, f"sweep {what}, default shape")  # then: vs the reference
             for shape in variants:
                 setattr(module, hook, lambda *_, c=shape: c)
                 impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
@@ -357,9 +368,9 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
                 except Exception as error:  # one shape that fails must not end the sweep
                     rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
                     continue
-                if cuda._ON_REFERENCE:  # not built (too big for the GPU): the reference ran
-                    rows.append(row | {"ok": f"not built: {sorted(cuda._ON_REFERENCE)}"})
-                    cuda._ON_REFERENCE.clear()  # the next shapes try their kernels again
+                missing = not_built(name, f"sweep {what}, {impl}")
+                if missing:  # too big for this GPU: the reference ran, not the shape
+                    rows += missing
                     continue
                 row["ms"] = round(ms, 4)
                 row["same_result"] = all(
@@ -375,6 +386,7 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
                          "ok": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
         finally:
             setattr(module, hook, default)
+            rows += not_built(name, f"sweep {what}")  # what the rows above did not catch
             keep(rows)  # each case's rows are saved before the next case runs
 
 
@@ -412,23 +424,17 @@ def main() -> int:
             print(f"  {json.dumps(r)}", file=sys.stderr, flush=True)
 
     if "values" in sections:
-        keep(check_fused_update())
+        keep(check_fused_update() + not_built("check", "fused update check"))
     for name in args.configs.split(","):
         if "sweep" in sections:
             sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep)
             torch.cuda.empty_cache()
         if "kernels" in sections:
-            keep(run_config(name, **TRAINING[name], copy_bw=copy_bw))
+            keep(run_config(name, **TRAINING[name], copy_bw=copy_bw) + not_built(name, "kernels"))
             torch.cuda.empty_cache()
         if "values" in sections:
-            keep(values_step(name, **TRAINING[name]))
+            keep(values_step(name, **TRAINING[name]) + not_built(name, "values step"))
             torch.cuda.empty_cache()
-    from memcompile.kernels import cuda
-
-    # A kernel that could not be built ran the PyTorch reference (kernels/cuda.py): its
-    # rows above then time the reference.
-    keep([{"config": "all", "what": "ops whose Triton kernel was not built",
-           "ok": sorted(cuda._ON_REFERENCE) or "none"}])  # fmt: skip
     rows = result["rows"]
     print(f"device {result['device']}, copy {result['copy_TB/s']} TB/s")
     print("| config | what | implementation | ms | TB/s |")

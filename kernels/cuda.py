@@ -25,24 +25,34 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ON_REFERENCE: set[str] = set()  # ops whose Triton kernel could not be built here
 
 
+def _build_errors() -> tuple[type[Exception], ...]:
+    """Triton's exceptions for a kernel that cannot be built for this GPU (PTXASError is
+    Triton 3.2's; before, ptxas failures were plain RuntimeErrors, not caught)."""
+    from triton.compiler import errors as compiler_errors
+    from triton.runtime import errors as runtime_errors
+
+    names = (("CompilationError", compiler_errors), ("OutOfResources", runtime_errors),
+             ("PTXASError", runtime_errors))  # fmt: skip
+    return tuple(getattr(module, name) for name, module in names if hasattr(module, name))
+
+
 def _triton_or_reference(op: str, triton_call: Callable, reference_call: Callable):
     """triton_call(), or reference_call() for an op whose kernel cannot be built on this
-    GPU. The Triton calls build their kernels before they write anything, so a failed one
-    has changed nothing."""
+    GPU (the fallback is per op, for the rest of the process). The Triton calls build their
+    kernels before they write anything, so a failed one has changed nothing."""
     if op not in _ON_REFERENCE:
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources, PTXASError
-
         try:
             return triton_call()
-        except (CompilationError, OutOfResources, PTXASError) as error:
+        except _build_errors() as error:
             _ON_REFERENCE.add(op)
             device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            # A CompilationError's first line is the source position; its cause is last.
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            cause = error.__cause__ or (lines[-1] if lines else "")
             log.warning(
                 "memcompile: the Triton kernel of %s cannot be built for %s (%s: %s); "
                 "%s runs its PyTorch implementation from now on",
-                op, device, type(error).__name__, reason[:200], op,
+                op, device, type(error).__name__, str(cause)[:300], op,
             )  # fmt: skip
     return reference_call()
 

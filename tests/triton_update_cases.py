@@ -1,8 +1,9 @@
-"""The Triton kernels of the fused value update against its PyTorch path: on the CPU through
-Triton's interpreter (TRITON_INTERPRET=1, fp32 and fp16, tiny shapes), on a GPU natively
-(there also bf16, with and without stochastic rounding).
+"""The Triton kernels of the fused value update, through the CUDA ops' entry points
+(kernels/cuda.py), against its PyTorch path: on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, fp32 and fp16, tiny shapes), on a GPU natively (there also bf16, with
+and without stochastic rounding).
 
-Run by test_fused_updates.py in a process of its own (see triton_cases.py for why)."""
+Run by test_triton_kernels.py in a process of its own (see triton_cases.py for why)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 
 import pytest  # noqa: E402
 
-from memcompile.kernels import fused_update, triton_rows, triton_update  # noqa: E402
+from memcompile.kernels import cuda, fused_update, triton_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -59,7 +60,7 @@ def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimiz
     args = _problem(n, picks, rows, v_dim, hot, dtype, optimizer)
     ref = [t.clone() for t in args]
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, v_dim, 3, 11, False, True)
-    grad_w = triton_update.fused_row_update(*args, None, None, *hyper)
+    grad_w = cuda.fused_row_update_cuda(*args, None, None, *hyper)
     want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
     for got, want in zip(args[:3], ref[:3]):  # values and state, updated in place
         _close(got, want, dtype)
@@ -78,8 +79,25 @@ def test_fused_update_over_several_column_blocks(monkeypatch, optimizer):
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
     ref = [t.clone() for t in args]
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
-    grad_w = triton_update.fused_row_update(*args, None, None, *hyper)
+    grad_w = cuda.fused_row_update_cuda(*args, None, None, *hyper)
     want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
+    for got, want in zip(args[:3], ref[:3]):
+        _close(got, want, torch.float32)
+    _close(grad_w, want_w, torch.float32)
+
+
+@pytest.mark.parametrize("column_blocks", [1, 3])
+def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks):
+    # The scale multiplies the gradient before its squared norm: in the update pass when one
+    # column block holds the row, in the norms pass when three blocks of 16 columns do.
+    if column_blocks == 3:
+        monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_: (2, 16, 4, 7))
+    args = _problem(6, 5, 20, 40, 4, torch.float32, "rowwise_adagrad", seed=6)
+    ref = [t.clone() for t in args]
+    scale = torch.tensor([0.4], device=DEVICE)
+    hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.01, 48, 1, 5, False, True)
+    grad_w = cuda.fused_row_update_cuda(*args, None, scale, *hyper)
+    want_w = fused_update.fused_row_update_reference(*ref, None, scale, *hyper)
     for got, want in zip(args[:3], ref[:3]):
         _close(got, want, torch.float32)
     _close(grad_w, want_w, torch.float32)
@@ -90,13 +108,13 @@ def test_given_row_norms_and_clip_scale_and_no_weight_gradient(optimizer):
     """The two-pass form (column shards, clipping): row norms from outside, gradient scaled."""
     args = _problem(7, 6, 24, 40, 3, torch.float32, optimizer, seed=1)
     ref = [t.clone() for t in args]
-    row_sq = triton_update.row_grad_sq(args[0], args[3], args[4], args[5])
+    row_sq = cuda.row_grad_sq_cuda(args[0], args[3], args[4], args[5])
     _close(row_sq, fused_update.row_grad_sq_reference(args[0], args[3], args[4], args[5]),
            torch.float32)  # fmt: skip
     row_sq = row_sq * 2.5  # as if other column shards added theirs
     scale = torch.tensor([0.3], device=DEVICE)
     hyper = (optimizer, 0.05, 1e-8, 0.9, 0.999, 0.0, 100, 1, 5, False, False)
-    out = triton_update.fused_row_update(*args, row_sq, scale, *hyper)
+    out = cuda.fused_row_update_cuda(*args, row_sq, scale, *hyper)
     fused_update.fused_row_update_reference(*ref, row_sq.clone(), scale, *hyper)
     assert out.numel() == 0
     for got, want in zip(args[:3], ref[:3]):
@@ -113,7 +131,7 @@ def test_adagrad_state_of_untouched_rows_stays_when_norms_come_from_outside():
     row_sq = torch.ones(30, device=DEVICE)
     hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.0, 16, 1, 5, False, False)
     for scale in (torch.tensor([0.5], device=DEVICE), torch.tensor([float("nan")], device=DEVICE)):
-        triton_update.fused_row_update(*args, row_sq, scale, *hyper)
+        cuda.fused_row_update_cuda(*args, row_sq, scale, *hyper)
         keep = untouched.to(DEVICE)
         assert torch.equal(args[1][keep], before[keep])
     assert not torch.isnan(args[1][untouched.to(DEVICE)]).any()
@@ -123,7 +141,7 @@ def test_adagrad_state_of_untouched_rows_stays_when_norms_come_from_outside():
 @pytest.mark.parametrize(("n", "picks", "rows", "v_dim"), [(5, 40, 30, 300), (3, 7, 9, 20)])
 def test_weight_gradient_alone(n, picks, rows, v_dim, dtype):
     values, _, _, indices, _, grad_out = _problem(n, picks, rows, v_dim, 2, dtype, "adam")
-    got = triton_update.bag_weight_grad(grad_out, values, indices)
+    got = cuda.bag_weight_grad_cuda(grad_out, values, indices)
     assert got.dtype == torch.float32 and got.shape == (n, picks)
     _close(got, fused_update.weight_grad_reference(grad_out, values, indices), dtype)
 
@@ -132,8 +150,8 @@ def test_fused_update_is_deterministic():
     first = _problem(9, 16, 12, 64, 3, torch.float32, "adam", seed=2)
     second = [t.clone() for t in first]
     hyper = ("adam", 0.01, 1e-8, 0.9, 0.999, 0.0, 64, 2, 0, False, True)
-    w1 = triton_update.fused_row_update(*first, None, None, *hyper)
-    w2 = triton_update.fused_row_update(*second, None, None, *hyper)
+    w1 = cuda.fused_row_update_cuda(*first, None, None, *hyper)
+    w2 = cuda.fused_row_update_cuda(*second, None, None, *hyper)
     assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -142,7 +160,7 @@ def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
     exact = [t.clone() for t in args]
     exact[0] = exact[0].float()
     hyper = ("rowwise_adagrad", 1e-3, 1e-8, 0.9, 0.999, 0.0, 256, 1, 7)
-    triton_update.fused_row_update(*args, None, None, *hyper, True, False)
+    cuda.fused_row_update_cuda(*args, None, None, *hyper, True, False)
     fused_update.fused_row_update_reference(*exact, None, None, *hyper, False, False)
     x = exact[0]
     toward_zero = (x.view(torch.int32) & -65536).view(torch.float32)
