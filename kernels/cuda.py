@@ -36,10 +36,14 @@ def _build_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(module, name) for name, module in names if hasattr(module, name))
 
 
-def _triton_or_reference(op: str, triton_call: Callable, reference_call: Callable):
+def _triton_or_reference(
+    op: str, dtype: torch.dtype, triton_call: Callable, reference_call: Callable
+):  # fmt: skip
     """triton_call(), or reference_call() for an op whose kernel cannot be built on this
-    GPU (the fallback is per op, for the rest of the process). The Triton calls build their
-    kernels before they write anything, so a failed one has changed nothing."""
+    GPU for this dtype (remembered for the rest of the process: bf16 may fail where fp32
+    builds). The Triton calls build their kernels before they write anything, so a failed
+    one has changed nothing."""
+    op = f"{op} {str(dtype).removeprefix('torch.')}"
     if op not in _ON_REFERENCE:
         try:
             return triton_call()
@@ -63,8 +67,9 @@ def bag_cuda(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor)
     args = (values, indices, weights)
     if values.dtype not in _TRITON_DTYPES:
         return reference.bag(*args)
-    return _triton_or_reference("bag", partial(triton_bag.bag_forward, *args),
-                                partial(reference.bag, *args))  # fmt: skip
+    return _triton_or_reference(
+        "bag", values.dtype, partial(triton_bag.bag_forward, *args), partial(reference.bag, *args)
+    )
 
 
 def bag_backward_cuda(grad_out, values, indices, weights):
@@ -73,8 +78,12 @@ def bag_backward_cuda(grad_out, values, indices, weights):
     args = (grad_out, values, indices, weights)
     if values.dtype not in _TRITON_DTYPES:
         return reference.bag_backward(*args)
-    return _triton_or_reference("bag_backward", partial(triton_bag.bag_backward, *args),
-                                partial(reference.bag_backward, *args))  # fmt: skip
+    return _triton_or_reference(
+        "bag_backward",
+        values.dtype,
+        partial(triton_bag.bag_backward, *args),
+        partial(reference.bag_backward, *args),
+    )
 
 
 def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
@@ -82,8 +91,12 @@ def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
 
     if not _triton_topk_applies(q, keys, knn):
         return reference.pk_topk(q, keys, knn)
-    return _triton_or_reference("pk_topk", partial(triton_topk.pk_topk, q, keys, knn),
-                                partial(reference.pk_topk, q, keys, knn))  # fmt: skip
+    return _triton_or_reference(
+        "pk_topk",
+        q.dtype,
+        partial(triton_topk.pk_topk, q, keys, knn),
+        partial(reference.pk_topk, q, keys, knn),
+    )
 
 
 def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
@@ -101,8 +114,12 @@ def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kn
     readable = values.device == q.device or (values.is_pinned() and values.is_contiguous())
     if not (_triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES and readable):
         return reference.pk_lookup(q, keys, values, knn)
-    return _triton_or_reference("pk_lookup", partial(_triton_lookup, q, keys, values, knn),
-                                partial(reference.pk_lookup, q, keys, values, knn))  # fmt: skip
+    return _triton_or_reference(
+        "pk_lookup",
+        q.dtype,
+        partial(_triton_lookup, q, keys, values, knn),
+        partial(reference.pk_lookup, q, keys, values, knn),
+    )
 
 
 def _triton_lookup(q, keys, values, knn):
@@ -119,23 +136,31 @@ def bag_weight_grad_cuda(grad_out, values, indices):
     from . import triton_update
 
     args = (grad_out, values, indices)
-    return _triton_or_reference("bag_weight_grad", partial(triton_update.bag_weight_grad, *args),
-                                partial(fused_update.weight_grad_reference, *args))  # fmt: skip
+    return _triton_or_reference(
+        "bag_weight_grad",
+        values.dtype,
+        partial(triton_update.bag_weight_grad, *args),
+        partial(fused_update.weight_grad_reference, *args),
+    )
 
 
 def row_grad_sq_cuda(values, indices, weights, grad_out):
     from . import triton_update
 
     args = (values, indices, weights, grad_out)
-    return _triton_or_reference("row_grad_sq", partial(triton_update.row_grad_sq, *args),
-                                partial(fused_update.row_grad_sq_reference, *args))  # fmt: skip
+    return _triton_or_reference(
+        "row_grad_sq",
+        values.dtype,
+        partial(triton_update.row_grad_sq, *args),
+        partial(fused_update.row_grad_sq_reference, *args),
+    )
 
 
 def fused_row_update_cuda(*args):
     from . import triton_update
 
     return _triton_or_reference(
-        "fused_row_update", partial(triton_update.fused_row_update, *args),
+        "fused_row_update", args[0].dtype, partial(triton_update.fused_row_update, *args),
         partial(fused_update.fused_row_update_reference, *args),
     )  # fmt: skip
 
