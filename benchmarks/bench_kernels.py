@@ -84,7 +84,7 @@ def torch_lookup(values, indices, weights):
 def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
     from timing_layer import memory_layer_for_timing
 
-    from memcompile.kernels import cuda, ops, reference
+    from memcompile.kernels import cuda, ops, reference, triton_rows
     from memcompile.runtime import MemoryConfig
 
     dev, dt = "cuda", torch.bfloat16
@@ -138,6 +138,8 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     hot[:, 0] = 0
     record("bag bwd", "memcompile triton, uniform rows",
            bench(lambda: cuda.bag_backward_cuda(grad, values, indices, weights)))  # fmt: skip
+    record("bag bwd: its reverse index alone", "torch.sort + torch.searchsorted",
+           bench(lambda: triton_rows.reverse_index(indices, rows_total)))  # fmt: skip
     record("bag bwd", f"memcompile triton, one row in all {tokens} tokens",
            bench(lambda: cuda.bag_backward_cuda(grad, values, hot, weights)))  # fmt: skip
 
