@@ -52,7 +52,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from memcompile.kernels import fused_update, triton_bag, triton_topk, triton_update
+from memcompile.kernels import fused_update, triton_bag, triton_rows, triton_topk, triton_update
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # the opt-in maximum of one block
@@ -170,10 +170,40 @@ def update_launches(n, rows, v_dim, picks, dtype) -> list:
     return found
 
 
+def sweep_launches() -> list:
+    """The launches of bench_kernels.py's sweep (gpu_check.sh --sweep) at the 1.3B-like
+    config: each block shape of the bag forward, the row pass (bag backward, fused updates)
+    and the top-k scan."""
+    from bench_kernels import FORWARD_VARIANTS, ROW_PASS_VARIANTS, SCAN_VARIANTS
+
+    c, bf16, picks = TRAINING["1.3B"], torch.bfloat16, HEADS * KNN
+    rows = c["n_keys"] ** 2
+    shaped = [
+        (triton_bag, "forward_blocks", FORWARD_VARIANTS,
+         partial(bag_launches, c["tokens"], picks, rows, c["v_dim"], bf16, backward=False)),
+        (triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
+         lambda: bag_launches(c["tokens"], picks, rows, c["v_dim"], bf16, backward=True)
+         + update_launches(c["tokens"], rows, c["v_dim"], picks, bf16)),
+        (triton_topk, "scan_blocks", SCAN_VARIANTS,
+         partial(topk_launches, c["tokens"], HEADS, c["n_keys"], 2 * HALF, KNN, bf16, False)),
+    ]  # fmt: skip
+    found = []
+    for module, hook, variants, launch in shaped:
+        default = getattr(module, hook)
+        try:
+            for shape in variants:
+                setattr(module, hook, lambda *_, c=shape, **__: c)
+                found += launch()
+        finally:
+            setattr(module, hook, default)
+    return found
+
+
 def launches(quick: bool) -> list:
     """The launches of the GPU runs (benchmarks/gpu_shapes.py): bench_kernels' training
     configs (bag, top-k, fused updates), bench_inference's lookups, kernel_check's shapes in
-    every dtype, the largest top-k the CUDA dispatcher sends to Triton, and small knn."""
+    every dtype, the largest top-k the CUDA dispatcher sends to Triton, small knn, and the
+    block shapes bench_kernels.py's sweep times."""
     bf16, picks, k_dim = torch.bfloat16, HEADS * KNN, 2 * HALF
     found = []
     for c in TRAINING.values():
@@ -188,6 +218,7 @@ def launches(quick: bool) -> list:
         found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False)
     if quick:
         return found
+    found += sweep_launches()
     for dtype in (bf16, torch.float16, torch.float32):
         for shape in CHECK_BAG:
             found += bag_launches(*shape, dtype, backward=True)
