@@ -82,13 +82,8 @@ def bag_backward(
     rows' gradients, in that order: the row-sparse form."""
     grad_out, values = grad_out.contiguous(), values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
-    n, picks = indices.shape
     n_rows, v_dim = values.shape
-    n_out = n_rows if rows is None else rows.shape[0]
-    grad_values = values.new_empty(n_out, v_dim)
-    if n_out == 0 or n * picks == 0:
-        grad_weights = torch.zeros(n, picks, dtype=torch.float32, device=values.device)
-        return grad_values.zero_(), grad_weights.to(weights.dtype)
+    grad_values = values.new_empty(n_rows if rows is None else rows.shape[0], v_dim)
     order, offsets = reverse_index(indices, n_rows)
     grad_weights = row_pass(0, grad_out, weights, order, offsets, values, out=grad_values,
                             rows=rows, weight_grad=True)  # fmt: skip
