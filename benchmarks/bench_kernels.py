@@ -297,12 +297,11 @@ def not_built(config: str, section: str) -> list[dict]:
     for them), and a clean slate for the next section; no row when all were built."""
     from memcompile.kernels import cuda
 
-    if not cuda._ON_REFERENCE:
+    unbuilt = cuda.take_unbuilt()
+    if not unbuilt:
         return []
-    row = {"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
-           "ok": sorted(cuda._ON_REFERENCE)}  # fmt: skip
-    cuda._ON_REFERENCE.clear()
-    return [row]
+    return [{"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
+             "ok": unbuilt}]  # fmt: skip
 
 
 def as_tuple(out) -> tuple[torch.Tensor, ...]:

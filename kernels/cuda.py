@@ -61,6 +61,15 @@ def _triton_or_reference(
     return reference_call()
 
 
+def take_unbuilt() -> list[str]:
+    """The ops (with their dtype) whose Triton kernel could not be built since the last
+    call, which then try their kernels again: for checks and benchmarks, where a fallback
+    would compare or time the PyTorch reference in the kernel's place."""
+    unbuilt = sorted(_ON_REFERENCE)
+    _ON_REFERENCE.clear()
+    return unbuilt
+
+
 def bag_cuda(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     from . import triton_bag
 

@@ -22,6 +22,7 @@ def kernels_built():
     the reference with itself."""
     from memcompile.kernels import cuda
 
-    cuda._ON_REFERENCE.clear()  # each test tries the kernels it calls
+    cuda.take_unbuilt()  # each test tries the kernels it calls
     yield
-    assert not cuda._ON_REFERENCE, f"Triton kernels not built for: {sorted(cuda._ON_REFERENCE)}"
+    unbuilt = cuda.take_unbuilt()
+    assert not unbuilt, f"Triton kernels not built for: {unbuilt}"
