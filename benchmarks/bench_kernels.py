@@ -162,7 +162,12 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     x = torch.randn(tokens, d, device=dev, generator=g).to(dt).requires_grad_()
     gy = torch.randn(tokens, d, device=dev, generator=g).to(dt)
 
+    # As a training step after zero_grad(): the backward's gradients become the .grad
+    # tensors, not added to the last step's (a 4.3 GB read-read-write of the value
+    # gradient, 4.4 ms a step at 1.3B-like in the fourth H100 run).
     def layer_step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
         layer(x).backward(gy)
 
     record("Memory+ layer fwd+bwd", "memcompile", bench(layer_step))
@@ -173,6 +178,8 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
         "down": torch.nn.Linear(4 * d, d, bias=False)}).to(dev, dt)  # fmt: skip
 
     def ffn_step():
+        x.grad = None
+        ffn.zero_grad(set_to_none=True)
         ffn["down"](F.silu(ffn["gate"](x)) * ffn["up"](x)).backward(gy)
 
     record("dense SwiGLU FFN fwd+bwd", "torch (cuBLAS)", bench(ffn_step))
@@ -278,13 +285,15 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
 
 # Block shapes tried by the sweep section (the first of each list is the default at the
 # 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
-# num_warps, rows a program) of the row pass (triton_rows.py: the bag backward, and the
-# fused update). A program of one row has no pipeline to speak of: the first backward's
-# form, one row a program, took 7.2 ms at best (H100, third run).
+# num_warps, rows a program, pipeline stages, rows a step) of the row pass (triton_rows.py:
+# the bag backward, and the fused update). Blocks under 1024 columns are left out: in the
+# fourth H100 run each halving of BLOCK_V cost 3.4x; and shapes that lost in the fifth
+# (BLOCK_P 8, 4 stages, 8 warps over 1024 columns; 64 or 1024 rows a program: GPU_NOTES.md).
 FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
-ROW_PASS_VARIANTS = [(4, 1024, 4, 256), (4, 512, 4, 256), (2, 1024, 4, 256), (8, 512, 4, 256),
-                     (4, 2048, 8, 256), (4, 1024, 4, 64), (4, 1024, 4, 2048), (4, 1024, 4, 1),
-                     (4, 256, 4, 256)]  # fmt: skip
+ROW_PASS_VARIANTS = [
+    (4, 1024, 4, 256, 3, 1), (4, 1024, 4, 256, 3, 2), (2, 1024, 4, 256, 3, 2),
+    (2, 1024, 4, 256, 3, 1), (4, 1024, 4, 256, 2, 2), (4, 2048, 8, 256, 3, 1),
+]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
@@ -308,10 +317,13 @@ def as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep) -> None:
-    """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step under
-    each block shape above, every output compared with the default shape's; a shape that
-    fails (compile, resources) is reported and the sweep goes on. `keep` saves rows."""
+def sweep(
+    name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep, rows_only: bool
+) -> None:
+    """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step (with
+    `rows_only`, the row pass's two only) under each block shape above, every output
+    compared with the default shape's; a shape that fails (compile, resources) is reported
+    and the sweep goes on. `keep` saves rows."""
 
     from memcompile.kernels import cuda, triton_bag, triton_rows, triton_topk
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
@@ -325,6 +337,7 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
     q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
     keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
     moved = tokens * picks * v_dim * 2
+
     def adagrad_step(table_values, leaf_weights, table) -> tuple[torch.Tensor, torch.Tensor]:
         leaf_weights.grad = None
         table.bag(table_values, indices, leaf_weights).backward(grad)
@@ -338,20 +351,21 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
 
     timed_table = fresh_table()
 
+    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages rows_a_step"
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
          lambda: cuda.bag_cuda(values, indices, weights)),
-        ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
-         "BLOCK_P BLOCK_V warps rows_a_program",
+        ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
          lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
         ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS,
          "BLOCK_N BLOCK_K warps stages",
          lambda: cuda.pk_topk_cuda(q, keys, KNN)),
         # Timed on one table that each step changes; compared on one step of a fresh one.
         ("values step, fused rowwise_adagrad", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
-         "BLOCK_P BLOCK_V warps rows_a_program", lambda: adagrad_step(*timed_table),
-         lambda: adagrad_step(*fresh_table())),
+         row_shape, lambda: adagrad_step(*timed_table), lambda: adagrad_step(*fresh_table())),
     ]  # fmt: skip
+    if rows_only:
+        cases = [case for case in cases if case[1] is triton_rows]
     for what, module, hook, variants, names, run, *result in cases:
         result = result[0] if result else run
         default = getattr(module, hook)
@@ -360,7 +374,7 @@ def sweep(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep)
             expected = as_tuple(result())  # every shape must compute what the default does
             rows += not_built(name, f"sweep {what}, default shape")  # then: vs the reference
             for shape in variants:
-                setattr(module, hook, lambda *_, c=shape: c)
+                setattr(module, hook, lambda *_, c=shape, **__: c)
                 impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
                 row = {"config": name, "what": f"sweep {what}", "impl": impl}
                 try:
@@ -396,7 +410,8 @@ def main() -> int:
     # 1.3B-like first: its rows hold the targets, and a run may be stopped by a time limit.
     parser.add_argument("--configs", default="1.3B,small")
     parser.add_argument("--sections", default="kernels,values",
-                        help="any of kernels, values, sweep (block shapes of the kernels)")
+                        help="any of kernels, values, sweep (block shapes of the kernels), "
+                        "sweep-rows (of the row pass only)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -427,8 +442,9 @@ def main() -> int:
     if "values" in sections:
         keep(check_fused_update() + not_built("check", "fused update check"))
     for name in args.configs.split(","):
-        if "sweep" in sections:
-            sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep)
+        if "sweep" in sections or "sweep-rows" in sections:
+            sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep,
+                  rows_only="sweep" not in sections)  # fmt: skip
             torch.cuda.empty_cache()
         if "kernels" in sections:
             keep(run_config(name, **TRAINING[name], copy_bw=copy_bw) + not_built(name, "kernels"))

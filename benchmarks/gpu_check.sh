@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # One GPU session: the CUDA tests beside the kernels' correctness check (float64
-# references), then the kernel benchmark and the inference benchmark, alone on the GPU:
-# expected 4 to 5 minutes (not yet timed without the sweep). `gpu_check.sh --sweep` also
-# times each kernel's block shapes (bench_kernels.py's sweep section), to set the defaults
-# from; the earlier runs, all with the sweep, took 6 to 8 minutes.
+# references), then the kernel benchmark and the inference benchmark, alone on the GPU.
+# `gpu_check.sh --sweep` also times each kernel's block shapes (bench_kernels.py's sweep
+# section), to set the defaults from: 227 and 278 s on an H100 (fourth and fifth runs).
 # Results go to $OUT (the device tool's output folder) or benchmarks/results:
 # gpu_log.txt (everything printed), gpu_tests.txt, gpu_compiled*.txt, kernel_check.json,
 # kernels.json and inference.json.
 # The device machine has torch and triton but no network: memcompile is not pip-installed
 # there, its package layout (passes/, kernels/, runtime/ inside memcompile) is assembled
 # in a temporary folder put on PYTHONPATH.
+# `--sweep-rows` sweeps the row pass's shapes only; `--no-inference` leaves out
+# bench_inference.py (for a short last run of a lease, when nothing it times has changed);
+# BENCH_CONFIGS=1.3B times that config alone.
 set -euo pipefail
 sections=kernels,values
-case "${1:-}" in
-  --sweep) sections=sweep,kernels,values ;;
-  "") ;;
-  *) echo "usage: benchmarks/gpu_check.sh [--sweep]" >&2; exit 2 ;;
-esac
+inference=yes
+for option in "$@"; do
+  case "$option" in
+    --sweep) sections=sweep,kernels,values ;;
+    --sweep-rows) sections=sweep-rows,kernels,values ;;
+    --no-inference) inference=no ;;
+    *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" >&2
+       exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -61,6 +68,9 @@ for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
   wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
   tail -n 4 "$out/${job#*:}" | tee -a "$log"
 done
-python_step 260 benchmarks/bench_kernels.py --sections "$sections" --out "$out"
+python_step 260 benchmarks/bench_kernels.py --sections "$sections" \
+  --configs "${BENCH_CONFIGS:-1.3B,small}" --out "$out"
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
-python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
+if [ "$inference" = yes ]; then
+  python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
+fi

@@ -93,7 +93,7 @@ def fused_row_update(
     adam = optimizer == "adam"
     order, offsets = reverse_index(indices, values.shape[0])
     n_rows, v_dim = values.shape
-    block_v = triton_rows.pass_blocks(v_dim, order.numel() / max(n_rows, 1))[1]
+    block_v = triton_rows.pass_blocks(v_dim, order.numel() / max(n_rows, 1), whole_rows=True)[1]
     # Adagrad over whole rows in one column block: the update pass advances each row's state.
     local_norm = not adam and row_sq is None and block_v >= v_dim
     state = state_a  # what the update pass reads as Adagrad's row states

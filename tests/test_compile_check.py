@@ -11,7 +11,8 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 KERNELS = {
-    "_bag_forward_kernel", "_row_pass_kernel", "_split_topk_kernel", "_merge_splits_kernel",
+    "_bag_forward_kernel", "_short_rows_kernel", "_long_rows_kernel", "_split_topk_kernel",
+    "_merge_splits_kernel",
     "_weight_grad_kernel",
 }  # fmt: skip
 
