@@ -441,16 +441,17 @@ def main() -> int:
 
     if "values" in sections:
         keep(check_fused_update() + not_built("check", "fused update check"))
+    # The targets' rows first, the sweep after them: a run cut short keeps the targets.
     for name in args.configs.split(","):
-        if "sweep" in sections or "sweep-rows" in sections:
-            sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep,
-                  rows_only="sweep" not in sections)  # fmt: skip
-            torch.cuda.empty_cache()
         if "kernels" in sections:
             keep(run_config(name, **TRAINING[name], copy_bw=copy_bw) + not_built(name, "kernels"))
             torch.cuda.empty_cache()
         if "values" in sections:
             keep(values_step(name, **TRAINING[name]) + not_built(name, "values step"))
+            torch.cuda.empty_cache()
+        if "sweep" in sections or "sweep-rows" in sections:
+            sweep(name, **TRAINING[name], copy_bw=copy_bw, keep=keep,
+                  rows_only="sweep" not in sections)  # fmt: skip
             torch.cuda.empty_cache()
     rows = result["rows"]
     print(f"device {result['device']}, copy {result['copy_TB/s']} TB/s")
