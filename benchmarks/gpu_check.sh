@@ -62,7 +62,7 @@ compiled=$!
 TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 in_tmp_pytest gpu_compiled_no_static_launcher.txt \
   "$repo/tests/test_generate_compiled.py" &
 no_static=$!
-python_step 100 benchmarks/kernel_check.py --json "$out/kernel_check.json"
+python_step 150 benchmarks/kernel_check.py --json "$out/kernel_check.json"
 for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
            "$no_static:gpu_compiled_no_static_launcher.txt"; do
   wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"

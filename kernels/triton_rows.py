@@ -6,19 +6,18 @@ sorted by row, stably, and each row's range). A row needs three dependent reads:
 then its pairs, then their output-gradient rows. Two kernels share the rows:
 
 - `_short_rows_kernel` takes the rows with at most BLOCK_P pairs (95% of them at two pairs
-  a row on average, with BLOCK_P = 4); then, from lists built on the device (no host
-  synchronisation), the rows of up to 2 BLOCK_P pairs, of up to 4 BLOCK_P, ... up to 16
-  (8 over 2048 columns).
-  Each program walks every k-th row of its list over one block of columns, in a loop that
-  Triton's software pipeliner runs STAGES rows deep: the gathers go to shared memory by
-  asynchronous copies, several rows' reads in flight. (A hand-written three-row pipeline in
-  registers ran no faster than one row at a time: 7.6 ms against 7.2 at the 1.3B-like
-  config on an H100, GPU_NOTES.md. Its loads landed in registers, and the registers allowed
-  4 programs an SM.)
-- `_long_rows_kernel` takes the rest, also listed: each row is one program's loop over its
-  pairs, 8 at a time, pipelined the same way. A row picked by every token is one such loop.
-  (When it also took the rows of 5 to 16 pairs, they cost 0.95 ms of the 6.6 ms backward at
-  the 1.3B-like config on an H100: each row's chain of reads was waited for.)
+  a row on average, with BLOCK_P = 4). Each program walks every k-th row of the list over
+  one block of columns, in a loop that Triton's software pipeliner runs STAGES rows deep:
+  the loads go to shared memory by asynchronous copies, the next row's in flight while a
+  row is summed.
+- `_long_rows_kernel` takes the rest, listed on the device (no host synchronisation): each
+  row is one program's loop over its pairs, BLOCK_P at a time, pipelined the same way. A
+  row picked by every token is one such loop.
+
+On an H100 at the 1.3B-like config (GPU_NOTES.md, run 5) this took 6.6 ms for the bag
+backward: 5.5 in the short rows, 0.95 in the long ones. Slower, there: a hand-written
+three-row pipeline in registers (7.6 ms); more launches of the short-row kernel for rows of
+up to 8 and 16 pairs, with one or two rows a step (7.3 ms, run 6).
 
 Every row is written by one program, in a fixed order: no atomics, deterministic results.
 
@@ -39,36 +38,37 @@ import triton.language as tl
 
 _MAX_BLOCK_V = 1024  # columns a program holds
 _MAX_BLOCK_P = 16
-_MAX_TILE = 16384  # pairs x columns of a listed launch's tile (fp32, 3 stages: 192 KB shared)
 _ROWS_PER_PROGRAM = 256
 _STAGES = 3
-_LONG_PROGRAMS = 1024  # programs walking a list of longer rows (fewer when it is shorter)
-_LOOP_BLOCK_P = 8  # pairs a step of the long-row loop
+_LONG_PROGRAMS = 1024  # programs walking the list of long rows (fewer when it is shorter)
 
 
 @triton.jit
-def _bounds(starts, stops, row_ids, slot, valid, SPARSE: tl.constexpr):
-    """(row, first, last) of the list entries `slot` (a vector): their table rows and their
-    pairs' ranges; zeros where not valid."""
+def _bounds(starts, stops, row_ids, slot, SPARSE: tl.constexpr):
+    """(row, first, last) of list entry `slot`: its table row and its pairs' range."""
     row = slot
     if SPARSE:
-        row = tl.load(row_ids + slot, mask=valid, other=0)
-    first = tl.load(starts + slot, mask=valid, other=0)
-    return row, first, tl.load(stops + slot, mask=valid, other=0)
+        row = tl.load(row_ids + slot)
+    return row, tl.load(starts + slot), tl.load(stops + slot)
+
+
+@triton.jit
+def _live_columns(col_mask, cols, low, high):
+    """col_mask where the scalar low < high, else all False. (Compared as a block: Triton's
+    interpreter, 3.9, refuses a mask made of a scalar comparison and a block.)"""
+    return col_mask & (low + cols * 0 < high)
 
 
 @triton.jit
 def _pair_gathers(grad_out, weights, order, start, stop, lanes, cols, col_mask, picks, v_dim):
-    """For each row r, the pairs order[start[r]:stop[r]] (at most as many as lanes): the
-    pairs (rows, lanes), their weights (float32) and their output-gradient rows (rows,
-    lanes, columns; float32)."""
-    index = start[:, None] + lanes[None, :]
-    pair_mask = index < stop[:, None]
-    pair = tl.load(order + index, mask=pair_mask, other=0)
+    """The pairs order[start:stop] (at most as many as lanes), their weights and their
+    output-gradient rows."""
+    pair_mask = start + lanes < stop
+    pair = tl.load(order + start + lanes, mask=pair_mask, other=0)
     w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
     g = tl.load(
-        grad_out + (pair // picks).to(tl.int64)[:, :, None] * v_dim + cols[None, None, :],
-        mask=pair_mask[:, :, None] & col_mask[None, None, :],
+        grad_out + (pair // picks).to(tl.int64)[:, None] * v_dim + cols[None, :],
+        mask=pair_mask[:, None] & col_mask[None, :],
         other=0.0,
     )
     return pair, pair_mask, w, g.to(tl.float32)
@@ -77,12 +77,11 @@ def _pair_gathers(grad_out, weights, order, start, stop, lanes, cols, col_mask, 
 @triton.jit
 def _row_reads(values, state_a, state_b, row, live, cols, v_dim,
                READ_VALUES: tl.constexpr, READ_MOMENTS: tl.constexpr):  # fmt: skip
-    """The value rows (rows, columns), float32, and Adam's moments of them (zeros where not
-    read or not live)."""
-    ptrs = row.to(tl.int64)[:, None] * v_dim + cols[None, :]
-    value_row = tl.zeros(live.shape, dtype=tl.float32)
-    m = tl.zeros(live.shape, dtype=tl.float32)
-    v = tl.zeros(live.shape, dtype=tl.float32)
+    """The value row, float32, and Adam's moments of it (zeros where not read or not live)."""
+    ptrs = row.to(tl.int64) * v_dim + cols
+    value_row = tl.zeros(cols.shape, dtype=tl.float32)
+    m = tl.zeros(cols.shape, dtype=tl.float32)
+    v = tl.zeros(cols.shape, dtype=tl.float32)
     if READ_VALUES:
         value_row = tl.load(values + ptrs, mask=live, other=0.0).to(tl.float32)
     if READ_MOMENTS:
@@ -92,17 +91,17 @@ def _row_reads(values, state_a, state_b, row, live, cols, v_dim,
 
 
 @triton.jit
-def _step_rows(
+def _step_row(
     values, state_a, state_b, scale, row, g, w, m, v, cols, live, active, v_dim, lr, eps,
     beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
     ADAM: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
     LOCAL_NORM: tl.constexpr,
 ):  # fmt: skip
-    """One optimizer step on the columns `live` of rows `row` (`active`: the row has
-    pairs): gradients g, values w and Adam's moments m and v, all float32 (rows, columns);
-    writes the rows and their state. Adagrad with LOCAL_NORM (whole rows in this block)
-    advances each row's state here; without, the state was advanced from a norms pass."""
-    ptrs = row.to(tl.int64)[:, None] * v_dim + cols[None, :]
+    """One optimizer step on the columns `live` of a row (`active`: the row has pairs):
+    gradient g, values w and Adam's moments m and v, all float32; writes the row and its
+    state. Adagrad with LOCAL_NORM (the whole row in this block) advances the row's state
+    here; without, the state was advanced from a norms pass."""
+    ptrs = row.to(tl.int64) * v_dim + cols
     if HAS_SCALE:
         g = g * tl.load(scale).to(tl.float32)
     if ADAM:
@@ -113,11 +112,10 @@ def _step_rows(
         new = w * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
     else:
         if LOCAL_NORM:
-            s = tl.load(state_a + row, mask=active, other=0.0) + tl.sum(g * g, axis=1) * inv_width
+            s = tl.load(state_a + row, mask=active, other=0.0) + tl.sum(g * g, axis=0) * inv_width
             tl.store(state_a + row, s, mask=active)
-            s = s[:, None]
         else:
-            s = tl.load(state_a + row[:, None] + cols[None, :] * 0, mask=live, other=1.0)
+            s = tl.load(state_a + row + cols * 0, mask=live, other=1.0)
         new = w * decay - lr * g / (tl.sqrt(s) + eps)
     if STOCHASTIC:  # bf16: add 16 random low bits, then truncate them
         noise = tl.randint(seed, ptrs.to(tl.uint32)) & 0xFFFF
@@ -127,72 +125,64 @@ def _step_rows(
 
 
 @triton.jit
-def _finish_rows(
+def _finish_row(
     out, values, state_a, state_b, scale, slot, row, first, last, owned, acc, value_row, m, v,
     cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt,
     inv_width, seed,
     MODE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
     STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
 ):  # fmt: skip
-    """The rows' end, by MODE: their gradients acc (rows, columns; float32) from their pairs
-    [first, last); nothing is written for a row not `owned` (another launch takes it)."""
+    """The row's end, by MODE: its gradient acc (float32) from its pairs [first, last);
+    nothing is written where `owned` is 0 (a row the other kernel takes: then first = last)."""
     if MODE == 0:
-        tl.store(out + slot[:, None] * v_dim + cols[None, :], acc.to(out.dtype.element_ty),
-                 mask=owned[:, None] & col_mask[None, :])  # fmt: skip
+        tl.store(out + slot * v_dim + cols, acc.to(out.dtype.element_ty),
+                 mask=_live_columns(col_mask, cols, 0, owned))  # fmt: skip
     elif MODE == 1:
-        tl.store(out + block.to(tl.int64) * n_out + slot, tl.sum(acc * acc, axis=1), mask=owned)
+        tl.store(out + block.to(tl.int64) * n_out + slot, tl.sum(acc * acc, axis=0),
+                 mask=owned > 0)  # fmt: skip
     else:  # rows with pairs only: a row no token picked keeps its values and state
-        active = owned & (last > first)
-        _step_rows(
+        _step_row(
             values, state_a, state_b, scale, row, acc, value_row, m, v, cols,
-            active[:, None] & col_mask[None, :], active, v_dim, lr, eps, beta1, beta2, decay,
-            step_size, bc2_sqrt, inv_width, seed, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+            _live_columns(col_mask, cols, first, last), last > first, v_dim, lr, eps, beta1,
+            beta2, decay, step_size, bc2_sqrt, inv_width, seed, ADAM, HAS_SCALE, STOCHASTIC,
+            LOCAL_NORM,
         )  # fmt: skip
 
 
 @triton.jit
 def _short_rows_kernel(
-    grad_out, weights, order, starts, stops, row_ids, listed, n_listed, values, out,
-    grad_weights, state_a, state_b, scale,
+    grad_out, weights, order, starts, stops, row_ids, values, out, grad_weights,
+    state_a, state_b, scale,
     n_out, n_pairs, picks, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, inv_width,
     seed,
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr, ROWS: tl.constexpr,
-    LISTED: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """The rows of at most BLOCK_P pairs, ROWS at a time, of the whole list or (LISTED) of
-    its first n_listed entries named in `listed`; longer rows are left to other launches."""
+    """The rows of at most BLOCK_P pairs; the others are left to `_long_rows_kernel`."""
     block = tl.program_id(1)
     cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_dim
     lanes = tl.arange(0, BLOCK_P)
     wgrad = grad_weights + block.to(tl.int64) * n_pairs
-    n_entries = n_out
-    if LISTED:
-        n_entries = tl.load(n_listed)
-    n_groups = (n_entries + ROWS - 1) // ROWS
-    for group in tl.range(tl.program_id(0), n_groups, tl.num_programs(0), num_stages=STAGES):
-        entry = group * ROWS + tl.arange(0, ROWS)
-        valid = entry < n_entries
-        slot = entry.to(tl.int64)
-        if LISTED:
-            slot = tl.load(listed + entry, mask=valid, other=0).to(tl.int64)
-        row, first, last = _bounds(starts, stops, row_ids, slot, valid, SPARSE)
-        owned = valid & (last - first <= BLOCK_P)
-        end = tl.where(owned, last, first)  # a longer row: no pairs read here
+    for slot32 in tl.range(tl.program_id(0), n_out, tl.num_programs(0), num_stages=STAGES):
+        slot = tl.cast(slot32, tl.int64)
+        row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
+        short = last - first <= BLOCK_P
+        end = tl.where(short, last, first)  # a long row: no pairs read here
         pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, first, end, lanes, cols,
                                               col_mask, picks, v_dim)  # fmt: skip
-        live = (end > first)[:, None] & col_mask[None, :]
-        value_row, m, v = _row_reads(values, state_a, state_b, row, live, cols, v_dim,
+        value_row, m, v = _row_reads(values, state_a, state_b, row,
+                                     _live_columns(col_mask, cols, first, end), cols, v_dim,
                                      WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2)  # fmt: skip
-        acc = tl.sum(g * w[:, :, None], axis=1)
+        acc = tl.sum(g * w[:, None], axis=0)
         if WEIGHT_GRAD:
-            tl.store(wgrad + pair, tl.sum(g * value_row[:, None, :], axis=2), mask=pair_mask)
-        _finish_rows(
-            out, values, state_a, state_b, scale, slot, row, first, end, owned, acc, value_row,
-            m, v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
-            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+            tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
+        _finish_row(
+            out, values, state_a, state_b, scale, slot, row, first, end, short.to(tl.int32),
+            acc, value_row, m, v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2,
+            decay, step_size, bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC,
+            LOCAL_NORM,
         )  # fmt: skip
 
 
@@ -206,34 +196,28 @@ def _long_rows_kernel(
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Rows of any length, one at a time, BLOCK_P pairs a step: the first n_listed entries
-    of `listed`. (Shaped as the short rows' launch at one row: vectors of one.)"""
+    """The rows of more than BLOCK_P pairs, BLOCK_P a step: the first n_listed entries of
+    `listed`."""
     block = tl.program_id(1)
     cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_dim
     lanes = tl.arange(0, BLOCK_P)
-    one = tl.arange(0, 1)
     wgrad = grad_weights + block.to(tl.int64) * n_pairs
     for entry in range(tl.program_id(0), tl.load(n_listed), tl.num_programs(0)):
-        slot = tl.load(listed + entry + one).to(tl.int64)
-        valid = one == 0
-        row, first, last = _bounds(starts, stops, row_ids, slot, valid, SPARSE)
-        live = valid[:, None] & col_mask[None, :]
-        value_row, m, v = _row_reads(values, state_a, state_b, row, live, cols, v_dim,
+        slot = tl.load(listed + entry).to(tl.int64)
+        row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
+        value_row, m, v = _row_reads(values, state_a, state_b, row, col_mask, cols, v_dim,
                                      WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2)  # fmt: skip
-        acc = tl.zeros((1, BLOCK_V), dtype=tl.float32)
-        for start in tl.range(tl.max(first, axis=0), tl.max(last, axis=0), BLOCK_P,
-                              num_stages=STAGES):  # fmt: skip
-            pair, pair_mask, w, g = _pair_gathers(
-                grad_out, weights, order, start + one * 0, last, lanes, cols, col_mask, picks,
-                v_dim,
-            )  # fmt: skip
-            acc += tl.sum(g * w[:, :, None], axis=1)
+        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for start in tl.range(first, last, BLOCK_P, num_stages=STAGES):
+            pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, start, last, lanes,
+                                                  cols, col_mask, picks, v_dim)  # fmt: skip
+            acc += tl.sum(g * w[:, None], axis=0)
             if WEIGHT_GRAD:
-                tl.store(wgrad + pair, tl.sum(g * value_row[:, None, :], axis=2), mask=pair_mask)
-        _finish_rows(
-            out, values, state_a, state_b, scale, slot, row, first, last, valid, acc, value_row,
-            m, v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
+                tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
+        _finish_row(
+            out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
+            v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
             bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
         )  # fmt: skip
 
@@ -241,21 +225,20 @@ def _long_rows_kernel(
 class PassShape(NamedTuple):
     """The row pass's launch shape."""
 
-    block_p: int  # pairs a row of the first launch holds (BLOCK_P)
+    block_p: int  # pairs a row of the short-row kernel holds (BLOCK_P)
     block_v: int  # columns a program holds (BLOCK_V)
     warps: int
     rows_a_program: int
     stages: int  # of Triton's software pipeline
-    rows_a_step: int = 1  # rows of the first launch summed together (ROWS)
 
 
 def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> PassShape:
     """The row pass's shape. BLOCK_P is twice the average pairs of a row: the rows with more
-    (5% of them at two a row) go to the later launches. Rows up to 1024 columns in one
+    (5% of them at two a row) go to the long-row kernel. Rows up to 1024 columns in one
     column block: narrower blocks ran 3.4x slower per halving on an H100 (GPU_NOTES.md).
     `whole_rows` (row-wise Adagrad: one pass, no norms pass) takes rows up to 2048 columns
     in one block of 8 warps: at the 1.3B-like config its fused step took 12.0 ms where two
-    passes over blocks of 1024 columns took 22.6."""
+    passes over blocks of 1024 columns took 22.4."""
     block_p = min(max(triton.next_power_of_2(int(2 * pairs_per_row)), 2), _MAX_BLOCK_P)
     block_v = min(max(triton.next_power_of_2(max(v_dim, 1)), 16), _MAX_BLOCK_V)
     if whole_rows and _MAX_BLOCK_V < v_dim <= 2 * _MAX_BLOCK_V:
@@ -324,8 +307,8 @@ def row_pass(
                beta2=0.0, decay=1.0, step_size=0.0, bc2_sqrt=1.0, inv_width=1.0, seed=0,
                adam=False, has_scale=False, stochastic=False, local_norm=False,
                ) | (optimizer_args or {})  # fmt: skip
-    shape = PassShape(*pass_blocks(v_dim, n_pairs / max(n_rows, 1), whole_rows=opt["local_norm"]))
-    block_p, block_v, rows_each = shape.block_p, shape.block_v, shape.rows_a_program
+    shape = pass_blocks(v_dim, n_pairs / max(n_rows, 1), whole_rows=opt["local_norm"])
+    block_p, block_v, warps, rows_each, stages = shape
     n_blocks = triton.cdiv(v_dim, block_v)
     device = grad_out.device
     if mode == 1:
@@ -349,32 +332,17 @@ def row_pass(
                opt["inv_width"], opt["seed"])  # fmt: skip
     meta = dict(MODE=mode, SPARSE=rows is not None, WEIGHT_GRAD=weight_grad, ADAM=opt["adam"],
                 HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
-                LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v,
-                STAGES=shape.stages, num_warps=shape.warps)  # fmt: skip
+                LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
+                num_warps=warps)  # fmt: skip
     everything = (grad_out, weights, order, starts, stops, row_ids)
-    # Rows of up to block_p pairs; then, from lists, rows of up to twice as many, and so on
-    # up to 16 pairs (8 over 2048 columns); then longer ones (a row picked by many tokens),
-    # each a loop.
     _short_rows_kernel[(triton.cdiv(n_out, rows_each), n_blocks)](
-        *everything, order, order, *tensors.values(), *scalars, **meta,
-        ROWS=shape.rows_a_step, LISTED=False,
-    )  # fmt: skip
-    low = block_p
-    while low < min(_MAX_BLOCK_P, _MAX_TILE // block_v):
-        listed, n_listed, capacity = _rows_between(starts, stops, low, 2 * low, n_pairs)
-        if not capacity:
-            return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
-        _short_rows_kernel[(min(triton.cdiv(capacity, rows_each), _LONG_PROGRAMS), n_blocks)](
-            *everything, listed, n_listed, *tensors.values(), *scalars,
-            **(meta | dict(BLOCK_P=2 * low)), ROWS=1, LISTED=True,
-        )  # fmt: skip
-        low *= 2
-    listed, n_listed, capacity = _rows_between(starts, stops, low, None, n_pairs)
+        *everything, *tensors.values(), *scalars, **meta
+    )
+    listed, n_listed, capacity = _rows_between(starts, stops, block_p, None, n_pairs)
     if capacity:
         _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
-            *everything, listed, n_listed, *tensors.values(), *scalars,
-            **(meta | dict(BLOCK_P=min(low, _LOOP_BLOCK_P))),
-        )  # fmt: skip
+            *everything, listed, n_listed, *tensors.values(), *scalars, **meta
+        )
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
 
 

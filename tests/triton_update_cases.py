@@ -71,13 +71,11 @@ def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimiz
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
-@pytest.mark.parametrize("rows_a_step", [1, 2])
-def test_fused_update_over_several_column_blocks(monkeypatch, optimizer, rows_a_step):
-    # Blocks of 16 columns, rows of up to 2 pairs in the first launch: v_dim 40 is three
-    # column blocks, so Adagrad's row norms must come from the whole row before any block
-    # is stepped, and most rows go through the later launches.
-    shape = (2, 16, 4, 7, 2, rows_a_step)
-    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
+def test_fused_update_over_several_column_blocks(monkeypatch, optimizer):
+    # Blocks of 16 columns, rows of up to 2 pairs in the short-row kernel: v_dim 40 is
+    # three column blocks, so Adagrad's row norms must come from the whole row before any
+    # block is stepped, and most rows go through the long-row loop.
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
     ref = [t.clone() for t in args]
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
@@ -88,13 +86,12 @@ def test_fused_update_over_several_column_blocks(monkeypatch, optimizer, rows_a_
     _close(grad_w, want_w, torch.float32)
 
 
-@pytest.mark.parametrize("column_blocks, rows_a_step", [(1, 1), (1, 2), (3, 1)])
-def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks, rows_a_step):
+@pytest.mark.parametrize("column_blocks", [1, 3])
+def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks):
     # The scale multiplies the gradient before its squared norm: in the update pass when one
-    # column block holds the row (one or two rows a step), in the norms pass when three
-    # blocks of 16 columns do.
-    shape = (4, 64, 4, 7, 2, rows_a_step) if column_blocks == 1 else (2, 16, 4, 7, 2)
-    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
+    # column block holds the row, in the norms pass when three blocks of 16 columns do.
+    if column_blocks == 3:
+        monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
     args = _problem(6, 5, 20, 40, 4, torch.float32, "rowwise_adagrad", seed=6)
     ref = [t.clone() for t in args]
     scale = torch.tensor([0.4], device=DEVICE)
@@ -178,7 +175,7 @@ def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
 def test_adagrad_over_rows_of_up_to_2048_columns_in_one_block():
     # 1100 columns: one block of 2048 (8 warps) holds the whole row, so the update pass
     # advances each row's state itself, with no norms pass; the hot row (more than 8 pairs)
-    # goes through the middle rows' launch.
+    # goes through the long-row loop.
     args = _problem(5, 4, 6, 1100, 3, torch.float32, "rowwise_adagrad", seed=8)
     assert triton_rows.pass_blocks(1100, 20 / 6, whole_rows=True)[1] == 2048
     ref = [t.clone() for t in args]
