@@ -11,16 +11,20 @@
 # in a temporary folder put on PYTHONPATH.
 # `--sweep-rows` sweeps the row pass's shapes only; `--no-inference` leaves out
 # bench_inference.py (for a short last run of a lease, when nothing it times has changed);
-# BENCH_CONFIGS=1.3B times that config alone.
+# BENCH_CONFIGS=1.3B times that config alone; `--profile-rows` ends with Nsight Compute's
+# counters of the row pass's kernels (profile_row_pass.py; ncu_rows.txt).
 set -euo pipefail
 sections=kernels,values
 inference=yes
+profile=no
 for option in "$@"; do
   case "$option" in
     --sweep) sections=sweep,kernels,values ;;
     --sweep-rows) sections=sweep-rows,kernels,values ;;
     --no-inference) inference=no ;;
-    *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" >&2
+    --profile-rows) profile=yes ;;
+    *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" \
+            "[--profile-rows]" >&2
        exit 2 ;;
   esac
 done
@@ -73,4 +77,12 @@ python_step 260 benchmarks/bench_kernels.py --sections "$sections" \
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 if [ "$inference" = yes ]; then
   python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
+fi
+# The row pass's counters: what its next change should start from (GPU_NOTES.md, run 6).
+if [ "$profile" = yes ]; then
+  timeout 240 ncu --profile-from-start off --clock-control none -k regex:_rows_kernel \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section Occupancy python3 benchmarks/profile_row_pass.py > "$out/ncu_rows.txt" 2>&1 \
+    || echo "ncu failed or ran past 240 s (ncu_rows.txt)" | tee -a "$log"
+  tail -n 40 "$out/ncu_rows.txt" | tee -a "$log"
 fi

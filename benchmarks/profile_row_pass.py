@@ -1,0 +1,53 @@
+"""One bag backward and one fused Adagrad step at the 1.3B-like config, between
+cudaProfilerStart and cudaProfilerStop, for Nsight Compute to read the row pass's
+counters (L2 hit rate of the gathers, stall reasons, occupancy): the measurements the row
+pass's next change should start from (benchmarks/GPU_NOTES.md, run 6). Run by
+`gpu_check.sh --profile-rows` as
+
+    ncu --profile-from-start off --clock-control none -k regex:_rows_kernel \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
+        --section Occupancy python3 benchmarks/profile_row_pass.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from gpu_shapes import HEADS, KNN, TRAINING
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("profile_row_pass.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from memcompile.kernels import cuda
+    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+
+    shape, dev, dt = TRAINING["1.3B"], "cuda", torch.bfloat16
+    rows, picks = shape["n_keys"] ** 2, HEADS * KNN
+    g = torch.Generator(device=dev).manual_seed(0)
+    values = torch.randn(rows, shape["v_dim"], device=dev, generator=g).to(dt)
+    indices = torch.randint(0, rows, (shape["tokens"], picks), device=dev, generator=g)
+    weights = torch.softmax(torch.randn(shape["tokens"], picks, device=dev, generator=g), -1)
+    grad = torch.randn(shape["tokens"], shape["v_dim"], device=dev, generator=g).to(dt)
+    table_values = values.clone().requires_grad_()
+    leaf_weights = weights.clone().requires_grad_()
+    table = FusedTable(table_values, ValueOptimizer("rowwise_adagrad", 1e-3))
+
+    def steps():
+        cuda.bag_backward_cuda(grad, values, indices, weights)
+        table.bag(table_values, indices, leaf_weights).backward(grad)
+
+    steps()  # compiled and warm before the profiled pass
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    steps()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("profiled one bag backward and one fused Adagrad step (1.3B-like, bf16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
