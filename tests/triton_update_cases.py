@@ -53,18 +53,25 @@ def _close(got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+def _update_matches_reference(args, scale, hyper, dtype=torch.float32):
+    """Step `args` (values, states, ...) with the CUDA op and a copy with the PyTorch path:
+    the same values, states and weight gradient. Returns the untouched copy's tensors."""
+    ref = [t.clone() for t in args]
+    grad_w = cuda.fused_row_update_cuda(*args, None, scale, *hyper)
+    want_w = fused_update.fused_row_update_reference(*ref, None, scale, *hyper)
+    for got, want in zip(args[:3], ref[:3]):  # values and state, updated in place
+        _close(got, want, dtype)
+    _close(grad_w, want_w, dtype)
+    return ref
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 @pytest.mark.parametrize(("n", "picks", "rows", "v_dim", "hot"), CASES)
 def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimizer, dtype):
     args = _problem(n, picks, rows, v_dim, hot, dtype, optimizer)
-    ref = [t.clone() for t in args]
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, v_dim, 3, 11, False, True)
-    grad_w = cuda.fused_row_update_cuda(*args, None, None, *hyper)
-    want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
-    for got, want in zip(args[:3], ref[:3]):  # values and state, updated in place
-        _close(got, want, dtype)
-    _close(grad_w, want_w, dtype)
+    ref = _update_matches_reference(args, None, hyper, dtype)
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[args[3].reshape(-1).cpu()] = False
     assert torch.equal(args[0][untouched.to(DEVICE)], ref[0][untouched.to(DEVICE)])
@@ -77,13 +84,8 @@ def test_fused_update_over_several_column_blocks(monkeypatch, optimizer):
     # block is stepped, and most rows go through the long-row loop.
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
-    ref = [t.clone() for t in args]
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
-    grad_w = cuda.fused_row_update_cuda(*args, None, None, *hyper)
-    want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
-    for got, want in zip(args[:3], ref[:3]):
-        _close(got, want, torch.float32)
-    _close(grad_w, want_w, torch.float32)
+    _update_matches_reference(args, None, hyper)
 
 
 @pytest.mark.parametrize("column_blocks", [1, 3])
@@ -93,14 +95,9 @@ def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blo
     if column_blocks == 3:
         monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
     args = _problem(6, 5, 20, 40, 4, torch.float32, "rowwise_adagrad", seed=6)
-    ref = [t.clone() for t in args]
     scale = torch.tensor([0.4], device=DEVICE)
     hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.01, 48, 1, 5, False, True)
-    grad_w = cuda.fused_row_update_cuda(*args, None, scale, *hyper)
-    want_w = fused_update.fused_row_update_reference(*ref, None, scale, *hyper)
-    for got, want in zip(args[:3], ref[:3]):
-        _close(got, want, torch.float32)
-    _close(grad_w, want_w, torch.float32)
+    _update_matches_reference(args, scale, hyper)
 
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
@@ -178,10 +175,5 @@ def test_adagrad_over_rows_of_up_to_2048_columns_in_one_block():
     # goes through the long-row loop.
     args = _problem(5, 4, 6, 1100, 3, torch.float32, "rowwise_adagrad", seed=8)
     assert triton_rows.pass_blocks(1100, 20 / 6, whole_rows=True)[1] == 2048
-    ref = [t.clone() for t in args]
     hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.01, 1100, 1, 5, False, True)
-    grad_w = cuda.fused_row_update_cuda(*args, None, None, *hyper)
-    want_w = fused_update.fused_row_update_reference(*ref, None, None, *hyper)
-    for got, want in zip(args[:3], ref[:3]):
-        _close(got, want, torch.float32)
-    _close(grad_w, want_w, torch.float32)
+    _update_matches_reference(args, None, hyper)
