@@ -317,8 +317,11 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
 FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
 # (2, 2048, 8 warps) is the shape of the first fused update (one program a row), which took
 # 10.9 ms for the Adagrad values step in the third run, against 12.0 for (4, 2048, 8) now.
-ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3), (2, 1024, 4, 256, 3), (4, 1024, 4, 256, 2),
-                     (4, 2048, 8, 256, 3), (2, 2048, 8, 256, 3), (4, 1024, 4, 64, 3)]  # fmt: skip
+# A sixth number splits the rows of more pairs than that over programs (0: no split).
+ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (2, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 2, 0),
+                     (4, 2048, 8, 256, 3, 0), (2, 2048, 8, 256, 3, 0), (4, 1024, 4, 64, 3, 0),
+                     (4, 1024, 4, 256, 3, 256), (4, 1024, 4, 256, 3, 1024),
+                     (4, 2048, 8, 256, 3, 1024)]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
@@ -346,7 +349,7 @@ def sweep(
     name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep, rows_only: bool
 ) -> None:
     """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step (with
-    `rows_only`, the row pass's two only) under each block shape above, every output
+    `rows_only`, the row pass's cases only) under each block shape above, every output
     compared with the default shape's; a shape that fails (compile, resources) is reported
     and the sweep goes on. `keep` saves rows."""
 
@@ -376,12 +379,15 @@ def sweep(
 
     timed_table = fresh_table()
 
-    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages"
+    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split"
+    skewed = zipf_rows(n_keys**2, indices.shape, g, 0.8)
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
          lambda: cuda.bag_cuda(values, indices, weights)),
         ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
          lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
+        ("bag bwd, Zipf s=0.8 rows", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
+         lambda: cuda.bag_backward_cuda(grad, values, skewed, weights)),
         ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS,
          "BLOCK_N BLOCK_K warps stages",
          lambda: cuda.pk_topk_cuda(q, keys, KNN)),

@@ -12,14 +12,20 @@ then its pairs, then their output-gradient rows. Two kernels share the rows:
   row is summed.
 - `_long_rows_kernel` takes the rest, listed on the device (no host synchronisation): each
   row is one program's loop over its pairs, BLOCK_P at a time, pipelined the same way. A
-  row picked by every token is one such loop.
+  row picked by every token is one such loop (3 ms more at the 1.3B-like config).
+- With a split (`PassShape.split`, off by default until an H100 run has timed it), rows of
+  more pairs than that are cut into chunks of that many pairs: `_chunk_rows_kernel` sums
+  each chunk in its own program-step into a float32 buffer, `_combine_rows_kernel` adds a
+  row's chunks in order and ends the row. Still deterministic; a hot row is spread over
+  many programs.
 
 On an H100 at the 1.3B-like config (GPU_NOTES.md, run 5) this took 6.6 ms for the bag
 backward: 5.5 in the short rows, 0.95 in the long ones. Slower, there: a hand-written
 three-row pipeline in registers (7.6 ms); more launches of the short-row kernel for rows of
 up to 8 and 16 pairs, with one or two rows a step (7.3 ms, run 6).
 
-Every row is written by one program, in a fixed order: no atomics, deterministic results.
+Every row is written by one program, its pairs summed in a fixed order: no atomics,
+deterministic results.
 
 MODE 0 writes the row's gradient (`out` is the value gradient), MODE 1 its squared norm over
 the block's columns (`out` is (column blocks, rows)), MODE 2 applies an optimizer step to
@@ -187,6 +193,24 @@ def _short_rows_kernel(
 
 
 @triton.jit
+def _sum_pairs(
+    grad_out, weights, order, wgrad, first, last, value_row, lanes, cols, col_mask, picks,
+    v_dim, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """The gradient (float32) of the pairs order[first:last] of one row, BLOCK_P a step,
+    pipelined; with WEIGHT_GRAD each pair's weight-gradient share goes to wgrad."""
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in tl.range(first, last, BLOCK_P, num_stages=STAGES):
+        pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, start, last, lanes,
+                                              cols, col_mask, picks, v_dim)  # fmt: skip
+        acc += tl.sum(g * w[:, None], axis=0)
+        if WEIGHT_GRAD:
+            tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
+    return acc
+
+
+@triton.jit
 def _long_rows_kernel(
     grad_out, weights, order, starts, stops, row_ids, listed, n_listed, values, out,
     grad_weights, state_a, state_b, scale,
@@ -208,13 +232,67 @@ def _long_rows_kernel(
         row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
         value_row, m, v = _row_reads(values, state_a, state_b, row, col_mask, cols, v_dim,
                                      WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2)  # fmt: skip
+        acc = _sum_pairs(grad_out, weights, order, wgrad, first, last, value_row, lanes, cols,
+                         col_mask, picks, v_dim, WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES)  # fmt: skip
+        _finish_row(
+            out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
+            v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
+            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+        )  # fmt: skip
+
+
+@triton.jit
+def _chunk_rows_kernel(
+    grad_out, weights, order, row_ids, chunk_slots, chunk_first, chunk_last, n_chunks, values,
+    partial, grad_weights, n_pairs, picks, v_dim,
+    SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Split rows, a chunk of pairs an entry: the chunk's gradient sum to partial[entry]
+    (float32), its pairs' weight-gradient shares to grad_weights."""
+    block = tl.program_id(1)
+    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_dim
+    lanes = tl.arange(0, BLOCK_P)
+    wgrad = grad_weights + block.to(tl.int64) * n_pairs
+    for entry in range(tl.program_id(0), tl.load(n_chunks), tl.num_programs(0)):
+        slot = tl.load(chunk_slots + entry).to(tl.int64)
+        row = slot
+        if SPARSE:
+            row = tl.load(row_ids + slot)
+        value_row = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        if WEIGHT_GRAD:
+            value_row = tl.load(values + row * v_dim + cols, mask=col_mask, other=0.0)
+        acc = _sum_pairs(
+            grad_out, weights, order, wgrad, tl.load(chunk_first + entry),
+            tl.load(chunk_last + entry), value_row.to(tl.float32), lanes, cols, col_mask, picks,
+            v_dim, WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES,
+        )  # fmt: skip
+        tl.store(partial + tl.cast(entry, tl.int64) * v_dim + cols, acc, mask=col_mask)
+
+
+@triton.jit
+def _combine_rows_kernel(
+    starts, stops, row_ids, listed, n_listed, chunk_begin, chunk_count, partial, values, out,
+    state_a, state_b, scale,
+    n_out, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
+    MODE: tl.constexpr, SPARSE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Split rows, one an entry: the sum of the row's chunks, in order (deterministic), then
+    the row's end by MODE."""
+    block = tl.program_id(1)
+    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_dim
+    for entry in range(tl.program_id(0), tl.load(n_listed), tl.num_programs(0)):
+        slot = tl.load(listed + entry).to(tl.int64)
+        row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
+        begin = tl.load(chunk_begin + entry).to(tl.int64)
         acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for start in tl.range(first, last, BLOCK_P, num_stages=STAGES):
-            pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, start, last, lanes,
-                                                  cols, col_mask, picks, v_dim)  # fmt: skip
-            acc += tl.sum(g * w[:, None], axis=0)
-            if WEIGHT_GRAD:
-                tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
+        for chunk in range(begin, begin + tl.load(chunk_count + entry)):
+            acc += tl.load(partial + chunk * v_dim + cols, mask=col_mask, other=0.0)
+        value_row, m, v = _row_reads(values, state_a, state_b, row, col_mask, cols, v_dim,
+                                     MODE == 2, ADAM and MODE == 2)  # fmt: skip
         _finish_row(
             out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
             v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
@@ -230,6 +308,9 @@ class PassShape(NamedTuple):
     warps: int
     rows_a_program: int
     stages: int  # of Triton's software pipeline
+    # Rows of more pairs than this are summed in chunks of this many pairs by several
+    # programs, then combined in order; 0: off (each long row one program's loop).
+    split: int = 0
 
 
 def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> PassShape:
@@ -307,8 +388,9 @@ def row_pass(
                beta2=0.0, decay=1.0, step_size=0.0, bc2_sqrt=1.0, inv_width=1.0, seed=0,
                adam=False, has_scale=False, stochastic=False, local_norm=False,
                ) | (optimizer_args or {})  # fmt: skip
-    shape = pass_blocks(v_dim, n_pairs / max(n_rows, 1), whole_rows=opt["local_norm"])
-    block_p, block_v, warps, rows_each, stages = shape
+    shape = PassShape(*pass_blocks(v_dim, n_pairs / max(n_rows, 1), whole_rows=opt["local_norm"]))
+    block_p, block_v, warps, stages = shape.block_p, shape.block_v, shape.warps, shape.stages
+    split = max(shape.split, block_p) if shape.split else 0
     n_blocks = triton.cdiv(v_dim, block_v)
     device = grad_out.device
     if mode == 1:
@@ -335,15 +417,55 @@ def row_pass(
                 LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
                 num_warps=warps)  # fmt: skip
     everything = (grad_out, weights, order, starts, stops, row_ids)
-    _short_rows_kernel[(triton.cdiv(n_out, rows_each), n_blocks)](
+    _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
         *everything, *tensors.values(), *scalars, **meta
     )
-    listed, n_listed, capacity = _rows_between(starts, stops, block_p, None, n_pairs)
+    listed, n_listed, capacity = _rows_between(starts, stops, block_p, split or None, n_pairs)
     if capacity:
         _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
             *everything, listed, n_listed, *tensors.values(), *scalars, **meta
         )
+    chunks = _chunks(starts, stops, split, n_pairs) if split else None
+    if chunks:
+        listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = chunks
+        partial = torch.empty(first.shape[0], v_dim, dtype=torch.float32, device=device)
+        _chunk_rows_kernel[(min(first.shape[0], _LONG_PROGRAMS), n_blocks)](
+            grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
+            partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=rows is not None,
+            WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
+            num_warps=warps,
+        )  # fmt: skip
+        _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
+            starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
+            tensors["out"], opt["state_a"], opt["state_b"], opt["scale"], n_out, v_dim,
+            *scalars[4:], MODE=mode, SPARSE=rows is not None, ADAM=opt["adam"],
+            HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
+            LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, num_warps=warps,
+        )  # fmt: skip
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
+
+
+def _chunks(starts: torch.Tensor, stops: torch.Tensor, split: int, n_pairs: int):
+    """The rows of more than `split` pairs and their chunks of `split` pairs, listed on the
+    device (no host synchronisation), or None when no row can have that many: (rows, their
+    count, each row's first chunk, its chunk count, each chunk's list entry, first pair and
+    end, the chunks' count). Lists are sized for the worst case; entries past the counts are
+    never read."""
+    rows, n_rows, row_capacity = _rows_between(starts, stops, split, None, n_pairs)
+    if not row_capacity:
+        return None
+    rows = rows[:row_capacity]
+    device = starts.device
+    live = torch.arange(row_capacity, device=device) < n_rows
+    slots = torch.where(live, rows, 0).to(torch.int64)  # past the count: uninitialised
+    count = torch.where(live, (stops[slots] - starts[slots] + split - 1) // split, 0)
+    ends = torch.cumsum(count, 0, dtype=torch.int64)
+    begin = ends - count
+    chunk = torch.arange(n_pairs // split + row_capacity, device=device, dtype=torch.int64)
+    owner = torch.searchsorted(ends, chunk, right=True).clamp_max(row_capacity - 1)
+    first = starts[slots[owner]] + (chunk - begin[owner]) * split
+    last = torch.minimum(first + split, stops[slots[owner]])
+    return rows, n_rows, begin, count, slots[owner], first, last, ends[-1:]
 
 
 def _pass_result(mode, out, shares, weight_grad, n_blocks, weights) -> torch.Tensor | None:

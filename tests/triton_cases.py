@@ -100,15 +100,20 @@ def test_row_sparse_value_gradient_holds_exactly_the_touched_rows():
     assert torch.count_nonzero(dense[untouched.to(DEVICE)]) == 0
 
 
+@pytest.mark.parametrize("split", [0, 4])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_backward_over_column_blocks_with_rows_past_the_short_row_kernel(monkeypatch, sparse):
+def test_backward_over_column_blocks_with_rows_past_the_short_row_kernel(
+    monkeypatch, sparse, split
+):
     from memcompile.kernels import triton_bag, triton_rows
 
-    # Rows of up to 2 pairs in the short-row kernel, so most rows (and the hot one) go to
-    # the long-row loop; blocks of 16 columns, so v_dim 40 is three column blocks (the
+    # Rows of up to 2 pairs in the short-row kernel, so most rows go to the long-row loop,
+    # and with a split the rows of more than 4 pairs (the hot one) are summed in chunks of
+    # 4, then combined; blocks of 16 columns, so v_dim 40 is three column blocks (the
     # weight gradient summed over them). 60 rows, 7 a program: 9 programs, each striding
     # over the list.
-    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
+    shape = (2, 16, 4, 7, 2, split)
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     values, indices, weights = _bag_inputs(7, 12, 60, 40, torch.float32, hot_row=17)
     grad = _rand(7, 40, generator=torch.Generator().manual_seed(3))
     dense, ref_weights = reference.bag_backward(

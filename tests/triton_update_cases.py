@@ -77,23 +77,27 @@ def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimiz
     assert torch.equal(args[0][untouched.to(DEVICE)], ref[0][untouched.to(DEVICE)])
 
 
+@pytest.mark.parametrize("split", [0, 4])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
-def test_fused_update_over_several_column_blocks(monkeypatch, optimizer):
+def test_fused_update_over_several_column_blocks(monkeypatch, optimizer, split):
     # Blocks of 16 columns, rows of up to 2 pairs in the short-row kernel: v_dim 40 is
     # three column blocks, so Adagrad's row norms must come from the whole row before any
-    # block is stepped, and most rows go through the long-row loop.
-    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
+    # block is stepped, and most rows go through the long-row loop; with a split, rows of
+    # more than 4 pairs (the hot one) are summed in chunks, then combined and stepped.
+    shape = (2, 16, 4, 7, 2, split)
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
     _update_matches_reference(args, None, hyper)
 
 
-@pytest.mark.parametrize("column_blocks", [1, 3])
-def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks):
+@pytest.mark.parametrize("column_blocks, split", [(1, 0), (1, 4), (3, 0)])
+def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks, split):
     # The scale multiplies the gradient before its squared norm: in the update pass when one
-    # column block holds the row, in the norms pass when three blocks of 16 columns do.
-    if column_blocks == 3:
-        monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: (2, 16, 4, 7, 2))
+    # column block holds the row (with a split: in the combine of a split row's chunks),
+    # in the norms pass when three blocks of 16 columns do.
+    shape = (4, 64, 4, 7, 2, split) if column_blocks == 1 else (2, 16, 4, 7, 2)
+    monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     args = _problem(6, 5, 20, 40, 4, torch.float32, "rowwise_adagrad", seed=6)
     scale = torch.tensor([0.4], device=DEVICE)
     hyper = ("rowwise_adagrad", 0.05, 1e-8, 0.9, 0.999, 0.01, 48, 1, 5, False, True)
