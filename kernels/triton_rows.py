@@ -50,6 +50,16 @@ _LONG_PROGRAMS = 1024  # programs walking the list of long rows (fewer when it i
 
 
 @triton.jit
+def _program_block(grad_weights, n_pairs, v_dim, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's column block: its index, columns and their mask, the pair lanes, and
+    its rows of the weight-gradient shares."""
+    block = tl.program_id(1)
+    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    return (block, cols, cols < v_dim, tl.arange(0, BLOCK_P),
+            grad_weights + block.to(tl.int64) * n_pairs)  # fmt: skip
+
+
+@triton.jit
 def _bounds(starts, stops, row_ids, slot, SPARSE: tl.constexpr):
     """(row, first, last) of list entry `slot`: its table row and its pairs' range."""
     row = slot
@@ -166,11 +176,8 @@ def _short_rows_kernel(
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """The rows of at most BLOCK_P pairs; the others are left to `_long_rows_kernel`."""
-    block = tl.program_id(1)
-    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < v_dim
-    lanes = tl.arange(0, BLOCK_P)
-    wgrad = grad_weights + block.to(tl.int64) * n_pairs
+    block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
+                                                         BLOCK_V)  # fmt: skip
     for slot32 in tl.range(tl.program_id(0), n_out, tl.num_programs(0), num_stages=STAGES):
         slot = tl.cast(slot32, tl.int64)
         row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
@@ -222,11 +229,8 @@ def _long_rows_kernel(
 ):  # fmt: skip
     """The rows of more than BLOCK_P pairs, BLOCK_P a step: the first n_listed entries of
     `listed`."""
-    block = tl.program_id(1)
-    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < v_dim
-    lanes = tl.arange(0, BLOCK_P)
-    wgrad = grad_weights + block.to(tl.int64) * n_pairs
+    block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
+                                                         BLOCK_V)  # fmt: skip
     for entry in range(tl.program_id(0), tl.load(n_listed), tl.num_programs(0)):
         slot = tl.load(listed + entry).to(tl.int64)
         row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
@@ -250,11 +254,8 @@ def _chunk_rows_kernel(
 ):  # fmt: skip
     """Split rows, a chunk of pairs an entry: the chunk's gradient sum to partial[entry]
     (float32), its pairs' weight-gradient shares to grad_weights."""
-    block = tl.program_id(1)
-    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < v_dim
-    lanes = tl.arange(0, BLOCK_P)
-    wgrad = grad_weights + block.to(tl.int64) * n_pairs
+    block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
+                                                         BLOCK_V)  # fmt: skip
     for entry in range(tl.program_id(0), tl.load(n_chunks), tl.num_programs(0)):
         slot = tl.load(chunk_slots + entry).to(tl.int64)
         row = slot
