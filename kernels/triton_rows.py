@@ -60,12 +60,18 @@ def _program_block(grad_weights, n_pairs, v_dim, BLOCK_P: tl.constexpr, BLOCK_V:
 
 
 @triton.jit
-def _bounds(starts, stops, row_ids, slot, SPARSE: tl.constexpr):
-    """(row, first, last) of list entry `slot`: its table row and its pairs' range."""
+def _table_row(row_ids, slot, SPARSE: tl.constexpr):
+    """The table row of list entry `slot` (the entry itself unless a row list is given)."""
     row = slot
     if SPARSE:
         row = tl.load(row_ids + slot)
-    return row, tl.load(starts + slot), tl.load(stops + slot)
+    return row
+
+
+@triton.jit
+def _bounds(starts, stops, row_ids, slot, SPARSE: tl.constexpr):
+    """(row, first, last) of list entry `slot`: its table row and its pairs' range."""
+    return _table_row(row_ids, slot, SPARSE), tl.load(starts + slot), tl.load(stops + slot)
 
 
 @triton.jit
@@ -257,17 +263,13 @@ def _chunk_rows_kernel(
     block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
                                                          BLOCK_V)  # fmt: skip
     for entry in range(tl.program_id(0), tl.load(n_chunks), tl.num_programs(0)):
-        slot = tl.load(chunk_slots + entry).to(tl.int64)
-        row = slot
-        if SPARSE:
-            row = tl.load(row_ids + slot)
-        value_row = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        if WEIGHT_GRAD:
-            value_row = tl.load(values + row * v_dim + cols, mask=col_mask, other=0.0)
+        row = _table_row(row_ids, tl.load(chunk_slots + entry).to(tl.int64), SPARSE)
+        value_row, _, _ = _row_reads(values, values, values, row, col_mask, cols, v_dim,
+                                     WEIGHT_GRAD, False)  # fmt: skip
         acc = _sum_pairs(
             grad_out, weights, order, wgrad, tl.load(chunk_first + entry),
-            tl.load(chunk_last + entry), value_row.to(tl.float32), lanes, cols, col_mask, picks,
-            v_dim, WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES,
+            tl.load(chunk_last + entry), value_row, lanes, cols, col_mask, picks, v_dim,
+            WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES,
         )  # fmt: skip
         tl.store(partial + tl.cast(entry, tl.int64) * v_dim + cols, acc, mask=col_mask)
 
