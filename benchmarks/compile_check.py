@@ -140,10 +140,11 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def bag_launches(n, picks, rows, v_dim, dtype, backward: bool) -> list:
+def bag_launches(n, picks, rows, v_dim, dtype, backward: bool, gated: bool = False) -> list:
     values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
     indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
-    found = record_launches(partial(triton_bag.bag_forward, values, indices, weights))
+    swilu = meta(n, v_dim, dtype=dtype) if gated else None  # the Memory+ gating, inference
+    found = record_launches(partial(triton_bag.bag_forward, values, indices, weights, swilu))
     if backward:
         found += record_launches(partial(triton_bag.bag_backward, grad, values, indices, weights))
     return found
@@ -215,7 +216,7 @@ def launches(quick: bool) -> list:
     d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
     for n in INFERENCE_TOKENS:
         found += topk_launches(n, HEADS, n_keys, k_dim, KNN, bf16, softmax=True)
-        found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False)
+        found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False, gated=True)
     if quick:
         return found
     found += sweep_launches()
@@ -226,7 +227,7 @@ def launches(quick: bool) -> list:
             found += topk_launches(*shape, dtype, softmax=False)
         for n, heads, n_keys, k_dim_, knn, v_dim in CHECK_LOOKUP:
             found += topk_launches(n, heads, n_keys, k_dim_, knn, dtype, softmax=True)
-            found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, backward=False)
+            found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, False, gated=True)
         for n in (1, 4096):  # knn 64 at the widest half the dispatcher allows for the dtype
             half = 256 if dtype == torch.float32 else 512
             found += topk_launches(n, HEADS, 1024, 2 * half, 64, dtype, softmax=True)

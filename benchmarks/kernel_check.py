@@ -113,8 +113,12 @@ def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
     rows = values[indices.view(n, -1)].double()  # (n, heads*knn, v_dim), gathered on device
     ref = torch.einsum("np,npd->nd", ref_probs.view(n, -1), rows)
     best = reference.pk_topk(q64, k64, knn)[0]
+    swilu = randn(n, v_dim, generator=g, dtype=dtype)  # the Memory+ gate, in the epilogue
+    poison_allocator()
+    gated = cuda.pk_lookup_cuda(q, keys, values, knn, swilu)
     row = {"op": "pk_lookup", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn, v_dim],
            "forward": rel_error(out, ref), "weights": rel_error(probs, ref_probs),
+           "gated": rel_error(gated, ref * torch.nn.functional.silu(swilu.double())),
            "picked_vs_best": rel_error(picked, best)}  # fmt: skip
     if DEVICE == "cuda" and n == 1:  # host-resident values, read from pinned memory
         pinned = values.cpu().pin_memory()

@@ -117,28 +117,31 @@ def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
     return triton_topk.supports(keys.shape[3], knn, q.element_size())
 
 
-def pk_lookup_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int):
+def pk_lookup_cuda(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int, swilu=None
+) -> torch.Tensor:
+    args = (q, keys, values, knn, swilu)
     # Host values that are not pinned (or not contiguous: a copy would not be pinned) cannot
     # be read by the GPU: the reference sums them on the host.
     readable = values.device == q.device or (values.is_pinned() and values.is_contiguous())
-    if not (_triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES and readable):
-        return reference.pk_lookup(q, keys, values, knn)
+    gate_ok = swilu is None or swilu.dtype in _TRITON_DTYPES
+    usable = _triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES
+    if not (usable and readable and gate_ok):
+        return reference.pk_lookup(*args)
     return _triton_or_reference(
-        "pk_lookup",
-        q.dtype,
-        partial(_triton_lookup, q, keys, values, knn),
-        partial(reference.pk_lookup, q, keys, values, knn),
+        "pk_lookup", q.dtype, partial(_triton_lookup, *args), partial(reference.pk_lookup, *args)
     )
 
 
-def _triton_lookup(q, keys, values, knn):
+def _triton_lookup(q, keys, values, knn, swilu):
     from . import triton_bag, triton_topk
 
     picks = q.shape[1] * knn
-    # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag,
-    # which gathers host-resident rows over the host link (zero-copy) like device rows.
+    # Two launches for a decode token's top-k (split scan, merge + softmax), one for the bag
+    # and its gating, which gathers host-resident rows over the host link (zero-copy) like
+    # device rows.
     probs, indices = triton_topk.pk_topk(q, keys, knn, softmax=True)
-    return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks))
+    return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks), swilu)
 
 
 def bag_weight_grad_cuda(grad_out, values, indices):

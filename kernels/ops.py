@@ -110,17 +110,29 @@ bag.register_autograd(_bag_grad, setup_context=_bag_setup_context)
 
 
 @torch.library.custom_op("memcompile::pk_lookup", mutates_args=())
-def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
+def pk_lookup(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    knn: int,
+    swilu: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The lookup of a memory layer without gradients: pk_topk, softmax over each head's
     knn scores, bag of all heads' picks. Returns (N, v_dim) in values.dtype, on q's device.
+    With `swilu` (N, v_dim), the Memory+ gating's pre-activation, returns the bag times
+    silu(swilu), in swilu's dtype (a backend multiplies before it rounds the bag).
 
     values may be pinned host memory while q and keys are on a GPU: the CUDA kernel then
     reads only the picked rows across the host link."""
-    return reference.pk_lookup(q, keys, values, knn)
+    return reference.pk_lookup(q, keys, values, knn, swilu)
 
 
 @pk_lookup.register_fake
-def _pk_lookup_fake(q, keys, values, knn):
+def _pk_lookup_fake(q, keys, values, knn, swilu=None):
     torch._check(q.dim() == 3, lambda: f"pk_lookup: q must be (N, heads, k_dim), got {q.shape}")
     torch._check(values.dim() == 2, lambda: "pk_lookup: values must be (rows, v_dim)")
-    return q.new_empty(q.shape[0], values.shape[1], dtype=values.dtype)
+    shape = (q.shape[0], values.shape[1])
+    if swilu is None:
+        return q.new_empty(shape, dtype=values.dtype)
+    torch._check(swilu.shape == shape, lambda: f"pk_lookup: swilu must be {shape}")
+    return q.new_empty(shape, dtype=swilu.dtype)

@@ -92,17 +92,24 @@ def bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> t
     return out
 
 
-def pk_lookup(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int) -> torch.Tensor:
+def pk_lookup(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    knn: int,
+    swilu: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The whole lookup: `pk_topk`, a softmax over each head's knn scores (in the scores'
     float32, float64 for float64 inputs) and the `bag` of all heads' picks: (N, v_dim) on
-    q's device."""
+    q's device; with `swilu`, that bag times silu(swilu), in swilu's dtype."""
     picks = q.shape[1] * knn
     scores, indices = pk_topk(q, keys, knn)
     probs = torch.softmax(scores, dim=-1)
     # Values on another device than q (host-resident): summed where they live, and only the
     # (N, v_dim) result crosses.
     indices, probs = indices.view(-1, picks).to(values.device), probs.view(-1, picks)
-    return bag(values, indices, probs.to(values.device)).to(q.device)
+    out = bag(values, indices, probs.to(values.device)).to(q.device)
+    return out if swilu is None else out.to(swilu.dtype) * F.silu(swilu)
 
 
 def bag_backward(

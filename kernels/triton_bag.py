@@ -23,8 +23,8 @@ _MAX_BLOCK_V = 4096
 
 @triton.jit
 def _bag_forward_kernel(
-    values, indices, weights, out, picks, v_dim,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+    values, indices, weights, swilu, out, picks, v_dim,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -41,6 +41,9 @@ def _bag_forward_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(tile * w[:, None], axis=0)
+    if GATED:  # Memory+: the bag times silu(swilu), in float32, rounded once
+        g = tl.load(swilu + token * v_dim + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc *= g * tl.sigmoid(g)
     tl.store(out + token * v_dim + cols, acc.to(out.dtype.element_ty), mask=col_mask)
 
 
@@ -56,18 +59,29 @@ def forward_blocks(n: int, picks: int, v_dim: int) -> tuple[int, int, int]:
     return block_b, block_v, 4  # 8 warps over 1024 columns ran at half the speed
 
 
-def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def bag_forward(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    swilu: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weighted bag (N, v_dim) in values.dtype; with `swilu` (N, v_dim), the bag times
+    silu(swilu) in swilu's dtype (the Memory+ gating, one launch less at decode)."""
     values, indices, weights = values.contiguous(), indices.contiguous(), weights.contiguous()
     n, picks = indices.shape
     v_dim = values.shape[1]
+    dtype = values.dtype if swilu is None else swilu.dtype
     # On the indices' device: values may be pinned host memory that the GPU reads directly.
-    out = torch.empty(n, v_dim, dtype=values.dtype, device=indices.device)
+    out = torch.empty(n, v_dim, dtype=dtype, device=indices.device)
     if n == 0 or picks == 0:
         return out.zero_()
     block_b, block_v, warps = forward_blocks(n, picks, v_dim)
     grid = (n, triton.cdiv(v_dim, block_v))
-    _bag_forward_kernel[grid](values, indices, weights, out, picks, v_dim,
-                              BLOCK_B=block_b, BLOCK_V=block_v, num_warps=warps)  # fmt: skip
+    gated = swilu is not None
+    _bag_forward_kernel[grid](
+        values, indices, weights, swilu.contiguous() if gated else out, out, picks, v_dim,
+        BLOCK_B=block_b, BLOCK_V=block_v, GATED=gated, num_warps=warps,
+    )  # fmt: skip
     return out
 
 

@@ -152,8 +152,10 @@ class MemoryLayer(nn.Module):
             raise RuntimeError("this MemoryLayer has no values: call attach_pool(pool) first")
         return self.values
 
-    def lookup(self, x: torch.Tensor) -> torch.Tensor:
-        """Steps 1-5 of the forward: the weighted bag of values, (N, v_dim), for x (N, d_in)."""
+    def lookup(self, x: torch.Tensor, swilu: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 1-5 of the forward: the weighted bag of values, (N, v_dim), for x (N, d_in),
+        in the values' dtype; with `swilu` (N, v_dim), the Memory+ gate's pre-activation,
+        the bag times silu(swilu), in swilu's dtype."""
         q = self.query(x).view(-1, self.heads, self.k_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
@@ -165,9 +167,9 @@ class MemoryLayer(nn.Module):
             )
         bag_impl = self.values_owner.bag_impl
         if bag_impl is None and not _needs_separate_ops(q, self.keys, values):
-            # Inference: one op, which a backend fuses (top-k with softmax, then the bag; on
-            # CUDA the bag reads host-resident values directly).
-            return ops.pk_lookup(q, self.keys, values, self.knn)
+            # Inference: one op, which a backend fuses (top-k with softmax, the bag and its
+            # gating; on CUDA the bag reads host-resident values directly).
+            return ops.pk_lookup(q, self.keys, values, self.knn, swilu)
         scores, indices = ops.pk_topk(q, self.keys, self.knn)
         # Softmax in float32 (float64 for a float64 layer). The dtype is chosen in Python so
         # no `promote_types` call is traced into exported graphs.
@@ -175,13 +177,15 @@ class MemoryLayer(nn.Module):
         picks = self.heads * self.knn
         indices, probs = indices.view(-1, picks), probs.view(-1, picks)
         if bag_impl is not None:
-            return bag_impl(values, indices, probs)
-        if values.device != q.device:
+            bag = bag_impl(values, indices, probs)
+        elif values.device != q.device:
             # Host-resident values (see `offload_values`): the bag is summed where the table
             # lives and only the (N, v_dim) result crosses to the device.
             bag = ops.bag(values, indices.to(values.device), probs.to(values.device))
-            return bag.to(q.device, non_blocking=True)
-        return ops.bag(values, indices, probs)
+            bag = bag.to(q.device, non_blocking=True)
+        else:
+            bag = ops.bag(values, indices, probs)
+        return bag if swilu is None else bag.to(swilu.dtype) * F.silu(swilu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.d_in,) or not x.is_floating_point():
@@ -191,9 +195,10 @@ class MemoryLayer(nn.Module):
             )
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in).to(self.query.weight.dtype)
-        y = self.lookup(flat).to(flat.dtype)
+        swilu = self.swilu(flat) if self.swilu is not None else None
+        y = self.lookup(flat, swilu).to(flat.dtype)
         if self.out is not None:
-            y = self.out(y * F.silu(self.swilu(flat)))
+            y = self.out(y)
         elif self.gate is not None:
             y = self.gate * y
         return y.to(x.dtype).view(*lead, self.d_out)

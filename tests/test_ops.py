@@ -136,6 +136,12 @@ def test_pk_lookup_is_topk_softmax_bag(sample):
     assert out.dtype == torch.float32 and out.shape == (n, 6)
     torch.testing.assert_close(out.to(F64), expected, rtol=1e-5, atol=1e-6)
 
+    swilu = _randn(n, 6, seed=16, dtype=F64)  # the gate, in another dtype than the values
+    torch.library.opcheck(torch.ops.memcompile.pk_lookup.default, (q, keys, values, knn, swilu))
+    gated = ops.pk_lookup(q, keys, values, knn, swilu)
+    assert gated.dtype == F64
+    torch.testing.assert_close(gated, expected * swilu * torch.sigmoid(swilu), rtol=1e-5, atol=1e-6)
+
 
 def test_public_names_are_the_registered_ops():
     assert kernels.pk_topk is ops.pk_topk

@@ -216,17 +216,21 @@ LOOKUP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["bag", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("n", "heads", "n_keys", "knn", "v_dim"), LOOKUP_CASES)
-def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype):
+def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype, gated):
     g = torch.Generator().manual_seed(n + n_keys)
     q = _rand(n, heads, 32, dtype=dtype, generator=g)
     keys = _rand(heads, 2, n_keys, 16, dtype=dtype, generator=g)
     values = _rand(n_keys**2, v_dim, dtype=dtype, generator=g)
-    out = cuda.pk_lookup_cuda(q, keys, values, knn)
-    assert out.dtype == dtype and out.shape == (n, v_dim)
+    # The Memory+ gate's pre-activation, in another dtype than the values: the output's dtype
+    swilu = _rand(n, v_dim, dtype=torch.float32, generator=g) if gated else None
+    out = cuda.pk_lookup_cuda(q, keys, values, knn, swilu)
+    assert out.dtype == (torch.float32 if gated else dtype) and out.shape == (n, v_dim)
+    gate = 1.0 if swilu is None else torch.nn.functional.silu(swilu.double())
     if dtype == torch.float32:
-        _close(out, reference.pk_lookup(q, keys, values, knn), dtype)
+        _close(out, reference.pk_lookup(q, keys, values.double(), knn) * gate, dtype)
     else:  # near-ties may pick other rows in fp16: bag the kernel's own picks in float64
         from memcompile.kernels import triton_topk
 
@@ -241,7 +245,7 @@ def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype)
         want = reference.bag(
             values.double(), indices.view(-1, picks), probs.double().view(-1, picks)
         )
-        _close(out, want, dtype)
+        _close(out, want * gate, dtype)
 
 
 OPCHECK_CASES = ["contiguous", "permuted", "fp16"]
@@ -262,6 +266,8 @@ def test_ops_agree_with_their_fake_kernels_on_the_device(case):
     ops = torch.ops.memcompile
     torch.library.opcheck(ops.pk_topk.default, (q, keys, 4))
     torch.library.opcheck(ops.pk_lookup.default, (q, keys, values, 4))
+    swilu = _rand(5, 96, dtype=dtype, generator=g)
+    torch.library.opcheck(ops.pk_lookup.default, (q, keys, values, 4, swilu))
     _, indices = ops.pk_topk(q, keys, 4)
     indices = indices.view(5, -1)
     weights = torch.rand(indices.shape, generator=g).to(DEVICE)
