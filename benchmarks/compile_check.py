@@ -37,6 +37,7 @@ import torch
 import triton
 from gpu_shapes import (
     CHECK_BAG,
+    CHECK_LINEARS,
     CHECK_LOOKUP,
     CHECK_TOPK,
     HALF,
@@ -52,7 +53,14 @@ from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from memcompile.kernels import fused_update, triton_bag, triton_rows, triton_topk, triton_update
+from memcompile.kernels import (
+    fused_update,
+    triton_bag,
+    triton_linear,
+    triton_rows,
+    triton_topk,
+    triton_update,
+)
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # the opt-in maximum of one block
@@ -155,6 +163,14 @@ def topk_launches(n, heads, n_keys, k_dim, knn, dtype, softmax: bool) -> list:
     return record_launches(partial(triton_topk.pk_topk, q, keys, knn, softmax))
 
 
+def linear_launches(n, d_in, widths, dtype) -> list:
+    """A memory layer's projections at n tokens: query and gate together, or the output."""
+    weights = [meta(width, d_in, dtype=dtype) for width in widths]
+    biases = [meta(width, dtype=dtype) for width in widths]
+    return record_launches(partial(triton_linear.linears, meta(n, d_in, dtype=dtype), weights,
+                                   biases))  # fmt: skip
+
+
 def update_launches(n, rows, v_dim, picks, dtype) -> list:
     values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
     indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
@@ -174,7 +190,7 @@ def update_launches(n, rows, v_dim, picks, dtype) -> list:
 def sweep_launches() -> list:
     """The launches of bench_kernels.py's sweep (gpu_check.sh --sweep) at the 1.3B-like
     config: each block shape of the bag forward, the row pass (bag backward, fused updates)
-    and the top-k scan."""
+    and the top-k scan; and of bench_inference.py's decode sweep."""
     from bench_kernels import FORWARD_VARIANTS, ROW_PASS_VARIANTS, SCAN_VARIANTS
 
     c, bf16, picks = TRAINING["1.3B"], torch.bfloat16, HEADS * KNN
@@ -197,6 +213,25 @@ def sweep_launches() -> list:
                 found += launch()
         finally:
             setattr(module, hook, default)
+    return found + decode_sweep_launches()
+
+
+def decode_sweep_launches() -> list:
+    """The launches of bench_inference.py's decode sweep: a decode token's top-k under each
+    (BLOCK_K, warps, stages, SPLITS, merge warps)."""
+    from bench_inference import DECODE_SCAN_VARIANTS
+
+    defaults = triton_topk.scan_blocks, triton_topk.split_scan
+    found = []
+    try:
+        for block_k, warps, stages, splits, merge_warps in DECODE_SCAN_VARIANTS:
+            triton_topk.scan_blocks = lambda *_, c=(1, block_k, warps, stages): c
+            triton_topk.split_scan = lambda *_, c=(splits, merge_warps): c
+            for n in (1, 8):
+                found += topk_launches(n, HEADS, INFERENCE["n_keys"], 2 * HALF, KNN,
+                                       torch.bfloat16, softmax=True)  # fmt: skip
+    finally:
+        triton_topk.scan_blocks, triton_topk.split_scan = defaults
     return found
 
 
@@ -217,6 +252,9 @@ def launches(quick: bool) -> list:
     for n in INFERENCE_TOKENS:
         found += topk_launches(n, HEADS, n_keys, k_dim, KNN, bf16, softmax=True)
         found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False, gated=True)
+        if n <= triton_linear.MAX_TOKENS:
+            found += linear_launches(n, d, (HEADS * k_dim, d), bf16)  # query, gate
+            found += linear_launches(n, d, (d,), bf16)  # out
     if quick:
         return found
     found += sweep_launches()
@@ -228,6 +266,8 @@ def launches(quick: bool) -> list:
         for n, heads, n_keys, k_dim_, knn, v_dim in CHECK_LOOKUP:
             found += topk_launches(n, heads, n_keys, k_dim_, knn, dtype, softmax=True)
             found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, False, gated=True)
+        for n, d_in, widths in CHECK_LINEARS:
+            found += linear_launches(n, d_in, widths, dtype)
         for n in (1, 4096):  # knn 64 at the widest half the dispatcher allows for the dtype
             half = 256 if dtype == torch.float32 else 512
             found += topk_launches(n, HEADS, 1024, 2 * half, 64, dtype, softmax=True)

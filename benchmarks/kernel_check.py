@@ -2,8 +2,9 @@
 
 For bf16, fp16 and fp32 tables and queries: relative error ||out - ref|| / ||ref|| of bag
 forward, bag backward (values and weights), pk_topk (scores; picked keys must be true
-top-knn keys) and the inference lookup pk_lookup at decode sizes (the softmax weights and
-the bag of the picked rows; on a GPU also with the values in pinned host memory), with
+top-knn keys), the inference lookup pk_lookup at decode sizes (the softmax weights, the
+bag of the picked rows and its Memory+ gating; on a GPU also with the values in pinned
+host memory) and the decode projections (`linears`, two maps a launch), with
 every output element checked as written (the caching allocator is
 filled with NaN first, so an unwritten element shows). On a machine without CUDA it runs
 through Triton's interpreter at tiny sizes. Exits 1 on any failure.
@@ -128,6 +129,19 @@ def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
     return row
 
 
+def check_linears(dtype, n, d_in, widths) -> dict:
+    g = generator(3)
+    x = randn(n, d_in, generator=g, dtype=dtype)
+    weights = [randn(w, d_in, generator=g, dtype=dtype) * d_in**-0.5 for w in widths]
+    biases = [randn(w, generator=g, dtype=dtype) for w in widths]
+    poison_allocator()
+    outs = cuda.linears_cuda(x, weights, biases)
+    row = {"op": "linears", "dtype": str(dtype), "shape": [n, d_in, *widths]}
+    for i, (out, w, b) in enumerate(zip(outs, weights, biases)):
+        row[f"map {i}"] = rel_error(out, x.double() @ w.double().t() + b.double())
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=str)
@@ -136,6 +150,7 @@ def main() -> int:
     bag_shapes = gpu_shapes.CHECK_BAG if big else [(6, 16, 64, 96)]
     topk_shapes = gpu_shapes.CHECK_TOPK if big else [(20, 2, 40, 32, 4)]
     lookup_shapes = gpu_shapes.CHECK_LOOKUP if big else [(1, 2, 40, 32, 8, 96)]
+    linear_shapes = gpu_shapes.CHECK_LINEARS if big else [(3, 100, (40, 17))]
     checks = []
     for dtype in TOLERANCE:
         if DEVICE == "cpu" and dtype == torch.bfloat16:
@@ -143,6 +158,7 @@ def main() -> int:
         checks += [(check_bag, dtype, shape) for shape in bag_shapes]
         checks += [(check_pk_topk, dtype, shape) for shape in topk_shapes]
         checks += [(check_pk_lookup, dtype, shape) for shape in lookup_shapes]
+        checks += [(check_linears, dtype, shape) for shape in linear_shapes]
     rows, failed = [], False
     for check, dtype, shape in checks:
         try:

@@ -1,5 +1,5 @@
 """The memory-layer ops: `memcompile::pk_topk`, `memcompile::bag` and, for inference,
-`memcompile::pk_lookup` (both in one).
+`memcompile::pk_lookup` (both in one) and `memcompile::linears` (the layer's projections).
 
 Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed.
 """
@@ -16,6 +16,6 @@ else:
     from .cuda import register_cuda_kernels
     from .ops import bag, pk_lookup, pk_topk
 
-    CUDA_KERNELS = register_cuda_kernels()  # the three ops and the fused updates
+    CUDA_KERNELS = register_cuda_kernels()  # the ops and the fused updates
 
     __all__ = ["CUDA_KERNELS", "bag", "pk_lookup", "pk_topk"]

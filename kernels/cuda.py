@@ -144,6 +144,24 @@ def _triton_lookup(q, keys, values, knn, swilu):
     return triton_bag.bag_forward(values, indices.view(-1, picks), probs.view(-1, picks), swilu)
 
 
+def linears_cuda(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    from . import triton_linear
+
+    args = (x, weights, biases)
+    same_dtype = all(t is None or t.dtype == x.dtype for t in [*weights, *biases])
+    fits = x.dim() == 2 and 1 <= x.shape[1] and x.shape[0] <= triton_linear.MAX_TOKENS
+    maps = all(w.dim() == 2 and w.shape[1] == x.shape[-1] and (b is None or b.shape == w.shape[:1])
+               for w, b in zip(weights, biases))  # fmt: skip
+    if not (fits and maps and same_dtype and x.dtype in _TRITON_DTYPES):
+        return reference.linears(*args)  # cuBLAS, for many tokens
+    return _triton_or_reference(
+        "linears", x.dtype, partial(triton_linear.linears, *args),
+        partial(reference.linears, *args),
+    )  # fmt: skip
+
+
 def bag_weight_grad_cuda(grad_out, values, indices):
     from . import triton_update
 
@@ -190,6 +208,7 @@ def register_cuda_kernels() -> bool:
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
     ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
+    ops.linears.register_kernel("cuda")(linears_cuda)
     fused_update.bag_weight_grad.register_kernel("cuda")(bag_weight_grad_cuda)
     fused_update.row_grad_sq.register_kernel("cuda")(row_grad_sq_cuda)
     fused_update.fused_row_update.register_kernel("cuda")(fused_row_update_cuda)

@@ -1,5 +1,6 @@
-"""`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops, and
-`memcompile::pk_lookup`, both in one op for inference.
+"""`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops,
+`memcompile::pk_lookup`, both in one op for inference, and `memcompile::linears`, a memory
+layer's projections at inference.
 
 Each op has a fake kernel (shapes only, for torch.compile and torch.export) and a
 plain-PyTorch default kernel (`reference.py`). pk_topk and bag have a registered autograd
@@ -14,7 +15,7 @@ import torch
 
 from . import reference
 
-__all__ = ["pk_topk", "bag", "pk_lookup"]
+__all__ = ["pk_topk", "bag", "pk_lookup", "linears"]
 
 
 @torch.library.custom_op("memcompile::pk_topk", mutates_args=())
@@ -136,3 +137,20 @@ def _pk_lookup_fake(q, keys, values, knn, swilu=None):
         return q.new_empty(shape, dtype=values.dtype)
     torch._check(swilu.shape == shape, lambda: f"pk_lookup: swilu must be {shape}")
     return q.new_empty(shape, dtype=swilu.dtype)
+
+
+@torch.library.custom_op("memcompile::linears", mutates_args=())
+def linears(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """x (N, d_in) through several linear maps, [x @ w.T + b]: a memory layer's
+    projections without gradients, which a backend may run in fewer launches (the query
+    and gate projections read the same input)."""
+    return reference.linears(x, weights, biases)
+
+
+@linears.register_fake
+def _linears_fake(x, weights, biases):
+    torch._check(x.dim() == 2, lambda: f"linears: x must be (N, d_in), got {x.shape}")
+    torch._check(len(weights) == len(biases), lambda: "linears: one bias (or None) a weight")
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]

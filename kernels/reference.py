@@ -1,8 +1,9 @@
 """Plain-PyTorch implementations of the memory-layer ops, for any device.
 
-They are the default kernels of `memcompile::pk_topk`, `memcompile::bag` and
-`memcompile::pk_lookup` and the reference the Triton kernels are tested against. Large
-intermediates are processed in chunks of tokens so CPU memory stays bounded.
+They are the default kernels of `memcompile::pk_topk`, `memcompile::bag`,
+`memcompile::pk_lookup` and `memcompile::linears`, and the reference the Triton kernels are
+tested against. Large intermediates are processed in chunks of tokens so CPU memory stays
+bounded.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def pk_lookup(
     indices, probs = indices.view(-1, picks).to(values.device), probs.view(-1, picks)
     out = bag(values, indices, probs.to(values.device)).to(q.device)
     return out if swilu is None else out.to(swilu.dtype) * F.silu(swilu)
+
+
+def linears(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """[x @ w.T + b for each (w, b)]."""
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 def bag_backward(

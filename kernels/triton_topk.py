@@ -211,6 +211,17 @@ def scan_blocks(n: int, n_keys: int, half_p: int, k: int, element_size: int):
     return 16, block_k, 4, 2
 
 
+def split_scan(programs: int, n_keys: int, block_k: int) -> tuple[int, int]:
+    """(SPLITS, num_warps of the merge): slices of the sub-keys, so that a few tokens'
+    `programs` (token blocks x heads) still spread over many SMs, and the merge's warps.
+    One warp a merge program without slices (training, prefill): its 256 candidates fill a
+    warp, and per program it runs 1,096 warp instructions against 2,624 in 4 warps (SASS,
+    K = 32). Decode's few programs, each reducing 16 slices, take 4 for latency."""
+    if programs >= _SPLIT_BELOW_PROGRAMS:
+        return 1, 1
+    return min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k))), 4
+
+
 def pk_topk(
     q: torch.Tensor, keys: torch.Tensor, knn: int, softmax: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +239,7 @@ def pk_topk(
     half_p = max(16, triton.next_power_of_2(half))
     block_n, block_k, warps, stages = scan_blocks(n, n_keys, half_p, k, q.element_size())
     token_blocks = triton.cdiv(n, block_n)
-    splits = 1
-    if token_blocks * heads < _SPLIT_BELOW_PROGRAMS:
-        splits = min(16, triton.next_power_of_2(triton.cdiv(n_keys, block_k)))
+    splits, merge_warps = split_scan(token_blocks * heads, n_keys, block_k)
     keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_k) * block_k
     partial = torch.empty(n, heads, 2, splits, k, dtype=torch.int64, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -239,12 +248,8 @@ def pk_topk(
         BLOCK_N=block_n, BLOCK_K=block_k, K=k, LOG_K=log_k, SPLITS=splits,
         PRECISION=precision, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    # One warp a merge program without slices (training, prefill): its 256 candidates fill
-    # a warp, and per program it runs 1,096 warp instructions against 2,624 in 4 warps
-    # (SASS, K = 32). Decode's few programs, each reducing 16 slices, take 4 for latency.
     _merge_splits_kernel[(n, heads)](
         partial, scores, indices, heads, n_keys, knn, K=k, LOG_K=log_k, SPLITS=splits,
-        CANDIDATES=triton.next_power_of_2(k * log_k + 1), SOFTMAX=softmax,
-        num_warps=4 if splits > 1 else 1,
+        CANDIDATES=triton.next_power_of_2(k * log_k + 1), SOFTMAX=softmax, num_warps=merge_warps,
     )  # fmt: skip
     return scores, indices

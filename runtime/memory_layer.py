@@ -152,11 +152,11 @@ class MemoryLayer(nn.Module):
             raise RuntimeError("this MemoryLayer has no values: call attach_pool(pool) first")
         return self.values
 
-    def lookup(self, x: torch.Tensor, swilu: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps 1-5 of the forward: the weighted bag of values, (N, v_dim), for x (N, d_in),
-        in the values' dtype; with `swilu` (N, v_dim), the Memory+ gate's pre-activation,
-        the bag times silu(swilu), in swilu's dtype."""
-        q = self.query(x).view(-1, self.heads, self.k_dim)
+    def lookup(self, q: torch.Tensor, swilu: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 2-5 of the forward: the weighted bag of values, (N, v_dim), for the
+        projected query q (N, heads*k_dim), in the values' dtype; with `swilu` (N, v_dim),
+        the Memory+ gate's pre-activation, the bag times silu(swilu), in swilu's dtype."""
+        q = q.view(-1, self.heads, self.k_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
         values = self.value_table
@@ -195,10 +195,11 @@ class MemoryLayer(nn.Module):
             )
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in).to(self.query.weight.dtype)
-        swilu = self.swilu(flat) if self.swilu is not None else None
-        y = self.lookup(flat, swilu).to(flat.dtype)
+        projections = [self.query] if self.swilu is None else [self.query, self.swilu]
+        q, *swilu = _project(flat, projections)
+        y = self.lookup(q, swilu[0] if swilu else None).to(flat.dtype)
         if self.out is not None:
-            y = self.out(y)
+            (y,) = _project(y, [self.out])
         elif self.gate is not None:
             y = self.gate * y
         return y.to(x.dtype).view(*lead, self.d_out)
@@ -210,6 +211,34 @@ class MemoryLayer(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, n_keys={self.n_keys}, heads={c.heads}, "
             f"knn={c.knn}, k_dim={c.k_dim}, v_dim={c.v_dim}, gating={c.gating}{shared}"
         )
+
+
+def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Each module's output for x. Plain nn.Linear modules with no gradient to record run
+    as one `linears` op on CUDA, whose kernel streams two weights a launch at decode (the
+    query and gate projections); a wrapped, hooked or quantized projection runs as its
+    module, and so do exported graphs, whose lowering knows nn.Linear."""
+    params = [p for module in modules for p in module.parameters()]
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, *params])
+    if (
+        x.device.type != "cuda"
+        or records_grad
+        or torch.compiler.is_exporting()
+        or not all(_plain_linear(module) for module in modules)
+    ):
+        return [module(x) for module in modules]
+    return ops.linears(x, [m.weight for m in modules], [m.bias for m in modules])
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear itself, with plain tensor weights and no hooks: its forward is F.linear."""
+    plain = (torch.Tensor, nn.Parameter)
+    return (
+        type(module) is nn.Linear
+        and type(module.weight) in plain
+        and (module.bias is None or type(module.bias) in plain)
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
 
 
 def _needs_separate_ops(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 KERNELS = {
     "_bag_forward_kernel", "_short_rows_kernel", "_long_rows_kernel", "_split_topk_kernel",
     "_merge_splits_kernel",
-    "_weight_grad_kernel",
+    "_weight_grad_kernel", "_linears_kernel",
 }  # fmt: skip
 
 
@@ -36,6 +36,8 @@ def test_every_variant_of_the_gpu_runs_compiles_for_sm90_and_fits(tmp_path):
         v["constexprs"]["BLOCK_V"] for v in variants if v["kernel"] == "_bag_forward_kernel"
     }
     assert {64, 1024, 2048} <= forward_tiles  # decode; whole rows of both training configs
+    gated = {v["constexprs"]["GATED"] for v in variants if v["kernel"] == "_bag_forward_kernel"}
+    assert gated == {False, True}  # training, and inference with the Memory+ gating
 
 
 def test_a_variant_over_the_shared_memory_limit_fails_the_check():

@@ -248,6 +248,45 @@ def test_pk_lookup_matches_topk_softmax_bag(n, heads, n_keys, knn, v_dim, dtype,
         _close(out, want * gate, dtype)
 
 
+LINEAR_CASES = [
+    # n, d_in, outputs of each map, which maps have a bias
+    (1, 300, (40, 24), (True, True)),  # d_in over several steps, ragged output blocks
+    (3, 100, (17,), (False,)),  # one map
+    (16, 64, (32, 48), (True, False)),  # all 16 rows of the tile, a bias on one map
+    (2, 40, (8, 20, 33), (True, True, True)),  # three maps: two launches
+    (0, 40, (8, 20), (True, True)),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "d_in", "widths", "with_bias"), LINEAR_CASES)
+def test_linears_match_float64_linear_maps(n, d_in, widths, with_bias, dtype):
+    g = torch.Generator().manual_seed(n + d_in)
+    x = _rand(n, d_in, dtype=dtype, generator=g)
+    weights = [_rand(w, d_in, dtype=dtype, generator=g) * d_in**-0.5 for w in widths]
+    biases = [_rand(w, dtype=dtype, generator=g) if b else None
+              for w, b in zip(widths, with_bias)]  # fmt: skip
+    outs = cuda.linears_cuda(x, weights, biases)
+    assert [tuple(o.shape) for o in outs] == [(n, w) for w in widths]
+    for out, w, b in zip(outs, weights, biases):
+        assert out.dtype == dtype
+        want = x.double() @ w.double().t() + (0 if b is None else b.double())
+        _close(out, want, dtype, terms=d_in)
+
+
+def test_layer_inference_path_matches_its_training_path():
+    # Inference runs the fused ops (projections two a launch on a GPU, top-k with softmax,
+    # the bag with its gating); with gradients the layer runs its modules, pk_topk and bag.
+    from memcompile.runtime import MemoryConfig, MemoryLayer
+
+    config = MemoryConfig(mem_size=24**2, heads=2, knn=4, k_dim=32, v_dim=40)
+    layer = MemoryLayer(24, 20, config, seed=3, device=DEVICE)
+    x = _rand(3, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        inference = layer(x)
+    _close(inference, layer(x), torch.float32)
+
+
 OPCHECK_CASES = ["contiguous", "permuted", "fp16"]
 
 
@@ -268,6 +307,9 @@ def test_ops_agree_with_their_fake_kernels_on_the_device(case):
     torch.library.opcheck(ops.pk_lookup.default, (q, keys, values, 4))
     swilu = _rand(5, 96, dtype=dtype, generator=g)
     torch.library.opcheck(ops.pk_lookup.default, (q, keys, values, 4, swilu))
+    weights = [_rand(96, 64, dtype=dtype, generator=g), _rand(7, 64, dtype=dtype, generator=g)]
+    x = _rand(5, 64, dtype=dtype, generator=g)
+    torch.library.opcheck(ops.linears.default, (x, weights, [weights[0][:, 0], None]))
     _, indices = ops.pk_topk(q, keys, 4)
     indices = indices.view(5, -1)
     weights = torch.rand(indices.shape, generator=g).to(DEVICE)
