@@ -3,8 +3,9 @@
 Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
 4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
 fp32, eager), on a GPU when there is one (d_model 2048, 1024^2 values, bf16, eager and
-CUDA graph; host-resident values against device-resident). Then decode tokens/s of a
-small converted causal LM against its dense original. Medians. Writes
+CUDA graph; host-resident values against device-resident; a decode token's query and
+gate projections, cuBLAS against the layer's one launch). Then decode tokens/s of a small
+converted causal LM against its dense original. Medians. Writes
 benchmarks/results/inference.json (or --out) and prints a Markdown table.
 
     python benchmarks/bench_inference.py [--tokens 1,8,64,512,4096] [--threads N]
@@ -134,6 +135,87 @@ def layer_rows(device, d, n_keys, dtype, token_counts):
     return rows
 
 
+def projection_rows(d, dtype, token_counts):
+    """A decode token's query and gate projections (d -> heads*k_dim, d -> d): two cuBLAS
+    calls against the one `linears` launch the layer makes, CUDA graphs, side by side."""
+    from memcompile.kernels import ops
+
+    widths = (HEADS * 2 * HALF, d)
+    weights = [torch.randn(w, d, device="cuda", dtype=dtype) * d**-0.5 for w in widths]
+    biases = [torch.randn(w, device="cuda", dtype=dtype) for w in widths]
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+        cublas_ms = time_cuda(lambda x: [F.linear(x, w, b) for w, b in zip(weights, biases)],
+                              x, graph=True)  # fmt: skip
+        triton_ms = time_cuda(lambda x: ops.linears(x, weights, biases), x, graph=True)
+        moved = sum(w.numel() * w.element_size() for w in weights)
+        rows.append({"tokens": tokens, "maps": f"{d} -> {widths[0]}, {d} -> {widths[1]}",
+                     "cublas_ms": round(cublas_ms, 4), "linears_ms": round(triton_ms, 4),
+                     "linears_tb_per_s": round(moved / triton_ms / 1e9, 2),
+                     "ratio": round(triton_ms / cublas_ms, 3)})  # fmt: skip
+        print(f"  projections, {tokens} tokens: cuBLAS {cublas_ms * 1e3:.1f} us, linears "
+              f"{triton_ms * 1e3:.1f} us", file=sys.stderr)  # fmt: skip
+    return rows
+
+
+# (BLOCK_K, scan warps, scan stages, SPLITS, merge warps) of a decode token's top-k
+# (triton_topk.scan_blocks and split_scan); the first is the default. In the fifth H100
+# run the scan took 7.9 us (two 32-key steps a program) and the merge 5.7 us at one token.
+DECODE_SCAN_VARIANTS = [(32, 8, 2, 16, 4), (64, 8, 2, 16, 4), (64, 4, 2, 16, 4),
+                        (32, 8, 2, 32, 4), (32, 4, 2, 32, 4), (64, 8, 2, 8, 4),
+                        (128, 8, 1, 8, 4), (64, 8, 2, 16, 2), (64, 8, 2, 16, 8)]  # fmt: skip
+
+
+def decode_sweep(d, n_keys, dtype, token_counts=(1, 8)) -> list[dict]:
+    """A decode lookup (top-k, softmax, gated bag) under each DECODE_SCAN_VARIANTS shape,
+    CUDA graphs, each output compared with the default shape's; a shape that fails is
+    reported and the sweep goes on."""
+    from memcompile.kernels import cuda, triton_topk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(HEADS, 2, n_keys, HALF, device="cuda", generator=g).to(dtype)
+    values = (torch.randn(n_keys**2, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+    defaults = triton_topk.scan_blocks, triton_topk.split_scan
+    names = "BLOCK_K warps stages SPLITS merge_warps".split()
+    rows = []
+    try:
+        for tokens in token_counts:
+            q = torch.randn(tokens, HEADS, 2 * HALF, device="cuda", generator=g) * HALF**-0.5
+            q = q.to(dtype)
+            swilu = torch.randn(tokens, d, device="cuda", generator=g).to(dtype)
+
+            def lookup(q, swilu=swilu):
+                return cuda.pk_lookup_cuda(q, keys, values, KNN, swilu)
+
+            with torch.inference_mode():
+                expected = lookup(q)
+            for shape in DECODE_SCAN_VARIANTS:
+                block_k, warps, stages, splits, merge_warps = shape
+                triton_topk.scan_blocks = lambda *_, c=(1, block_k, warps, stages): c
+                triton_topk.split_scan = lambda *_, c=(splits, merge_warps): c
+                impl = " ".join(f"{k}={v}" for k, v in zip(names, shape))
+                row = {"tokens": tokens, "shape": impl}
+                try:
+                    ms = time_cuda(lookup, q, graph=True)
+                    with torch.inference_mode():
+                        same = torch.allclose(lookup(q).float(), expected.float(), rtol=1e-2,
+                                              atol=1e-2)  # fmt: skip
+                except Exception as error:  # one shape that fails must not end the sweep
+                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                unbuilt = cuda.take_unbuilt()
+                if unbuilt:  # the reference ran, not the shape
+                    rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
+                    continue
+                rows.append(row | {"ms": round(ms, 4), "same_result": same})
+                print(f"  decode lookup, {tokens} tokens, {row['shape']}: {ms * 1e3:.1f} us",
+                      file=sys.stderr)  # fmt: skip
+    finally:
+        triton_topk.scan_blocks, triton_topk.split_scan = defaults
+    return rows
+
+
 def decode_rows(device, dtype, new_tokens=32):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -174,23 +256,29 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
+    parser.add_argument("--decode-sweep", action="store_true",
+                        help="also time a decode lookup under each top-k shape")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     counts = [int(t) for t in args.tokens.split(",")]
-    layers, decode = [], []
+    layers, decode, projections, sweep = [], [], [], []
     if not args.skip_cpu:
         layers += layer_rows("cpu", 1024, 512, torch.float32, counts)
         decode += decode_rows("cpu", torch.float32)
     if torch.cuda.is_available():
         d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
         layers += layer_rows("cuda", d, n_keys, torch.bfloat16, counts)
+        projections = projection_rows(d, torch.bfloat16, [t for t in counts if t <= 16])
+        if args.decode_sweep:
+            sweep = decode_sweep(d, n_keys, torch.bfloat16)
         decode += decode_rows("cuda", torch.bfloat16)
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"{args.threads} torch threads",
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "torch": torch.__version__, "layers": layers, "decode": decode}  # fmt: skip
+              "torch": torch.__version__, "layers": layers, "decode": decode,
+              "projections": projections, "decode_sweep": sweep}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| device | d_model | values | tokens | mode | Memory+ ms | dense FFN ms | ratio |")
@@ -200,6 +288,18 @@ def main() -> int:
             f"| {r['device']} | {r['d_model']} | {r['values']} | {r['tokens']} | {r['mode']} | "
             f"{r['memory_ms']} | {r['ffn_ms']} | {r['ratio']} |"
         )
+    if projections:
+        print("\n| tokens | query + gate projections | cuBLAS ms | linears ms | ratio |")
+        print("|---|---|---|---|---|")
+        for r in projections:
+            print(f"| {r['tokens']} | {r['maps']} | {r['cublas_ms']} | {r['linears_ms']} | "
+                  f"{r['ratio']} |")  # fmt: skip
+    if sweep:
+        print("\n| tokens | decode top-k shape | lookup ms | same result |")
+        print("|---|---|---|---|")
+        for r in sweep:
+            print(f"| {r['tokens']} | {r['shape']} | {r.get('ms', r.get('ok'))} | "
+                  f"{r.get('same_result', '')} |")  # fmt: skip
     print("\n| device | model | decode tokens/s |")
     print("|---|---|---|")
     for r in decode:

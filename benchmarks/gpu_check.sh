@@ -12,19 +12,25 @@
 # `--sweep-rows` sweeps the row pass's shapes only; `--no-inference` leaves out
 # bench_inference.py (for a short last run of a lease, when nothing it times has changed);
 # BENCH_CONFIGS=1.3B times that config alone; `--profile-rows` ends with Nsight Compute's
-# counters of the row pass's kernels (profile_row_pass.py; ncu_rows.txt).
+# counters of the row pass's kernels (profile_row_pass.py; ncu_rows.txt). `--no-kernels`
+# leaves out bench_kernels.py (a run for issue 8 alone); `--decode-sweep` times a decode
+# lookup under each top-k shape (bench_inference.py --decode-sweep).
 set -euo pipefail
 sections=kernels,values
 inference=yes
+kernels=yes
+decode_sweep=""
 profile=no
 for option in "$@"; do
   case "$option" in
     --sweep) sections=sweep,kernels,values ;;
     --sweep-rows) sections=sweep-rows,kernels,values ;;
     --no-inference) inference=no ;;
+    --no-kernels) kernels=no ;;
+    --decode-sweep) decode_sweep=--decode-sweep ;;
     --profile-rows) profile=yes ;;
     *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" \
-            "[--profile-rows]" >&2
+            "[--no-kernels] [--decode-sweep] [--profile-rows]" >&2
        exit 2 ;;
   esac
 done
@@ -72,11 +78,13 @@ for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
   wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
   tail -n 4 "$out/${job#*:}" | tee -a "$log"
 done
-python_step 260 benchmarks/bench_kernels.py --sections "$sections" \
-  --configs "${BENCH_CONFIGS:-1.3B,small}" --out "$out"
+if [ "$kernels" = yes ]; then
+  python_step 260 benchmarks/bench_kernels.py --sections "$sections" \
+    --configs "${BENCH_CONFIGS:-1.3B,small}" --out "$out"
+fi
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 if [ "$inference" = yes ]; then
-  python_step 120 benchmarks/bench_inference.py --skip-cpu --out "$out"
+  python_step 180 benchmarks/bench_inference.py --skip-cpu --out "$out" $decode_sweep
 fi
 # The row pass's counters: what its next change should start from (GPU_NOTES.md, run 6).
 if [ "$profile" = yes ]; then
