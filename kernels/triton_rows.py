@@ -82,33 +82,37 @@ def _live_columns(col_mask, cols, low, high):
 
 
 @triton.jit
-def _pair_gathers(grad_out, weights, order, start, stop, lanes, cols, col_mask, picks, v_dim):
+def _pair_gathers(grad_out, weights, order, start, stop, lanes, cols, col_mask, picks, v_dim,
+                  KEEP: tl.constexpr):  # fmt: skip
     """The pairs order[start:stop] (at most as many as lanes), their weights and their
-    output-gradient rows."""
+    output-gradient rows (read with eviction policy KEEP: each is gathered by many rows)."""
     pair_mask = start + lanes < stop
     pair = tl.load(order + start + lanes, mask=pair_mask, other=0)
-    w = tl.load(weights + pair, mask=pair_mask, other=0.0).to(tl.float32)
+    w = tl.load(weights + pair, mask=pair_mask, other=0.0, eviction_policy=KEEP).to(tl.float32)
     g = tl.load(
         grad_out + (pair // picks).to(tl.int64)[:, None] * v_dim + cols[None, :],
         mask=pair_mask[:, None] & col_mask[None, :],
         other=0.0,
+        eviction_policy=KEEP,
     )
     return pair, pair_mask, w, g.to(tl.float32)
 
 
 @triton.jit
-def _row_reads(values, state_a, state_b, row, live, cols, v_dim,
-               READ_VALUES: tl.constexpr, READ_MOMENTS: tl.constexpr):  # fmt: skip
-    """The value row, float32, and Adam's moments of it (zeros where not read or not live)."""
+def _row_reads(values, state_a, state_b, row, live, cols, v_dim, READ_VALUES: tl.constexpr,
+               READ_MOMENTS: tl.constexpr, STREAM: tl.constexpr):  # fmt: skip
+    """The value row, float32, and Adam's moments of it (zeros where not read or not live),
+    read with eviction policy STREAM (once a pass)."""
     ptrs = row.to(tl.int64) * v_dim + cols
     value_row = tl.zeros(cols.shape, dtype=tl.float32)
     m = tl.zeros(cols.shape, dtype=tl.float32)
     v = tl.zeros(cols.shape, dtype=tl.float32)
     if READ_VALUES:
-        value_row = tl.load(values + ptrs, mask=live, other=0.0).to(tl.float32)
+        value_row = tl.load(values + ptrs, mask=live, other=0.0, eviction_policy=STREAM)
+        value_row = value_row.to(tl.float32)
     if READ_MOMENTS:
-        m = tl.load(state_a + ptrs, mask=live, other=0.0)
-        v = tl.load(state_b + ptrs, mask=live, other=0.0)
+        m = tl.load(state_a + ptrs, mask=live, other=0.0, eviction_policy=STREAM)
+        v = tl.load(state_b + ptrs, mask=live, other=0.0, eviction_policy=STREAM)
     return value_row, m, v
 
 
@@ -117,7 +121,7 @@ def _step_row(
     values, state_a, state_b, scale, row, g, w, m, v, cols, live, active, v_dim, lr, eps,
     beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
     ADAM: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    LOCAL_NORM: tl.constexpr,
+    LOCAL_NORM: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """One optimizer step on the columns `live` of a row (`active`: the row has pairs):
     gradient g, values w and Adam's moments m and v, all float32; writes the row and its
@@ -129,8 +133,8 @@ def _step_row(
     if ADAM:
         m = m * beta1 + (1.0 - beta1) * g
         v = v * beta2 + (1.0 - beta2) * g * g
-        tl.store(state_a + ptrs, m, mask=live)
-        tl.store(state_b + ptrs, v, mask=live)
+        tl.store(state_a + ptrs, m, mask=live, eviction_policy=STREAM)
+        tl.store(state_b + ptrs, v, mask=live, eviction_policy=STREAM)
         new = w * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
     else:
         if LOCAL_NORM:
@@ -143,7 +147,7 @@ def _step_row(
         noise = tl.randint(seed, ptrs.to(tl.uint32)) & 0xFFFF
         bits = (new.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
         new = bits.to(tl.float32, bitcast=True)
-    tl.store(values + ptrs, new.to(values.dtype.element_ty), mask=live)
+    tl.store(values + ptrs, new.to(values.dtype.element_ty), mask=live, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -152,13 +156,13 @@ def _finish_row(
     cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt,
     inv_width, seed,
     MODE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
-    STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
+    STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """The row's end, by MODE: its gradient acc (float32) from its pairs [first, last);
     nothing is written where `owned` is 0 (a row the other kernel takes: then first = last)."""
     if MODE == 0:
         tl.store(out + slot * v_dim + cols, acc.to(out.dtype.element_ty),
-                 mask=_live_columns(col_mask, cols, 0, owned))  # fmt: skip
+                 mask=_live_columns(col_mask, cols, 0, owned), eviction_policy=STREAM)  # fmt: skip
     elif MODE == 1:
         tl.store(out + block.to(tl.int64) * n_out + slot, tl.sum(acc * acc, axis=0),
                  mask=owned > 0)  # fmt: skip
@@ -167,7 +171,7 @@ def _finish_row(
             values, state_a, state_b, scale, row, acc, value_row, m, v, cols,
             _live_columns(col_mask, cols, first, last), last > first, v_dim, lr, eps, beta1,
             beta2, decay, step_size, bc2_sqrt, inv_width, seed, ADAM, HAS_SCALE, STOCHASTIC,
-            LOCAL_NORM,
+            LOCAL_NORM, STREAM,
         )  # fmt: skip
 
 
@@ -180,6 +184,7 @@ def _short_rows_kernel(
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """The rows of at most BLOCK_P pairs; the others are left to `_long_rows_kernel`."""
     block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
@@ -190,10 +195,11 @@ def _short_rows_kernel(
         short = last - first <= BLOCK_P
         end = tl.where(short, last, first)  # a long row: no pairs read here
         pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, first, end, lanes, cols,
-                                              col_mask, picks, v_dim)  # fmt: skip
-        value_row, m, v = _row_reads(values, state_a, state_b, row,
-                                     _live_columns(col_mask, cols, first, end), cols, v_dim,
-                                     WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2)  # fmt: skip
+                                              col_mask, picks, v_dim, KEEP)  # fmt: skip
+        value_row, m, v = _row_reads(
+            values, state_a, state_b, row, _live_columns(col_mask, cols, first, end), cols,
+            v_dim, WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2, STREAM,
+        )  # fmt: skip
         acc = tl.sum(g * w[:, None], axis=0)
         if WEIGHT_GRAD:
             tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
@@ -201,7 +207,7 @@ def _short_rows_kernel(
             out, values, state_a, state_b, scale, slot, row, first, end, short.to(tl.int32),
             acc, value_row, m, v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2,
             decay, step_size, bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC,
-            LOCAL_NORM,
+            LOCAL_NORM, STREAM,
         )  # fmt: skip
 
 
@@ -209,14 +215,14 @@ def _short_rows_kernel(
 def _sum_pairs(
     grad_out, weights, order, wgrad, first, last, value_row, lanes, cols, col_mask, picks,
     v_dim, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, KEEP: tl.constexpr,
 ):  # fmt: skip
     """The gradient (float32) of the pairs order[first:last] of one row, BLOCK_P a step,
     pipelined; with WEIGHT_GRAD each pair's weight-gradient share goes to wgrad."""
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for start in tl.range(first, last, BLOCK_P, num_stages=STAGES):
         pair, pair_mask, w, g = _pair_gathers(grad_out, weights, order, start, last, lanes,
-                                              cols, col_mask, picks, v_dim)  # fmt: skip
+                                              cols, col_mask, picks, v_dim, KEEP)  # fmt: skip
         acc += tl.sum(g * w[:, None], axis=0)
         if WEIGHT_GRAD:
             tl.store(wgrad + pair, tl.sum(g * value_row[None, :], axis=1), mask=pair_mask)
@@ -232,6 +238,7 @@ def _long_rows_kernel(
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """The rows of more than BLOCK_P pairs, BLOCK_P a step: the first n_listed entries of
     `listed`."""
@@ -241,13 +248,15 @@ def _long_rows_kernel(
         slot = tl.load(listed + entry).to(tl.int64)
         row, first, last = _bounds(starts, stops, row_ids, slot, SPARSE)
         value_row, m, v = _row_reads(values, state_a, state_b, row, col_mask, cols, v_dim,
-                                     WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2)  # fmt: skip
+                                     WEIGHT_GRAD or MODE == 2, ADAM and MODE == 2,
+                                     STREAM)  # fmt: skip
         acc = _sum_pairs(grad_out, weights, order, wgrad, first, last, value_row, lanes, cols,
-                         col_mask, picks, v_dim, WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES)  # fmt: skip
+                         col_mask, picks, v_dim, WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES,
+                         KEEP)  # fmt: skip
         _finish_row(
             out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
             v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
-            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM, STREAM,
         )  # fmt: skip
 
 
@@ -256,7 +265,7 @@ def _chunk_rows_kernel(
     grad_out, weights, order, row_ids, chunk_slots, chunk_first, chunk_last, n_chunks, values,
     partial, grad_weights, n_pairs, picks, v_dim,
     SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     """Split rows, a chunk of pairs an entry: the chunk's gradient sum to partial[entry]
     (float32), its pairs' weight-gradient shares to grad_weights."""
@@ -265,11 +274,11 @@ def _chunk_rows_kernel(
     for entry in range(tl.program_id(0), tl.load(n_chunks), tl.num_programs(0)):
         row = _table_row(row_ids, tl.load(chunk_slots + entry).to(tl.int64), SPARSE)
         value_row, _, _ = _row_reads(values, values, values, row, col_mask, cols, v_dim,
-                                     WEIGHT_GRAD, False)  # fmt: skip
+                                     WEIGHT_GRAD, False, STREAM)  # fmt: skip
         acc = _sum_pairs(
             grad_out, weights, order, wgrad, tl.load(chunk_first + entry),
             tl.load(chunk_last + entry), value_row, lanes, cols, col_mask, picks, v_dim,
-            WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES,
+            WEIGHT_GRAD, BLOCK_P, BLOCK_V, STAGES, KEEP,
         )  # fmt: skip
         tl.store(partial + tl.cast(entry, tl.int64) * v_dim + cols, acc, mask=col_mask)
 
@@ -281,6 +290,7 @@ def _combine_rows_kernel(
     n_out, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
     MODE: tl.constexpr, SPARSE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
     STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr, BLOCK_V: tl.constexpr,
+    STREAM: tl.constexpr,
 ):  # fmt: skip
     """Split rows, one an entry: the sum of the row's chunks, in order (deterministic), then
     the row's end by MODE."""
@@ -295,11 +305,11 @@ def _combine_rows_kernel(
         for chunk in range(begin, begin + tl.load(chunk_count + entry)):
             acc += tl.load(partial + chunk * v_dim + cols, mask=col_mask, other=0.0)
         value_row, m, v = _row_reads(values, state_a, state_b, row, col_mask, cols, v_dim,
-                                     MODE == 2, ADAM and MODE == 2)  # fmt: skip
+                                     MODE == 2, ADAM and MODE == 2, STREAM)  # fmt: skip
         _finish_row(
             out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
             v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
-            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM,
+            bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM, STREAM,
         )  # fmt: skip
 
 
@@ -314,6 +324,12 @@ class PassShape(NamedTuple):
     # Rows of more pairs than this are summed in chunks of this many pairs by several
     # programs, then combined in order; 0: off (each long row one program's loop).
     split: int = 0
+    # L2 eviction priorities: keep the output-gradient rows and weights, which many rows
+    # gather (a column block's 33 MB at 1.3B-like, in a 50 MB L2), and let the value rows,
+    # optimizer state and gradient rows, read or written once, go first. Triton 3.6 drops
+    # the policy of a load it pipelines into an asynchronous copy (PTX for sm_90): there
+    # only the stores (4.3 GB of gradient rows in the bag backward) carry it.
+    l2_hints: bool = False
 
 
 def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> PassShape:
@@ -394,6 +410,8 @@ def row_pass(
     shape = PassShape(*pass_blocks(v_dim, n_pairs / max(n_rows, 1), whole_rows=opt["local_norm"]))
     block_p, block_v, warps, stages = shape.block_p, shape.block_v, shape.warps, shape.stages
     split = max(shape.split, block_p) if shape.split else 0
+    hints = dict(KEEP="evict_last", STREAM="evict_first") if shape.l2_hints else \
+        dict(KEEP="", STREAM="")  # fmt: skip
     n_blocks = triton.cdiv(v_dim, block_v)
     device = grad_out.device
     if mode == 1:
@@ -418,7 +436,7 @@ def row_pass(
     meta = dict(MODE=mode, SPARSE=rows is not None, WEIGHT_GRAD=weight_grad, ADAM=opt["adam"],
                 HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
                 LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
-                num_warps=warps)  # fmt: skip
+                num_warps=warps, **hints)  # fmt: skip
     everything = (grad_out, weights, order, starts, stops, row_ids)
     _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
         *everything, *tensors.values(), *scalars, **meta
@@ -436,14 +454,15 @@ def row_pass(
             grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
             partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=rows is not None,
             WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
-            num_warps=warps,
+            num_warps=warps, **hints,
         )  # fmt: skip
         _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
             starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
             tensors["out"], opt["state_a"], opt["state_b"], opt["scale"], n_out, v_dim,
             *scalars[4:], MODE=mode, SPARSE=rows is not None, ADAM=opt["adam"],
             HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
-            LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, num_warps=warps,
+            LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, STREAM=hints["STREAM"],
+            num_warps=warps,
         )  # fmt: skip
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
 
