@@ -316,14 +316,17 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
 # 4 stages, 8 warps over 1024 columns, 1024 rows a program: GPU_NOTES.md).
 FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
 # (2, 2048, 8 warps) is the shape of the first fused update (one program a row), which took
-# 10.9 ms for the Adagrad values step in the third run, against 12.0 for (4, 2048, 8) now.
+# 10.9 ms for the Adagrad values step in the third run, against 12.0 for (4, 2048, 8) now;
+# whole rows in 4 warps hold 156 registers a thread in the Adagrad step (Triton 3.6, no
+# spills): three programs an SM, against two of 8 warps.
 # A sixth number splits the rows of more pairs than that over programs (0: no split); a
 # seventh, 1, sets L2 eviction priorities (PassShape.l2_hints).
 ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (2, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 2, 0),
                      (4, 2048, 8, 256, 3, 0), (2, 2048, 8, 256, 3, 0), (4, 1024, 4, 64, 3, 0),
                      (4, 1024, 4, 256, 3, 256), (4, 1024, 4, 256, 3, 1024),
                      (4, 2048, 8, 256, 3, 1024), (4, 1024, 4, 256, 3, 0, 1),
-                     (4, 2048, 8, 256, 3, 0, 1)]  # fmt: skip
+                     (4, 2048, 8, 256, 3, 0, 1), (4, 2048, 4, 256, 3, 0),
+                     (2, 2048, 4, 256, 3, 0)]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
