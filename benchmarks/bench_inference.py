@@ -216,6 +216,61 @@ def decode_sweep(d, n_keys, dtype, token_counts=(1, 8)) -> list[dict]:
     return rows
 
 
+# (BLOCK_O, BLOCK_I, num_warps, num_stages) of the decode projections
+# (triton_linear.linear_blocks); the first is the default.
+LINEAR_VARIANTS = [(16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (16, 128, 4, 6),
+                   (32, 256, 4, 4), (16, 256, 8, 4), (32, 128, 4, 4), (16, 512, 8, 4)]  # fmt: skip
+
+
+def projection_sweep(d, dtype) -> list[dict]:
+    """One decode token's projections (query and gate in one launch; the output map alone)
+    under each LINEAR_VARIANTS shape, CUDA graphs, each output compared with the default
+    shape's."""
+    from memcompile.kernels import cuda, ops, triton_linear
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, d, device="cuda", generator=g).to(dtype)
+    maps = {"query + gate": (HEADS * 2 * HALF, d), "output": (d,)}
+    default = triton_linear.linear_blocks
+    rows = []
+    try:
+        for name, widths in maps.items():
+            weights = [(torch.randn(w, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+                       for w in widths]  # fmt: skip
+            biases = [torch.randn(w, device="cuda", generator=g).to(dtype) for w in widths]
+
+            def project(x, weights=weights, biases=biases):
+                return ops.linears(x, weights, biases)
+
+            with torch.inference_mode():
+                expected = project(x)
+            moved = sum(w.numel() * w.element_size() for w in weights)
+            for shape in LINEAR_VARIANTS:
+                triton_linear.linear_blocks = lambda *_, c=shape: c
+                impl = " ".join(f"{k}={v}" for k, v in
+                                zip("BLOCK_O BLOCK_I warps stages".split(), shape))  # fmt: skip
+                row = {"maps": name, "shape": impl}
+                try:
+                    ms = time_cuda(project, x, graph=True)
+                    with torch.inference_mode():
+                        same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                                   for a, b in zip(project(x), expected))  # fmt: skip
+                except Exception as error:  # one shape that fails must not end the sweep
+                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                unbuilt = cuda.take_unbuilt()
+                if unbuilt:
+                    rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
+                    continue
+                rows.append(row | {"ms": round(ms, 4), "TB/s": round(moved / ms / 1e9, 2),
+                                   "same_result": same})  # fmt: skip
+                print(f"  projections ({name}), 1 token, {impl}: {ms * 1e3:.1f} us",
+                      file=sys.stderr)  # fmt: skip
+    finally:
+        triton_linear.linear_blocks = default
+    return rows
+
+
 def decode_rows(device, dtype, new_tokens=32):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -257,7 +312,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
     parser.add_argument("--decode-sweep", action="store_true",
-                        help="also time a decode lookup under each top-k shape")  # fmt: skip
+                        help="also time a decode lookup under each top-k shape, and the "
+                        "decode projections under each block shape")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -272,6 +328,7 @@ def main() -> int:
         projections = projection_rows(d, torch.bfloat16, [t for t in counts if t <= 16])
         if args.decode_sweep:
             sweep = decode_sweep(d, n_keys, torch.bfloat16)
+            sweep += projection_sweep(d, torch.bfloat16)
         decode += decode_rows("cuda", torch.bfloat16)
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -295,10 +352,11 @@ def main() -> int:
             print(f"| {r['tokens']} | {r['maps']} | {r['cublas_ms']} | {r['linears_ms']} | "
                   f"{r['ratio']} |")  # fmt: skip
     if sweep:
-        print("\n| tokens | decode top-k shape | lookup ms | same result |")
+        print("\n| decode kernel | shape | ms | same result |")
         print("|---|---|---|---|")
         for r in sweep:
-            print(f"| {r['tokens']} | {r['shape']} | {r.get('ms', r.get('ok'))} | "
+            what = f"lookup, {r['tokens']} tokens" if "tokens" in r else f"{r['maps']} projections"
+            print(f"| {what} | {r['shape']} | {r.get('ms', r.get('ok'))} | "
                   f"{r.get('same_result', '')} |")  # fmt: skip
     print("\n| device | model | decode tokens/s |")
     print("|---|---|---|")

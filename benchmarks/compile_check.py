@@ -218,8 +218,8 @@ def sweep_launches() -> list:
 
 def decode_sweep_launches() -> list:
     """The launches of bench_inference.py's decode sweep: a decode token's top-k under each
-    (BLOCK_K, warps, stages, SPLITS, merge warps)."""
-    from bench_inference import DECODE_SCAN_VARIANTS
+    (BLOCK_K, warps, stages, SPLITS, merge warps), its projections under each block shape."""
+    from bench_inference import DECODE_SCAN_VARIANTS, LINEAR_VARIANTS
 
     defaults = triton_topk.scan_blocks, triton_topk.split_scan
     found = []
@@ -232,6 +232,14 @@ def decode_sweep_launches() -> list:
                                        torch.bfloat16, softmax=True)  # fmt: skip
     finally:
         triton_topk.scan_blocks, triton_topk.split_scan = defaults
+    d, default = INFERENCE["d_model"], triton_linear.linear_blocks
+    try:
+        for shape in LINEAR_VARIANTS:
+            triton_linear.linear_blocks = lambda *_, c=shape: c
+            found += linear_launches(1, d, (HEADS * 2 * HALF, d), torch.bfloat16)
+            found += linear_launches(1, d, (d,), torch.bfloat16)
+    finally:
+        triton_linear.linear_blocks = default
     return found
 
 

@@ -20,6 +20,7 @@ sections=kernels,values
 inference=yes
 kernels=yes
 decode_sweep=""
+inference_limit=180
 profile=no
 for option in "$@"; do
   case "$option" in
@@ -27,7 +28,7 @@ for option in "$@"; do
     --sweep-rows) sections=sweep-rows,kernels,values ;;
     --no-inference) inference=no ;;
     --no-kernels) kernels=no ;;
-    --decode-sweep) decode_sweep=--decode-sweep ;;
+    --decode-sweep) decode_sweep=--decode-sweep; inference_limit=300 ;;
     --profile-rows) profile=yes ;;
     *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" \
             "[--no-kernels] [--decode-sweep] [--profile-rows]" >&2
@@ -84,7 +85,8 @@ if [ "$kernels" = yes ]; then
 fi
 # Issue 8: per-layer latency (eager and CUDA graph), host- vs device-resident values.
 if [ "$inference" = yes ]; then
-  python_step 180 benchmarks/bench_inference.py --skip-cpu --out "$out" $decode_sweep
+  python_step "$inference_limit" benchmarks/bench_inference.py --skip-cpu --out "$out" \
+    $decode_sweep
 fi
 # The row pass's counters: what its next change should start from (GPU_NOTES.md, run 6).
 if [ "$profile" = yes ]; then
