@@ -1,4 +1,5 @@
-"""One bag backward and one fused Adagrad step at the 1.3B-like config, between
+"""One bag backward and one fused Adagrad step at the 1.3B-like config, then the bag backward
+with L2 eviction priorities (`PassShape.l2_hints`), between
 cudaProfilerStart and cudaProfilerStop, for Nsight Compute to read the row pass's
 counters (L2 hit rate of the gathers, stall reasons, occupancy): the measurements the row
 pass's next change should start from (benchmarks/GPU_NOTES.md, run 6). Run by
@@ -21,7 +22,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_row_pass.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from memcompile.kernels import cuda
+    from memcompile.kernels import cuda, triton_rows
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     shape, dev, dt = TRAINING["1.3B"], "cuda", torch.bfloat16
@@ -35,9 +36,19 @@ def main() -> int:
     leaf_weights = weights.clone().requires_grad_()
     table = FusedTable(table_values, ValueOptimizer("rowwise_adagrad", 1e-3))
 
+    default = triton_rows.pass_blocks
+
+    def with_l2_hints(*args, **kwargs):
+        return triton_rows.PassShape(*default(*args, **kwargs))._replace(l2_hints=True)
+
     def steps():
         cuda.bag_backward_cuda(grad, values, indices, weights)
         table.bag(table_values, indices, leaf_weights).backward(grad)
+        triton_rows.pass_blocks = with_l2_hints  # the same backward, with eviction priorities
+        try:
+            cuda.bag_backward_cuda(grad, values, indices, weights)
+        finally:
+            triton_rows.pass_blocks = default
 
     steps()  # compiled and warm before the profiled pass
     torch.cuda.synchronize()
@@ -45,7 +56,8 @@ def main() -> int:
     steps()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print("profiled one bag backward and one fused Adagrad step (1.3B-like, bf16)")
+    print("profiled, in order: one bag backward, one fused Adagrad step, the bag backward "
+          "with L2 eviction priorities (1.3B-like, bf16)")  # fmt: skip
     return 0
 
 
