@@ -286,6 +286,17 @@ def test_layer_inference_path_matches_its_training_path():
         inference = layer(x)
     _close(inference, layer(x), torch.float32)
 
+    # A hooked projection runs as its module, hook included (here: it scales the query).
+    calls = []
+    hook = layer.query.register_forward_hook(lambda m, args, out: calls.append(1) or out * 2)
+    with torch.no_grad():
+        hooked = layer(x)
+    assert calls == [1]
+    hook.remove()
+    layer.query.weight.data.mul_(2)
+    layer.query.bias.data.mul_(2)
+    _close(hooked, layer(x), torch.float32)
+
 
 OPCHECK_CASES = ["contiguous", "permuted", "fp16"]
 
