@@ -3,8 +3,9 @@
 Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
 4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
 fp32, eager), on a GPU when there is one (d_model 2048, 1024^2 values, bf16, eager and
-CUDA graph; host-resident values against device-resident; a decode token's query and
-gate projections, cuBLAS against the layer's one launch). Then decode tokens/s of a small
+CUDA graph; host-resident values against device-resident; programmatic dependent launch
+off against on; a decode token's query and gate projections, cuBLAS against the layer's
+one launch). Then decode tokens/s of a small
 converted causal LM against its dense original. Medians. Writes
 benchmarks/results/inference.json (or --out) and prints a Markdown table.
 
@@ -90,6 +91,30 @@ def kernel_times(fn, x, calls: int = 20) -> str:
     return f"{title}\n{table}"
 
 
+def pdl_rows(memory, d, dtype) -> list[dict]:
+    """The layer at few tokens, CUDA graphs, with programmatic dependent launch off (the
+    row) against on (its ratio), side by side."""
+    from memcompile.kernels import pdl
+
+    rows = []
+    for tokens in (1, 8):
+        x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+        pdl.ENABLED = False
+        try:
+            off_ms = time_cuda(memory, x, graph=True)
+        finally:
+            pdl.ENABLED = True
+        on_ms = time_cuda(memory, x, graph=True)
+        rows.append({"device": "cuda", "d_model": d, "values": f"{memory.n_keys}^2",
+                     "tokens": tokens, "mode": "cuda graph, PDL off",
+                     "memory_ms": round(off_ms, 4), "ffn_ms": None,
+                     "ratio": round(on_ms / off_ms, 3),
+                     "note": "ratio: PDL on against off, same run"})  # fmt: skip
+        print(f"  cuda graph, {tokens} tokens: PDL off {off_ms * 1e3:.1f} us, on "
+              f"{on_ms * 1e3:.1f} us", file=sys.stderr)  # fmt: skip
+    return rows
+
+
 def layer_rows(device, d, n_keys, dtype, token_counts):
     config = MemoryConfig(mem_size=n_keys**2, heads=HEADS, knn=KNN, k_dim=2 * HALF).resolve(d)
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
@@ -118,6 +143,7 @@ def layer_rows(device, d, n_keys, dtype, token_counts):
         for tokens in (1, 4096):
             print(kernel_times(memory, torch.randn(tokens, d, device=device, dtype=dtype)),
                   file=sys.stderr)  # fmt: skip
+        rows += pdl_rows(memory, d, dtype)
         x = torch.randn(1, d, device=device, dtype=dtype)
         with torch.inference_mode():
             expected = memory(x)

@@ -55,6 +55,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from memcompile.kernels import (
     fused_update,
+    pdl,
     triton_bag,
     triton_linear,
     triton_rows,
@@ -64,6 +65,7 @@ from memcompile.kernels import (
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # the opt-in maximum of one block
+H100_SMS = 132
 
 
 def record_launches(launch) -> list[tuple]:
@@ -243,7 +245,22 @@ def decode_sweep_launches() -> list:
     return found
 
 
+def h100_use_pdl(device, programs: int) -> bool:
+    """pdl.use_pdl as on an H100 (132 SMs), for the meta tensors the launches here take."""
+    return pdl.ENABLED and programs <= 2 * H100_SMS
+
+
 def launches(quick: bool) -> list:
+    """The launches below with the H100's choice of programmatic dependent launch."""
+    real = pdl.use_pdl
+    pdl.use_pdl = h100_use_pdl
+    try:
+        return _launches(quick)
+    finally:
+        pdl.use_pdl, pdl.ENABLED = real, True
+
+
+def _launches(quick: bool) -> list:
     """The launches of the GPU runs (benchmarks/gpu_shapes.py): bench_kernels' training
     configs (bag, top-k, fused updates), bench_inference's lookups, kernel_check's shapes in
     every dtype, the largest top-k the CUDA dispatcher sends to Triton, small knn, and the
@@ -257,12 +274,14 @@ def launches(quick: bool) -> list:
         for dtype in (bf16, torch.float32):  # the values step times both tables
             found += update_launches(c["tokens"], rows, c["v_dim"], picks, dtype)
     d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
-    for n in INFERENCE_TOKENS:
-        found += topk_launches(n, HEADS, n_keys, k_dim, KNN, bf16, softmax=True)
-        found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False, gated=True)
-        if n <= triton_linear.MAX_TOKENS:
-            found += linear_launches(n, d, (HEADS * k_dim, d), bf16)  # query, gate
-            found += linear_launches(n, d, (d,), bf16)  # out
+    for enabled in (False, True):  # bench_inference times the layer both ways; on last
+        pdl.ENABLED = enabled
+        for n in INFERENCE_TOKENS:
+            found += topk_launches(n, HEADS, n_keys, k_dim, KNN, bf16, softmax=True)
+            found += bag_launches(n, picks, n_keys**2, d, bf16, backward=False, gated=True)
+            if n <= triton_linear.MAX_TOKENS:
+                found += linear_launches(n, d, (HEADS * k_dim, d), bf16)  # query, gate
+                found += linear_launches(n, d, (d,), bf16)  # out
     if quick:
         return found
     found += sweep_launches()

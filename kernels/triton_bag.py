@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_previous_kernel
 from .triton_rows import reverse_index, row_pass
 
 _FORWARD_MIN_PROGRAMS = 128  # about one per SM of an H100
@@ -24,8 +26,9 @@ _MAX_BLOCK_V = 4096
 @triton.jit
 def _bag_forward_kernel(
     values, indices, weights, swilu, out, picks, v_dim,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < v_dim
@@ -78,9 +81,11 @@ def bag_forward(
     block_b, block_v, warps = forward_blocks(n, picks, v_dim)
     grid = (n, triton.cdiv(v_dim, block_v))
     gated = swilu is not None
+    dependent = pdl.use_pdl(indices.device, grid[0] * grid[1])  # decode: one token's few programs
     _bag_forward_kernel[grid](
         values, indices, weights, swilu.contiguous() if gated else out, out, picks, v_dim,
-        BLOCK_B=block_b, BLOCK_V=block_v, GATED=gated, num_warps=warps,
+        BLOCK_B=block_b, BLOCK_V=block_v, GATED=gated, PDL=dependent, num_warps=warps,
+        launch_pdl=dependent,
     )  # fmt: skip
     return out
 

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_previous_kernel
+
 # tl.dot's fewest rows: the input tile holds this many tokens, the extra ones masked.
 MAX_TOKENS = 16
 
@@ -28,8 +31,9 @@ def _linears_kernel(
     x, weight_a, bias_a, out_a, weight_b, bias_b, out_b,
     n, d_in, d_out_a, d_out_b, blocks_a, bias_in_a, bias_in_b,
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-    STAGES: tl.constexpr, PRECISION: tl.constexpr,
+    STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     block = tl.program_id(0)
     if block < blocks_a:
         weight, bias, out, d_out, has_bias = weight_a, bias_a, out_a, d_out_a, bias_in_a
@@ -82,11 +86,13 @@ def linears(
         (w_a, b_a, y_a), (w_b, b_b, y_b) = pair[0], pair[-1]
         blocks_a = triton.cdiv(w_a.shape[0], block_o)
         blocks_b = triton.cdiv(w_b.shape[0], block_o) if len(pair) == 2 else 0
+        dependent = pdl.use_pdl(x.device, blocks_a + blocks_b)
         _linears_kernel[(blocks_a + blocks_b,)](
             x, w_a.contiguous(), y_a if b_a is None else b_a.contiguous(), y_a,
             w_b.contiguous(), y_b if b_b is None else b_b.contiguous(), y_b,
             n, d_in, w_a.shape[0], w_b.shape[0], blocks_a, int(b_a is not None),
             int(b_b is not None), BLOCK_N=MAX_TOKENS, BLOCK_O=block_o, BLOCK_I=block_i,
-            STAGES=stages, PRECISION=precision, num_warps=warps,
+            STAGES=stages, PRECISION=precision, PDL=dependent, num_warps=warps,
+            launch_pdl=dependent,
         )  # fmt: skip
     return outs

@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_previous_kernel
+
 
 @triton.jit
 def _pack(score, index):
@@ -128,9 +131,11 @@ def _split_topk_kernel(
     q, keys, partial, n_tokens, heads, n_keys, keys_per_split,
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K: tl.constexpr, LOG_K: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Each program scores one (head, half) of a token block against one slice of the
     sub-keys and stores that slice's packed top-K, sorted descending."""
+    wait_for_previous_kernel(PDL)
     head_half = tl.program_id(1)
     split = tl.program_id(2)
     tokens = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -162,10 +167,11 @@ def _merge_slices(lists, K: tl.constexpr, LOG_K: tl.constexpr, SPLITS: tl.conste
 def _merge_splits_kernel(
     partial, scores_out, indices_out, heads, n_keys, knn,
     K: tl.constexpr, LOG_K: tl.constexpr, SPLITS: tl.constexpr, CANDIDATES: tl.constexpr,
-    SOFTMAX: tl.constexpr,
+    SOFTMAX: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head): each half's top-K over the slices, then the top-knn
     of the candidate sums."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     base = (token * heads * 2 + head * 2) * SPLITS * K
@@ -251,13 +257,17 @@ def pk_topk(
     keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_k) * block_k
     partial = torch.empty(n, heads, 2, splits, k, dtype=torch.int64, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dependent = pdl.use_pdl(q.device, token_blocks * heads * 2 * splits)  # decode: a few programs
     _split_topk_kernel[(token_blocks, heads * 2, splits)](
         q, keys, partial, n, heads, n_keys, keys_per_split, HALF=half, HALF_P=half_p,
         BLOCK_N=block_n, BLOCK_K=block_k, K=k, LOG_K=log_k, SPLITS=splits,
-        PRECISION=precision, num_warps=warps, num_stages=stages,
+        PRECISION=precision, PDL=dependent, num_warps=warps, num_stages=stages,
+        launch_pdl=dependent,
     )  # fmt: skip
+    dependent = pdl.use_pdl(q.device, n * heads)
     _merge_splits_kernel[(n, heads)](
         partial, scores, indices, heads, n_keys, knn, K=k, LOG_K=log_k, SPLITS=splits,
-        CANDIDATES=triton.next_power_of_2(k * log_k + 1), SOFTMAX=softmax, num_warps=merge_warps,
+        CANDIDATES=triton.next_power_of_2(k * log_k + 1), SOFTMAX=softmax, PDL=dependent,
+        num_warps=merge_warps, launch_pdl=dependent,
     )  # fmt: skip
     return scores, indices
