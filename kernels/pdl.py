@@ -16,6 +16,8 @@ it off (the benchmarks time both).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,8 +31,17 @@ def use_pdl(device: torch.device, programs: int) -> bool:
     """Whether a launch of `programs` programs on `device` uses PDL."""
     if not (ENABLED and _TRITON_HAS_PDL and device.type == "cuda"):
         return False
-    properties = torch.cuda.get_device_properties(device)
-    return properties.major >= 9 and programs <= 2 * properties.multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, sms = _architecture(index)
+    return major >= 9 and programs <= 2 * sms
+
+
+@functools.cache
+def _architecture(index: int) -> tuple[int, int]:
+    """(compute capability major, SM count) of CUDA device `index`: asked once, as a decode
+    step launches these kernels many times."""
+    properties = torch.cuda.get_device_properties(index)
+    return properties.major, properties.multi_processor_count
 
 
 @triton.jit
