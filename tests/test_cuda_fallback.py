@@ -63,3 +63,18 @@ def test_a_fused_update_whose_kernel_cannot_be_built_steps_the_table_once(fresh,
     got_w = cuda.fused_row_update_cuda(values, state, state, indices, weights, grad_out, *hyper)
     assert torch.equal(state, ref_state) and torch.equal(values, ref_values)
     assert torch.equal(got_w, want_w)
+
+
+def test_programmatic_dependent_launch_only_for_small_grids_on_hopper(monkeypatch):
+    # A few-token kernel's grid on an H100 (132 SMs) takes PDL; a grid of more than two
+    # programs an SM, an older GPU, a CPU tensor, or PDL turned off does not.
+    from memcompile.kernels import pdl
+
+    gpus = {0: (9, 132), 1: (8, 108)}  # an H100 and an A100, without CUDA here
+    monkeypatch.setattr(pdl, "_architecture", gpus.__getitem__)
+    hopper, ampere = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert pdl.use_pdl(hopper, 264) and not pdl.use_pdl(hopper, 265)
+    assert not pdl.use_pdl(ampere, 4)
+    assert not pdl.use_pdl(torch.device("cpu"), 4)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.use_pdl(hopper, 4)
