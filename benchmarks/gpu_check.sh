@@ -14,7 +14,8 @@
 # BENCH_CONFIGS=1.3B times that config alone; `--profile-rows` ends with Nsight Compute's
 # counters of the row pass's kernels (profile_row_pass.py; ncu_rows.txt). `--no-kernels`
 # leaves out bench_kernels.py (a run for issue 8 alone); `--decode-sweep` times a decode
-# lookup under each top-k shape (bench_inference.py --decode-sweep).
+# lookup under each top-k shape and the decode projections under each block shape
+# (bench_inference.py --decode-sweep).
 set -euo pipefail
 sections=kernels,values
 inference=yes
