@@ -29,7 +29,8 @@ _TRITON_HAS_PDL = hasattr(tl.extra.cuda, "gdc_wait")
 
 def use_pdl(device: torch.device, programs: int) -> bool:
     """Whether a launch of `programs` programs on `device` uses PDL."""
-    if not (ENABLED and _TRITON_HAS_PDL and device.type == "cuda"):
+    # ROCm's torch names its GPUs "cuda" too, and MI300s report a major version of 9.
+    if not (ENABLED and _TRITON_HAS_PDL and device.type == "cuda" and torch.version.hip is None):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, sms = _architecture(index)
