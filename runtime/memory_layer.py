@@ -217,13 +217,11 @@ def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     """Each module's output for x. Plain nn.Linear modules with no gradient to record run
     as one `linears` op on CUDA, whose kernel streams two weights a launch at decode (the
     query and gate projections); a wrapped, hooked or quantized projection runs as its
-    module, and so do exported graphs, whose lowering knows nn.Linear."""
+    module, and so do exported graphs."""
     params = [p for module in modules for p in module.parameters()]
-    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, *params])
     if (
         x.device.type != "cuda"
-        or records_grad
-        or torch.compiler.is_exporting()
+        or _needs_separate_ops(x, *params)
         or not all(_plain_linear(module) for module in modules)
     ):
         return [module(x) for module in modules]
@@ -241,12 +239,13 @@ def _plain_linear(module: nn.Module) -> bool:
     )
 
 
-def _needs_separate_ops(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the lookup must stay as separate pk_topk and bag ops: for autograd, and in
-    exported graphs, whose lowering (passes/lower_onnx.py) knows those two."""
+def _needs_separate_ops(*tensors: torch.Tensor) -> bool:
+    """Whether the work on `tensors` must stay as separate ops (pk_topk and bag, the
+    projections' modules) rather than inference's fused ones (pk_lookup, linears): for
+    autograd, and in exported graphs, whose lowering (passes/lower_onnx.py) knows those."""
     if torch.compiler.is_exporting():
         return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values))
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def value_owners(model: nn.Module) -> list[nn.Module]:
