@@ -247,7 +247,7 @@ def decode_sweep_launches() -> list:
 
 def h100_use_pdl(device, programs: int) -> bool:
     """pdl.use_pdl as on an H100 (132 SMs), for the meta tensors the launches here take."""
-    return pdl.ENABLED and programs <= 2 * H100_SMS
+    return pdl.ENABLED and pdl.grid_fits(9, H100_SMS, programs)
 
 
 def launches(quick: bool) -> list:

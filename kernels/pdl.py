@@ -33,7 +33,12 @@ def use_pdl(device: torch.device, programs: int) -> bool:
     if not (ENABLED and _TRITON_HAS_PDL and device.type == "cuda" and torch.version.hip is None):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major, sms = _architecture(index)
+    return grid_fits(*_architecture(index), programs)
+
+
+def grid_fits(major: int, sms: int, programs: int) -> bool:
+    """Whether a grid of `programs` takes PDL on a GPU of compute capability `major` with
+    `sms` SMs: Hopper or newer, and at most two programs an SM."""
     return major >= 9 and programs <= 2 * sms
 
 
