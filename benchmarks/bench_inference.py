@@ -15,6 +15,7 @@ benchmarks/results/inference.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,75 +192,105 @@ def projection_rows(d, dtype, token_counts):
 DECODE_SCAN_VARIANTS = [(32, 8, 2, 16, 4), (64, 8, 2, 16, 4), (64, 4, 2, 16, 4),
                         (32, 8, 2, 32, 4), (32, 4, 2, 32, 4), (64, 8, 2, 8, 4),
                         (128, 8, 1, 8, 4), (64, 8, 2, 16, 2), (64, 8, 2, 16, 8)]  # fmt: skip
-
-
-def decode_sweep(d, n_keys, dtype, token_counts=(1, 8)) -> list[dict]:
-    """A decode lookup (top-k, softmax, gated bag) under each DECODE_SCAN_VARIANTS shape,
-    CUDA graphs, each output compared with the default shape's; a shape that fails is
-    reported and the sweep goes on."""
-    from memcompile.kernels import cuda, triton_topk
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    keys = torch.randn(HEADS, 2, n_keys, HALF, device="cuda", generator=g).to(dtype)
-    values = (torch.randn(n_keys**2, d, device="cuda", generator=g) * d**-0.5).to(dtype)
-    defaults = triton_topk.scan_blocks, triton_topk.split_scan
-    names = "BLOCK_K warps stages SPLITS merge_warps".split()
-    rows = []
-    try:
-        for tokens in token_counts:
-            q = torch.randn(tokens, HEADS, 2 * HALF, device="cuda", generator=g) * HALF**-0.5
-            q = q.to(dtype)
-            swilu = torch.randn(tokens, d, device="cuda", generator=g).to(dtype)
-
-            def lookup(q, swilu=swilu):
-                return cuda.pk_lookup_cuda(q, keys, values, KNN, swilu)
-
-            with torch.inference_mode():
-                expected = lookup(q)
-            for shape in DECODE_SCAN_VARIANTS:
-                block_k, warps, stages, splits, merge_warps = shape
-                triton_topk.scan_blocks = lambda *_, c=(1, block_k, warps, stages): c
-                triton_topk.split_scan = lambda *_, c=(splits, merge_warps): c
-                impl = " ".join(f"{k}={v}" for k, v in zip(names, shape))
-                row = {"tokens": tokens, "shape": impl}
-                try:
-                    ms = time_cuda(lookup, q, graph=True)
-                    with torch.inference_mode():
-                        same = torch.allclose(lookup(q).float(), expected.float(), rtol=1e-2,
-                                              atol=1e-2)  # fmt: skip
-                except Exception as error:  # one shape that fails must not end the sweep
-                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
-                    continue
-                unbuilt = cuda.take_unbuilt()
-                if unbuilt:  # the reference ran, not the shape
-                    rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
-                    continue
-                rows.append(row | {"ms": round(ms, 4), "same_result": same})
-                print(f"  decode lookup, {tokens} tokens, {row['shape']}: {ms * 1e3:.1f} us",
-                      file=sys.stderr)  # fmt: skip
-    finally:
-        triton_topk.scan_blocks, triton_topk.split_scan = defaults
-    return rows
-
-
 # (BLOCK_O, BLOCK_I, num_warps, num_stages) of the decode projections
 # (triton_linear.linear_blocks); the first is the default.
 LINEAR_VARIANTS = [(16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (16, 128, 4, 6),
                    (32, 256, 4, 4), (16, 256, 8, 4), (32, 128, 4, 4), (16, 512, 8, 4)]  # fmt: skip
 
 
+def install_scan_shape(shape) -> None:
+    """Make the decode top-k use `shape`, a DECODE_SCAN_VARIANTS entry."""
+    from memcompile.kernels import triton_topk
+
+    block_k, warps, stages, splits, merge_warps = shape
+    triton_topk.scan_blocks = lambda *_: (1, block_k, warps, stages)
+    triton_topk.split_scan = lambda *_: (splits, merge_warps)
+
+
+def install_linear_shape(shape) -> None:
+    """Make the decode projections use `shape`, a LINEAR_VARIANTS entry."""
+    from memcompile.kernels import triton_linear
+
+    triton_linear.linear_blocks = lambda *_: shape
+
+
+@contextlib.contextmanager
+def hooks_restored(module, *names):
+    """The module's attributes `names` as they were, once the block ends."""
+    saved = [getattr(module, name) for name in names]
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(module, name, value)
+
+
+def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
+    """run(x) under each shape (`install(shape)` sets it), CUDA graphs, each output compared
+    with the first shape's (the default); a shape that fails is reported and the sweep goes
+    on."""
+    from memcompile.kernels import cuda
+
+    def outputs():
+        with torch.inference_mode():
+            out = run(x)
+        return out if isinstance(out, list) else [out]
+
+    install(shapes[0])
+    expected = outputs()
+    rows = []
+    for shape in shapes:
+        install(shape)
+        row = {"shape": " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))}
+        try:
+            ms = time_cuda(run, x, graph=True)
+            same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                       for a, b in zip(outputs(), expected))  # fmt: skip
+        except Exception as error:  # one shape that fails must not end the sweep
+            rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+            continue
+        unbuilt = cuda.take_unbuilt()
+        if unbuilt:  # the reference ran, not the shape
+            rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
+            continue
+        rows.append(row | {"ms": round(ms, 4), "same_result": same})
+        print(f"  {label}, {row['shape']}: {ms * 1e3:.1f} us", file=sys.stderr)
+    return rows
+
+
+def decode_sweep(d, n_keys, dtype, token_counts=(1, 8)) -> list[dict]:
+    """A decode lookup (top-k, softmax, gated bag) under each DECODE_SCAN_VARIANTS shape."""
+    from memcompile.kernels import cuda, triton_topk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(HEADS, 2, n_keys, HALF, device="cuda", generator=g).to(dtype)
+    values = (torch.randn(n_keys**2, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+    rows = []
+    with hooks_restored(triton_topk, "scan_blocks", "split_scan"):
+        for tokens in token_counts:
+            q = torch.randn(tokens, HEADS, 2 * HALF, device="cuda", generator=g) * HALF**-0.5
+            swilu = torch.randn(tokens, d, device="cuda", generator=g).to(dtype)
+
+            def lookup(q, swilu=swilu):
+                return cuda.pk_lookup_cuda(q, keys, values, KNN, swilu)
+
+            found = time_shapes(lookup, q.to(dtype), DECODE_SCAN_VARIANTS,
+                                "BLOCK_K warps stages SPLITS merge_warps", install_scan_shape,
+                                f"decode lookup, {tokens} tokens")  # fmt: skip
+            rows += [{"tokens": tokens} | row for row in found]
+    return rows
+
+
 def projection_sweep(d, dtype) -> list[dict]:
     """One decode token's projections (query and gate in one launch; the output map alone)
-    under each LINEAR_VARIANTS shape, CUDA graphs, each output compared with the default
-    shape's."""
-    from memcompile.kernels import cuda, ops, triton_linear
+    under each LINEAR_VARIANTS shape, with the weights' GB/s."""
+    from memcompile.kernels import ops, triton_linear
 
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(1, d, device="cuda", generator=g).to(dtype)
     maps = {"query + gate": (HEADS * 2 * HALF, d), "output": (d,)}
-    default = triton_linear.linear_blocks
     rows = []
-    try:
+    with hooks_restored(triton_linear, "linear_blocks"):
         for name, widths in maps.items():
             weights = [(torch.randn(w, d, device="cuda", generator=g) * d**-0.5).to(dtype)
                        for w in widths]  # fmt: skip
@@ -268,32 +299,13 @@ def projection_sweep(d, dtype) -> list[dict]:
             def project(x, weights=weights, biases=biases):
                 return ops.linears(x, weights, biases)
 
-            with torch.inference_mode():
-                expected = project(x)
             moved = sum(w.numel() * w.element_size() for w in weights)
-            for shape in LINEAR_VARIANTS:
-                triton_linear.linear_blocks = lambda *_, c=shape: c
-                impl = " ".join(f"{k}={v}" for k, v in
-                                zip("BLOCK_O BLOCK_I warps stages".split(), shape))  # fmt: skip
-                row = {"maps": name, "shape": impl}
-                try:
-                    ms = time_cuda(project, x, graph=True)
-                    with torch.inference_mode():
-                        same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-                                   for a, b in zip(project(x), expected))  # fmt: skip
-                except Exception as error:  # one shape that fails must not end the sweep
-                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
-                    continue
-                unbuilt = cuda.take_unbuilt()
-                if unbuilt:
-                    rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
-                    continue
-                rows.append(row | {"ms": round(ms, 4), "TB/s": round(moved / ms / 1e9, 2),
-                                   "same_result": same})  # fmt: skip
-                print(f"  projections ({name}), 1 token, {impl}: {ms * 1e3:.1f} us",
-                      file=sys.stderr)  # fmt: skip
-    finally:
-        triton_linear.linear_blocks = default
+            found = time_shapes(project, x, LINEAR_VARIANTS, "BLOCK_O BLOCK_I warps stages",
+                                install_linear_shape, f"projections ({name}), 1 token")  # fmt: skip
+            for row in found:
+                if "ms" in row:
+                    row["TB/s"] = round(moved / row["ms"] / 1e9, 2)
+                rows.append({"maps": name} | row)
     return rows
 
 

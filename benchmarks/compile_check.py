@@ -221,27 +221,26 @@ def sweep_launches() -> list:
 def decode_sweep_launches() -> list:
     """The launches of bench_inference.py's decode sweep: a decode token's top-k under each
     (BLOCK_K, warps, stages, SPLITS, merge warps), its projections under each block shape."""
-    from bench_inference import DECODE_SCAN_VARIANTS, LINEAR_VARIANTS
+    from bench_inference import (
+        DECODE_SCAN_VARIANTS,
+        LINEAR_VARIANTS,
+        hooks_restored,
+        install_linear_shape,
+        install_scan_shape,
+    )
 
-    defaults = triton_topk.scan_blocks, triton_topk.split_scan
-    found = []
-    try:
-        for block_k, warps, stages, splits, merge_warps in DECODE_SCAN_VARIANTS:
-            triton_topk.scan_blocks = lambda *_, c=(1, block_k, warps, stages): c
-            triton_topk.split_scan = lambda *_, c=(splits, merge_warps): c
+    d, found = INFERENCE["d_model"], []
+    with hooks_restored(triton_topk, "scan_blocks", "split_scan"):
+        for shape in DECODE_SCAN_VARIANTS:
+            install_scan_shape(shape)
             for n in (1, 8):
                 found += topk_launches(n, HEADS, INFERENCE["n_keys"], 2 * HALF, KNN,
                                        torch.bfloat16, softmax=True)  # fmt: skip
-    finally:
-        triton_topk.scan_blocks, triton_topk.split_scan = defaults
-    d, default = INFERENCE["d_model"], triton_linear.linear_blocks
-    try:
+    with hooks_restored(triton_linear, "linear_blocks"):
         for shape in LINEAR_VARIANTS:
-            triton_linear.linear_blocks = lambda *_, c=shape: c
+            install_linear_shape(shape)
             found += linear_launches(1, d, (HEADS * 2 * HALF, d), torch.bfloat16)
             found += linear_launches(1, d, (d,), torch.bfloat16)
-    finally:
-        triton_linear.linear_blocks = default
     return found
 
 
