@@ -178,7 +178,13 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
         scores, _ = ops.pk_topk(qg, kg, KNN)
         scores.sum().backward()
 
-    record("pk_topk fwd+bwd", "memcompile (triton fwd, torch bwd)", bench(topk_step))
+    record("pk_topk fwd+bwd", "memcompile triton", bench(topk_step))
+    grad_scores = torch.randn(tokens, HEADS, KNN, device=dev, generator=g)
+    _, top = cuda.pk_topk_cuda(q, keys, KNN)
+    record("pk_topk bwd", "torch reference",
+           bench(lambda: reference.pk_topk_backward(grad_scores, q, keys, top)))  # fmt: skip
+    record("pk_topk bwd", "memcompile triton + cuBLAS",
+           bench(lambda: cuda.pk_topk_backward_cuda(grad_scores, q, keys, top)))  # fmt: skip
 
     d = v_dim
     config = MemoryConfig(mem_size=rows_total, heads=HEADS, knn=KNN, k_dim=2 * HALF,

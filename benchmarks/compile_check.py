@@ -60,6 +60,7 @@ from memcompile.kernels import (
     triton_linear,
     triton_rows,
     triton_topk,
+    triton_topk_backward,
     triton_update,
 )
 
@@ -160,9 +161,15 @@ def bag_launches(n, picks, rows, v_dim, dtype, backward: bool, gated: bool = Fal
     return found
 
 
-def topk_launches(n, heads, n_keys, k_dim, knn, dtype, softmax: bool) -> list:
+def topk_launches(n, heads, n_keys, k_dim, knn, dtype, softmax: bool, backward=False) -> list:
     q, keys = meta(n, heads, k_dim, dtype=dtype), meta(heads, 2, n_keys, k_dim // 2, dtype=dtype)
-    return record_launches(partial(triton_topk.pk_topk, q, keys, knn, softmax))
+    found = record_launches(partial(triton_topk.pk_topk, q, keys, knn, softmax))
+    if backward:
+        grad, indices = meta(n, heads, knn), meta(n, heads, knn, dtype=torch.int64)
+        found += record_launches(
+            partial(triton_topk_backward.pk_topk_backward, grad, q, keys, indices)
+        )
+    return found
 
 
 def linear_launches(n, d_in, widths, dtype) -> list:
@@ -269,7 +276,7 @@ def _launches(quick: bool) -> list:
     for c in TRAINING.values():
         rows = c["n_keys"] ** 2
         found += bag_launches(c["tokens"], picks, rows, c["v_dim"], bf16, backward=True)
-        found += topk_launches(c["tokens"], HEADS, c["n_keys"], k_dim, KNN, bf16, softmax=False)
+        found += topk_launches(c["tokens"], HEADS, c["n_keys"], k_dim, KNN, bf16, False, True)
         for dtype in (bf16, torch.float32):  # the values step times both tables
             found += update_launches(c["tokens"], rows, c["v_dim"], picks, dtype)
     d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
@@ -288,7 +295,7 @@ def _launches(quick: bool) -> list:
         for shape in CHECK_BAG:
             found += bag_launches(*shape, dtype, backward=True)
         for shape in CHECK_TOPK:
-            found += topk_launches(*shape, dtype, softmax=False)
+            found += topk_launches(*shape, dtype, softmax=False, backward=True)
         for n, heads, n_keys, k_dim_, knn, v_dim in CHECK_LOOKUP:
             found += topk_launches(n, heads, n_keys, k_dim_, knn, dtype, softmax=True)
             found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, False, gated=True)

@@ -2,10 +2,10 @@
 
 For bf16, fp16 and fp32 tables and queries: relative error ||out - ref|| / ||ref|| of bag
 forward, bag backward (values and weights), pk_topk (scores; picked keys must be true
-top-knn keys), the inference lookup pk_lookup at decode sizes (the softmax weights, the
-bag of the picked rows and its Memory+ gating; on a GPU also with the values in pinned
-host memory) and the decode projections (`linears`, two maps a launch), with
-every output element checked as written (the caching allocator is
+top-knn keys; its backward to the query and the keys), the inference lookup pk_lookup at
+decode sizes (the softmax weights, the bag of the picked rows and its Memory+ gating; on a
+GPU also with the values in pinned host memory) and the decode projections (`linears`, two
+maps a launch), with every output element checked as written (the caching allocator is
 filled with NaN first, so an unwritten element shows). On a machine without CUDA it runs
 through Triton's interpreter at tiny sizes. Exits 1 on any failure.
 
@@ -91,9 +91,15 @@ def check_pk_topk(dtype, n, heads, n_keys, k_dim, knn) -> dict:
     q64, k64 = q.double().cpu(), keys.double().cpu()
     ref_scores, _ = reference.pk_topk(q64, k64, knn)
     true_scores_of_picks = scores_of_picks(q64, k64, indices.cpu())
+    grad = randn(n, heads, knn, generator=g)
+    poison_allocator()
+    grad_q, grad_keys = cuda.pk_topk_backward_cuda(grad, q, keys, indices)
+    ref_q, ref_keys = reference.pk_topk_backward(grad.double().cpu(), q64, k64, indices.cpu())
     return {"op": "pk_topk", "dtype": str(dtype), "shape": [n, heads, n_keys, k_dim, knn],
             "scores": rel_error(scores, ref_scores),
-            "picked_vs_best": rel_error(true_scores_of_picks, ref_scores)}  # fmt: skip
+            "picked_vs_best": rel_error(true_scores_of_picks, ref_scores),
+            "grad_q": rel_error(grad_q, ref_q),
+            "grad_keys": rel_error(grad_keys, ref_keys)}  # fmt: skip
 
 
 def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:

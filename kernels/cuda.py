@@ -2,8 +2,8 @@
 `register_kernel("cuda")` so a MemoryLayer on a GPU uses them with no user action.
 
 float64 inputs (used for gradient checks) stay on the PyTorch reference. The backward of
-pk_topk stays on the reference too: a dense sub-key score gradient and four matrix
-products, which cuBLAS runs near its peak. A kernel that cannot be built for the GPU at
+pk_topk is one Triton launch (the sub-key score gradient) and two batched cuBLAS matmuls.
+A kernel that cannot be built for the GPU at
 hand (a compile error, or more shared memory or registers than it has, as on GPUs smaller
 than the H100 the shapes were chosen for) is reported once and its op runs the PyTorch
 reference from then on.
@@ -117,6 +117,18 @@ def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
     return triton_topk.supports(keys.shape[3], knn, q.element_size())
 
 
+def pk_topk_backward_cuda(grad_scores, q, keys, indices):
+    from . import triton_topk_backward
+
+    args = (grad_scores, q, keys, indices)
+    if q.dtype not in _TRITON_DTYPES or keys.dtype not in _TRITON_DTYPES:
+        return reference.pk_topk_backward(*args)
+    return _triton_or_reference(
+        "pk_topk_backward", q.dtype, partial(triton_topk_backward.pk_topk_backward, *args),
+        partial(reference.pk_topk_backward, *args),
+    )  # fmt: skip
+
+
 def pk_lookup_cuda(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int, swilu=None
 ) -> torch.Tensor:
@@ -207,6 +219,7 @@ def register_cuda_kernels() -> bool:
     ops.bag.register_kernel("cuda")(bag_cuda)
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
+    ops.pk_topk_backward.register_kernel("cuda")(pk_topk_backward_cuda)
     ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
     ops.linears.register_kernel("cuda")(linears_cuda)
     fused_update.bag_weight_grad.register_kernel("cuda")(bag_weight_grad_cuda)

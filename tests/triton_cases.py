@@ -205,6 +205,58 @@ def test_pk_topk_paths_for_small_and_large_batches(monkeypatch, path, n, knn):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
+TOPK_BACKWARD_CASES = [
+    # n, heads, n_keys, k_dim, knn, dominant: picks sharing sub-keys (every pick shares
+    # sub-key 0 of the dominant half), knn not a power of two, knn 1, an empty batch
+    (6, 2, 16, 32, 8, None),
+    (5, 2, 40, 32, 7, 0),
+    (4, 1, 12, 20, 5, 1),
+    (3, 2, 16, 32, 1, None),
+    (0, 2, 16, 32, 4, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "heads", "n_keys", "k_dim", "knn", "dominant"), TOPK_BACKWARD_CASES)
+def test_pk_topk_backward_matches_float64(n, heads, n_keys, k_dim, knn, dominant, dtype):
+    g = torch.Generator().manual_seed(n_keys + knn)
+    q = _rand(n, heads, k_dim, generator=g).abs().to(dtype)
+    keys = _rand(heads, 2, n_keys, k_dim // 2, generator=g)
+    if dominant is not None:
+        keys[:, dominant, 0] = 5.0
+    keys = keys.to(dtype)
+    _, indices = reference.pk_topk(q, keys, knn)
+    sub = indices // n_keys if dominant == 0 else indices % n_keys
+    assert dominant is None or (sub == 0).all()  # the case is what it claims
+    grad = _rand(n, heads, knn, generator=g)
+    grad_q, grad_keys = cuda.pk_topk_backward_cuda(grad, q, keys, indices)
+    assert grad_q.dtype == q.dtype and grad_keys.dtype == keys.dtype
+    # Sums with cancellation: each element's error against float64, bounded by the
+    # dtype's rounding times the sum of its terms' sizes.
+    f64 = [t.double() for t in (grad, q, keys)]
+    want = reference.pk_topk_backward(*f64, indices)
+    sizes = reference.pk_topk_backward(*[t.abs() for t in f64], indices)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
+    for got, exact, size in zip((grad_q, grad_keys), want, sizes):
+        assert ((got.double() - exact).abs() <= tol * size + 1e-7).all()
+    # Deterministic: duplicates are summed in registers, not by atomics.
+    again = cuda.pk_topk_backward_cuda(grad, q, keys, indices)
+    assert all(torch.equal(a, b) for a, b in zip(again, (grad_q, grad_keys)))
+
+
+def test_pk_topk_backward_takes_stride_zero_gradients():
+    # The gradient of scores.sum(): one element broadcast over (N, heads, knn).
+    g = torch.Generator().manual_seed(3)
+    q, keys = _rand(5, 2, 32, generator=g), _rand(2, 2, 16, 16, generator=g)
+    _, indices = reference.pk_topk(q, keys, 4)
+    grad = torch.ones((), device=DEVICE).expand(5, 2, 4)
+    got = cuda.pk_topk_backward_cuda(grad, q, keys, indices)
+    want = reference.pk_topk_backward(grad.contiguous().double(), q.double(), keys.double(),
+                                      indices)  # fmt: skip
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32, terms=20)
+
+
 LOOKUP_CASES = [
     # n, heads, n_keys, knn, v_dim: decode (split scan, no tl.dot), a masked token block,
     # a full tl.dot block, an empty batch
@@ -322,6 +374,8 @@ def test_ops_agree_with_their_fake_kernels_on_the_device(case):
     x = _rand(5, 64, dtype=dtype, generator=g)
     torch.library.opcheck(ops.linears.default, (x, weights, [weights[0][:, 0], None]))
     _, indices = ops.pk_topk(q, keys, 4)
+    grad_scores = _rand(5, 2, 4, generator=g)
+    torch.library.opcheck(ops.pk_topk_backward.default, (grad_scores, q, keys, indices))
     indices = indices.view(5, -1)
     weights = torch.rand(indices.shape, generator=g).to(DEVICE)
     torch.library.opcheck(ops.bag.default, (values, indices, weights))
