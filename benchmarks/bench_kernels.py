@@ -326,13 +326,17 @@ FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16,
 # whole rows in 4 warps hold 156 registers a thread in the Adagrad step (Triton 3.6, no
 # spills): three programs an SM, against two of 8 warps.
 # A sixth number splits the rows of more pairs than that over programs (0: no split); a
-# seventh, 1, sets L2 eviction priorities (PassShape.l2_hints).
-ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (2, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 2, 0),
-                     (4, 2048, 8, 256, 3, 0), (2, 2048, 8, 256, 3, 0), (4, 1024, 4, 64, 3, 0),
-                     (4, 1024, 4, 256, 3, 256), (4, 1024, 4, 256, 3, 1024),
-                     (4, 2048, 8, 256, 3, 1024), (4, 1024, 4, 256, 3, 0, 1),
-                     (4, 2048, 8, 256, 3, 0, 1), (4, 2048, 4, 256, 3, 0),
-                     (2, 2048, 4, 256, 3, 0)]  # fmt: skip
+# seventh, 1, sets L2 eviction priorities (PassShape.l2_hints); an eighth, 1, keeps the
+# output-gradient rows in L2's persisting set-aside (PassShape.l2_window). Left out since
+# run 5 measured them slower: BLOCK_P 2 at 1024 columns (7.23 ms against 6.66), 2 stages
+# (7.36), and the same as the default: 64 rows a program (6.64).
+ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 3, 0, 0, 1),
+                     (4, 1024, 4, 256, 3, 0, 1), (4, 1024, 4, 256, 3, 0, 1, 1),
+                     (4, 2048, 8, 256, 3, 0), (4, 2048, 8, 256, 3, 0, 0, 1),
+                     (4, 2048, 8, 256, 3, 0, 1), (4, 2048, 8, 256, 3, 0, 1, 1),
+                     (2, 2048, 8, 256, 3, 0), (4, 1024, 4, 256, 3, 256),
+                     (4, 1024, 4, 256, 3, 1024), (4, 2048, 8, 256, 3, 1024),
+                     (4, 2048, 4, 256, 3, 0), (2, 2048, 4, 256, 3, 0)]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
@@ -364,7 +368,7 @@ def sweep(
     compared with the default shape's; a shape that fails (compile, resources) is reported
     and the sweep goes on. `keep` saves rows."""
 
-    from memcompile.kernels import cuda, triton_bag, triton_rows, triton_topk
+    from memcompile.kernels import cuda, l2_residency, triton_bag, triton_rows, triton_topk
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
@@ -390,7 +394,7 @@ def sweep(
 
     timed_table = fresh_table()
 
-    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split l2_hints"
+    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split l2_hints l2_window"
     skewed = zipf_rows(n_keys**2, indices.shape, g, 0.8)
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
@@ -434,6 +438,8 @@ def sweep(
                     torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
                     for a, b in zip(got, expected)
                 )
+                if module is triton_rows and triton_rows.PassShape(*shape).l2_window:
+                    row["l2_window"] = l2_residency.status()  # "on", or why it is off
                 if what == "bag fwd":
                     row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
                     row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)

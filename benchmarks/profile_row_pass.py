@@ -1,5 +1,6 @@
 """One bag backward and one fused Adagrad step at the 1.3B-like config, then the bag backward
-with L2 eviction priorities (`PassShape.l2_hints`), between
+with L2 eviction priorities (`PassShape.l2_hints`) and with the output-gradient rows held
+in L2's persisting set-aside (`PassShape.l2_window`), between
 cudaProfilerStart and cudaProfilerStop, for Nsight Compute to read the row pass's
 counters (L2 hit rate of the gathers, stall reasons, occupancy): the measurements the row
 pass's next change should start from (benchmarks/GPU_NOTES.md, run 6). Run by
@@ -22,7 +23,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_row_pass.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from memcompile.kernels import cuda, triton_rows
+    from memcompile.kernels import cuda, l2_residency, triton_rows
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     shape, dev, dt = TRAINING["1.3B"], "cuda", torch.bfloat16
@@ -38,15 +39,16 @@ def main() -> int:
 
     default = triton_rows.pass_blocks
 
-    def with_l2_hints(*args, **kwargs):
-        return triton_rows.PassShape(*default(*args, **kwargs))._replace(l2_hints=True)
+    def with_l2(**change):
+        return lambda *a, **k: triton_rows.PassShape(*default(*a, **k))._replace(**change)
 
     def steps():
         cuda.bag_backward_cuda(grad, values, indices, weights)
         table.bag(table_values, indices, leaf_weights).backward(grad)
-        triton_rows.pass_blocks = with_l2_hints  # the same backward, with eviction priorities
-        try:
-            cuda.bag_backward_cuda(grad, values, indices, weights)
+        try:  # the same backward with eviction priorities, then with the window
+            for change in (dict(l2_hints=True), dict(l2_window=True)):
+                triton_rows.pass_blocks = with_l2(**change)
+                cuda.bag_backward_cuda(grad, values, indices, weights)
         finally:
             triton_rows.pass_blocks = default
 
@@ -57,7 +59,8 @@ def main() -> int:
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     print("profiled, in order: one bag backward, one fused Adagrad step, the bag backward "
-          "with L2 eviction priorities (1.3B-like, bf16)")  # fmt: skip
+          "with L2 eviction priorities, then with the L2 window (1.3B-like, bf16; window: "
+          f"{l2_residency.status()})")  # fmt: skip
     return 0
 
 

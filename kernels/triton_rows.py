@@ -36,11 +36,14 @@ step), goes to grad_weights[block, pair].
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import l2_residency
 
 _MAX_BLOCK_V = 1024  # columns a program holds
 _MAX_BLOCK_P = 16
@@ -330,6 +333,9 @@ class PassShape(NamedTuple):
     # the policy of a load it pipelines into an asynchronous copy (PTX for sm_90): there
     # only the stores (4.3 GB of gradient rows in the bag backward) carry it.
     l2_hints: bool = False
+    # Keep the column block's output-gradient rows in L2's persisting set-aside while the
+    # pass runs (`l2_residency.persisting`: works on asynchronous copies too).
+    l2_window: bool = False
 
 
 def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> PassShape:
@@ -438,32 +444,37 @@ def row_pass(
                 LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
                 num_warps=warps, **hints)  # fmt: skip
     everything = (grad_out, weights, order, starts, stops, row_ids)
-    _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
-        *everything, *tensors.values(), *scalars, **meta
-    )
-    listed, n_listed, capacity = _rows_between(starts, stops, block_p, split or None, n_pairs)
-    if capacity:
-        _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
-            *everything, listed, n_listed, *tensors.values(), *scalars, **meta
+    # The column blocks run one after another (block is the grid's slower axis): one
+    # block's share of the output-gradient rows is gathered at a time.
+    window = l2_residency.persisting(grad_out, grad_out.numel() * grad_out.element_size()
+                                     // n_blocks) if shape.l2_window else nullcontext()  # fmt: skip
+    with window:
+        _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
+            *everything, *tensors.values(), *scalars, **meta
         )
-    chunks = _chunks(starts, stops, split, n_pairs) if split else None
-    if chunks:
-        listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = chunks
-        partial = torch.empty(first.shape[0], v_dim, dtype=torch.float32, device=device)
-        _chunk_rows_kernel[(min(first.shape[0], _LONG_PROGRAMS), n_blocks)](
-            grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
-            partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=rows is not None,
-            WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
-            num_warps=warps, **hints,
-        )  # fmt: skip
-        _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
-            starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
-            tensors["out"], opt["state_a"], opt["state_b"], opt["scale"], n_out, v_dim,
-            *scalars[4:], MODE=mode, SPARSE=rows is not None, ADAM=opt["adam"],
-            HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
-            LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, STREAM=hints["STREAM"],
-            num_warps=warps,
-        )  # fmt: skip
+        listed, n_listed, capacity = _rows_between(starts, stops, block_p, split or None, n_pairs)
+        if capacity:
+            _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
+                *everything, listed, n_listed, *tensors.values(), *scalars, **meta
+            )
+        chunks = _chunks(starts, stops, split, n_pairs) if split else None
+        if chunks:
+            listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = chunks
+            partial = torch.empty(first.shape[0], v_dim, dtype=torch.float32, device=device)
+            _chunk_rows_kernel[(min(first.shape[0], _LONG_PROGRAMS), n_blocks)](
+                grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
+                partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=rows is not None,
+                WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
+                num_warps=warps, **hints,
+            )  # fmt: skip
+            _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
+                starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
+                tensors["out"], opt["state_a"], opt["state_b"], opt["scale"], n_out, v_dim,
+                *scalars[4:], MODE=mode, SPARSE=rows is not None, ADAM=opt["adam"],
+                HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
+                LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, STREAM=hints["STREAM"],
+                num_warps=warps,
+            )  # fmt: skip
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
 
 

@@ -111,8 +111,9 @@ def test_backward_over_column_blocks_with_rows_past_the_short_row_kernel(
     # and with a split the rows of more than 4 pairs (the hot one) are summed in chunks of
     # 4, then combined; blocks of 16 columns, so v_dim 40 is three column blocks (the
     # weight gradient summed over them). 60 rows, 7 a program: 9 programs, each striding
-    # over the list. L2 eviction priorities (on a GPU) must not change a result.
-    shape = (2, 16, 4, 7, 2, split, l2_hints)
+    # over the list. L2 eviction priorities and the L2 window (on a GPU) must not change a
+    # result.
+    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints)
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     values, indices, weights = _bag_inputs(7, 12, 60, 40, torch.float32, hot_row=17)
     grad = _rand(7, 40, generator=torch.Generator().manual_seed(3))

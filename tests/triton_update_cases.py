@@ -84,8 +84,8 @@ def test_fused_update_over_several_column_blocks(monkeypatch, optimizer, split, 
     # three column blocks, so Adagrad's row norms must come from the whole row before any
     # block is stepped, and most rows go through the long-row loop; with a split, rows of
     # more than 4 pairs (the hot one) are summed in chunks, then combined and stepped; L2
-    # eviction priorities (on a GPU) must not change a result.
-    shape = (2, 16, 4, 7, 2, split, l2_hints)
+    # eviction priorities and the L2 window (on a GPU) must not change a result.
+    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints)
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
