@@ -101,7 +101,7 @@ def busiest_row(indices: torch.Tensor) -> int:
 def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
     from timing_layer import memory_layer_for_timing
 
-    from memcompile.kernels import cuda, ops, reference, triton_rows
+    from memcompile.kernels import cuda, ops, reference, row_lists
     from memcompile.runtime import MemoryConfig
 
     dev, dt = "cuda", torch.bfloat16
@@ -156,7 +156,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     record("bag bwd", "memcompile triton, uniform rows",
            bench(lambda: cuda.bag_backward_cuda(grad, values, indices, weights)))  # fmt: skip
     record("bag bwd: its reverse index alone", "torch.sort + torch.searchsorted",
-           bench(lambda: triton_rows.reverse_index(indices, rows_total)))  # fmt: skip
+           bench(lambda: row_lists.reverse_index(indices, rows_total)))  # fmt: skip
     record("bag bwd", f"memcompile triton, one row in all {tokens} tokens",
            bench(lambda: cuda.bag_backward_cuda(grad, values, hot, weights)))  # fmt: skip
     # Zipf-skewed rows: at 1.3B-like, s = 0.5 touches 78% of rows (uniform: 87%), its busiest
@@ -327,16 +327,18 @@ FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16,
 # spills): three programs an SM, against two of 8 warps.
 # A sixth number splits the rows of more pairs than that over programs (0: no split); a
 # seventh, 1, sets L2 eviction priorities (PassShape.l2_hints); an eighth, 1, keeps the
-# output-gradient rows in L2's persisting set-aside (PassShape.l2_window). Left out since
-# run 5 measured them slower: BLOCK_P 2 at 1024 columns (7.23 ms against 6.66), 2 stages
-# (7.36), and the same as the default: 64 rows a program (6.64).
-ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 3, 0, 0, 1),
-                     (4, 1024, 4, 256, 3, 0, 1), (4, 1024, 4, 256, 3, 0, 1, 1),
-                     (4, 2048, 8, 256, 3, 0), (4, 2048, 8, 256, 3, 0, 0, 1),
-                     (4, 2048, 8, 256, 3, 0, 1), (4, 2048, 8, 256, 3, 0, 1, 1),
-                     (2, 2048, 8, 256, 3, 0), (4, 1024, 4, 256, 3, 256),
-                     (4, 1024, 4, 256, 3, 1024), (4, 2048, 8, 256, 3, 1024),
-                     (4, 2048, 4, 256, 3, 0), (2, 2048, 4, 256, 3, 0)]  # fmt: skip
+# output-gradient rows in L2's persisting set-aside (l2_window); a ninth, 1, walks the rows
+# by first token (token_order). The sweep runs last and may be cut by gpu_check's time
+# limit: the L2 variants first. Left out since run 5 measured them slower: BLOCK_P 2 at
+# 1024 columns (7.23 ms against 6.66), 2 stages (7.36); the same: 64 rows a program (6.64).
+ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 3, 0, 0, 0, 1),
+                     (4, 1024, 4, 256, 3, 0, 1, 0, 1), (4, 1024, 4, 256, 3, 0, 0, 1),
+                     (4, 1024, 4, 256, 3, 0, 1, 1, 1), (4, 1024, 4, 256, 3, 0, 1),
+                     (4, 2048, 8, 256, 3, 0), (4, 2048, 8, 256, 3, 0, 0, 0, 1),
+                     (4, 2048, 8, 256, 3, 0, 1, 1, 1), (4, 2048, 8, 256, 3, 0, 0, 1),
+                     (4, 1024, 4, 256, 3, 256), (4, 2048, 8, 256, 3, 1024),
+                     (2, 2048, 8, 256, 3, 0), (4, 2048, 4, 256, 3, 0),
+                     (2, 2048, 4, 256, 3, 0)]  # fmt: skip
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
@@ -394,21 +396,21 @@ def sweep(
 
     timed_table = fresh_table()
 
-    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split l2_hints l2_window"
+    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split l2_hints l2_window token_order"
     skewed = zipf_rows(n_keys**2, indices.shape, g, 0.8)
     cases = [
         ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
          lambda: cuda.bag_cuda(values, indices, weights)),
         ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
          lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
-        ("bag bwd, Zipf s=0.8 rows", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
-         lambda: cuda.bag_backward_cuda(grad, values, skewed, weights)),
         ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS,
          "BLOCK_N BLOCK_K warps stages",
          lambda: cuda.pk_topk_cuda(q, keys, KNN)),
         # Timed on one table that each step changes; compared on one step of a fresh one.
         ("values step, fused rowwise_adagrad", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
          row_shape, lambda: adagrad_step(*timed_table), lambda: adagrad_step(*fresh_table())),
+        ("bag bwd, Zipf s=0.8 rows", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
+         lambda: cuda.bag_backward_cuda(grad, values, skewed, weights)),
     ]  # fmt: skip
     if rows_only:
         cases = [case for case in cases if case[1] is triton_rows]

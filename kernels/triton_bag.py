@@ -14,7 +14,8 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import wait_for_previous_kernel
-from .triton_rows import reverse_index, row_pass
+from .row_lists import reverse_index
+from .triton_rows import row_pass
 
 _FORWARD_MIN_PROGRAMS = 128  # about one per SM of an H100
 _TILE = 8192  # elements of values a forward program gathers per step

@@ -1,9 +1,9 @@
 """The row pass of the bag backward and of the fused value update: for each table row, the
 sum of weight x grad_out[token] over the row's (token, pick) pairs, then one of three ends.
 
-The pairs come from a reverse index (`reverse_index`: the flat (token, pick) positions
-sorted by row, stably, and each row's range). A row needs three dependent reads: its range,
-then its pairs, then their output-gradient rows. Two kernels share the rows:
+The pairs come from a reverse index (`row_lists.reverse_index`: the flat (token, pick)
+positions sorted by row, stably, and each row's range). A row needs three dependent reads:
+its range, then its pairs, then their output-gradient rows. Two kernels share the rows:
 
 - `_short_rows_kernel` takes the rows with at most BLOCK_P pairs (95% of them at two pairs
   a row on average, with BLOCK_P = 4). Each program walks every k-th row of the list over
@@ -22,7 +22,10 @@ then its pairs, then their output-gradient rows. Two kernels share the rows:
 On an H100 at the 1.3B-like config (GPU_NOTES.md, run 5) this took 6.6 ms for the bag
 backward: 5.5 in the short rows, 0.95 in the long ones. Slower, there: a hand-written
 three-row pipeline in registers (7.6 ms); more launches of the short-row kernel for rows of
-up to 8 and 16 pairs, with one or two rows a step (7.3 ms, run 6).
+up to 8 and 16 pairs, with one or two rows a step (7.3 ms, run 6). Its bytes fit the
+output-gradient gathers mostly missing L2; three options, off until an H100 run times them,
+aim at that (`PassShape`): eviction priorities on the stores, an L2 access policy window
+on the output gradient, and walking the rows by first token.
 
 Every row is written by one program, its pairs summed in a fixed order: no atomics,
 deterministic results.
@@ -44,9 +47,9 @@ import triton
 import triton.language as tl
 
 from . import l2_residency
+from .row_lists import MAX_BLOCK_P, chunks, rows_between, rows_by_first_token
 
 _MAX_BLOCK_V = 1024  # columns a program holds
-_MAX_BLOCK_P = 16
 _ROWS_PER_PROGRAM = 256
 _STAGES = 3
 _LONG_PROGRAMS = 1024  # programs walking the list of long rows (fewer when it is shorter)
@@ -160,14 +163,20 @@ def _finish_row(
     inv_width, seed,
     MODE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
     STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr, STREAM: tl.constexpr,
+    OUT_BY_ROW: tl.constexpr,
 ):  # fmt: skip
     """The row's end, by MODE: its gradient acc (float32) from its pairs [first, last);
-    nothing is written where `owned` is 0 (a row the other kernel takes: then first = last)."""
+    nothing is written where `owned` is 0 (a row the other kernel takes: then first = last).
+    The gradient or norm goes to the row's place in `out` with OUT_BY_ROW (a dense output
+    walked in another order), else to the list entry's."""
+    dest = slot
+    if OUT_BY_ROW:
+        dest = row.to(tl.int64)
     if MODE == 0:
-        tl.store(out + slot * v_dim + cols, acc.to(out.dtype.element_ty),
+        tl.store(out + dest * v_dim + cols, acc.to(out.dtype.element_ty),
                  mask=_live_columns(col_mask, cols, 0, owned), eviction_policy=STREAM)  # fmt: skip
     elif MODE == 1:
-        tl.store(out + block.to(tl.int64) * n_out + slot, tl.sum(acc * acc, axis=0),
+        tl.store(out + block.to(tl.int64) * n_out + dest, tl.sum(acc * acc, axis=0),
                  mask=owned > 0)  # fmt: skip
     else:  # rows with pairs only: a row no token picked keeps its values and state
         _step_row(
@@ -187,7 +196,7 @@ def _short_rows_kernel(
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
-    KEEP: tl.constexpr, STREAM: tl.constexpr,
+    KEEP: tl.constexpr, STREAM: tl.constexpr, OUT_BY_ROW: tl.constexpr,
 ):  # fmt: skip
     """The rows of at most BLOCK_P pairs; the others are left to `_long_rows_kernel`."""
     block, cols, col_mask, lanes, wgrad = _program_block(grad_weights, n_pairs, v_dim, BLOCK_P,
@@ -210,7 +219,7 @@ def _short_rows_kernel(
             out, values, state_a, state_b, scale, slot, row, first, end, short.to(tl.int32),
             acc, value_row, m, v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2,
             decay, step_size, bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC,
-            LOCAL_NORM, STREAM,
+            LOCAL_NORM, STREAM, OUT_BY_ROW,
         )  # fmt: skip
 
 
@@ -241,7 +250,7 @@ def _long_rows_kernel(
     MODE: tl.constexpr, SPARSE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ADAM: tl.constexpr,
     HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
-    KEEP: tl.constexpr, STREAM: tl.constexpr,
+    KEEP: tl.constexpr, STREAM: tl.constexpr, OUT_BY_ROW: tl.constexpr,
 ):  # fmt: skip
     """The rows of more than BLOCK_P pairs, BLOCK_P a step: the first n_listed entries of
     `listed`."""
@@ -260,6 +269,7 @@ def _long_rows_kernel(
             out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
             v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
             bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM, STREAM,
+            OUT_BY_ROW,
         )  # fmt: skip
 
 
@@ -293,7 +303,7 @@ def _combine_rows_kernel(
     n_out, v_dim, lr, eps, beta1, beta2, decay, step_size, bc2_sqrt, inv_width, seed,
     MODE: tl.constexpr, SPARSE: tl.constexpr, ADAM: tl.constexpr, HAS_SCALE: tl.constexpr,
     STOCHASTIC: tl.constexpr, LOCAL_NORM: tl.constexpr, BLOCK_V: tl.constexpr,
-    STREAM: tl.constexpr,
+    STREAM: tl.constexpr, OUT_BY_ROW: tl.constexpr,
 ):  # fmt: skip
     """Split rows, one an entry: the sum of the row's chunks, in order (deterministic), then
     the row's end by MODE."""
@@ -313,6 +323,7 @@ def _combine_rows_kernel(
             out, values, state_a, state_b, scale, slot, row, first, last, 1, acc, value_row, m,
             v, cols, col_mask, block, n_out, v_dim, lr, eps, beta1, beta2, decay, step_size,
             bc2_sqrt, inv_width, seed, MODE, ADAM, HAS_SCALE, STOCHASTIC, LOCAL_NORM, STREAM,
+            OUT_BY_ROW,
         )  # fmt: skip
 
 
@@ -336,6 +347,11 @@ class PassShape(NamedTuple):
     # Keep the column block's output-gradient rows in L2's persisting set-aside while the
     # pass runs (`l2_residency.persisting`: works on asynchronous copies too).
     l2_window: bool = False
+    # Walk the rows ordered by the first token that picked each (`rows_by_first_token`),
+    # not by row: the rows sharing a first token then run together, and that token's
+    # output-gradient row is gathered from L2 (the first pairs are 43% of the pairs at
+    # 1.3B-like). Dense passes only (no row list).
+    token_order: bool = False
 
 
 def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> PassShape:
@@ -345,44 +361,11 @@ def pass_blocks(v_dim: int, pairs_per_row: float, whole_rows: bool = False) -> P
     `whole_rows` (row-wise Adagrad: one pass, no norms pass) takes rows up to 2048 columns
     in one block of 8 warps: at the 1.3B-like config its fused step took 12.0 ms where two
     passes over blocks of 1024 columns took 22.4."""
-    block_p = min(max(triton.next_power_of_2(int(2 * pairs_per_row)), 2), _MAX_BLOCK_P)
+    block_p = min(max(triton.next_power_of_2(int(2 * pairs_per_row)), 2), MAX_BLOCK_P)
     block_v = min(max(triton.next_power_of_2(max(v_dim, 1)), 16), _MAX_BLOCK_V)
     if whole_rows and _MAX_BLOCK_V < v_dim <= 2 * _MAX_BLOCK_V:
         return PassShape(block_p, 2 * _MAX_BLOCK_V, 8, _ROWS_PER_PROGRAM, _STAGES)
     return PassShape(block_p, block_v, 4, _ROWS_PER_PROGRAM, _STAGES)
-
-
-def reverse_index(indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, offsets): flat (token, pick) positions sorted by row, stably, and each row's
-    [offsets[r], offsets[r+1]) range in `order`; int32 below 2**31 pairs (fewer registers
-    in the row pass). No host synchronisation."""
-    flat = indices.reshape(-1)
-    # int32 with room for the lane offsets past a row's end (first + lanes).
-    narrow = flat.numel() < 2**31 - 4 * _MAX_BLOCK_P
-    # Row ids below 2**31 sort as int32 keys: half the radix passes of int64.
-    keys = flat.to(torch.int32) if n_rows < 2**31 else flat
-    sorted_rows, order = torch.sort(keys, stable=True)
-    bounds = torch.arange(n_rows + 1, device=flat.device, dtype=sorted_rows.dtype)
-    offsets = torch.searchsorted(sorted_rows, bounds, out_int32=narrow)
-    return (order.to(torch.int32) if narrow else order), offsets
-
-
-def _rows_between(starts: torch.Tensor, stops: torch.Tensor, low: int, high: int | None,
-                  n_pairs: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
-    """(entries, count, capacity): the list entries with more than `low` pairs (and at most
-    `high`), first in `entries` (int32), and their count as a one-element device tensor:
-    no host synchronisation. At most n_pairs // (low + 1) rows can have more than `low`
-    pairs: the capacity."""
-    capacity = min(starts.shape[0], n_pairs // (low + 1))
-    counts = stops - starts
-    chosen = counts > low if high is None else (counts > low) & (counts <= high)
-    rank = torch.cumsum(chosen, 0, dtype=torch.int32)
-    # The other entries all land on one spare slot past the capacity, never read.
-    target = torch.where(chosen, rank - 1, capacity).to(torch.int64)
-    entries = torch.empty(capacity + 1, dtype=torch.int32, device=starts.device)
-    every = torch.arange(starts.shape[0], dtype=torch.int32, device=starts.device)
-    entries.scatter_(0, target, every)
-    return entries, rank[-1:], capacity
 
 
 def row_pass(
@@ -424,10 +407,13 @@ def row_pass(
         out = torch.zeros(n_blocks, n_out, dtype=torch.float32, device=device)
     shares = torch.zeros(n_blocks if weight_grad else 1, n_pairs if weight_grad else 1,
                          dtype=torch.float32, device=device)  # fmt: skip
-    if rows is None:
+    by_token = shape.token_order and rows is None and n_pairs > 0
+    listed_rows = rows is not None or by_token  # the kernels read each entry's row
+    if not listed_rows:
         starts, stops, row_ids = offsets[:-1], offsets[1:], offsets
     else:
-        row_ids = rows.to(torch.int64).contiguous()  # the kernels read it by position
+        row_ids = rows_by_first_token(order, offsets, weights.shape[-1]) if by_token else \
+            rows.to(torch.int64).contiguous()  # fmt: skip
         starts, stops = offsets[row_ids], offsets[row_ids + 1]
     if not (n_out and n_pairs):
         if mode == 0:
@@ -439,10 +425,10 @@ def row_pass(
     scalars = (n_out, n_pairs, weights.shape[-1], v_dim, opt["lr"], opt["eps"], opt["beta1"],
                opt["beta2"], opt["decay"], opt["step_size"], opt["bc2_sqrt"],
                opt["inv_width"], opt["seed"])  # fmt: skip
-    meta = dict(MODE=mode, SPARSE=rows is not None, WEIGHT_GRAD=weight_grad, ADAM=opt["adam"],
+    meta = dict(MODE=mode, SPARSE=listed_rows, WEIGHT_GRAD=weight_grad, ADAM=opt["adam"],
                 HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
                 LOCAL_NORM=opt["local_norm"], BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
-                num_warps=warps, **hints)  # fmt: skip
+                OUT_BY_ROW=by_token, num_warps=warps, **hints)  # fmt: skip
     everything = (grad_out, weights, order, starts, stops, row_ids)
     # The column blocks run one after another (block is the grid's slower axis): one
     # block's share of the output-gradient rows is gathered at a time.
@@ -452,53 +438,30 @@ def row_pass(
         _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
             *everything, *tensors.values(), *scalars, **meta
         )
-        listed, n_listed, capacity = _rows_between(starts, stops, block_p, split or None, n_pairs)
+        listed, n_listed, capacity = rows_between(starts, stops, block_p, split or None, n_pairs)
         if capacity:
             _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
                 *everything, listed, n_listed, *tensors.values(), *scalars, **meta
             )
-        chunks = _chunks(starts, stops, split, n_pairs) if split else None
-        if chunks:
-            listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = chunks
+        split_rows = chunks(starts, stops, split, n_pairs) if split else None
+        if split_rows:
+            listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = split_rows
             partial = torch.empty(first.shape[0], v_dim, dtype=torch.float32, device=device)
             _chunk_rows_kernel[(min(first.shape[0], _LONG_PROGRAMS), n_blocks)](
                 grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
-                partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=rows is not None,
+                partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=listed_rows,
                 WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
                 num_warps=warps, **hints,
             )  # fmt: skip
             _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
                 starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
                 tensors["out"], opt["state_a"], opt["state_b"], opt["scale"], n_out, v_dim,
-                *scalars[4:], MODE=mode, SPARSE=rows is not None, ADAM=opt["adam"],
+                *scalars[4:], MODE=mode, SPARSE=listed_rows, ADAM=opt["adam"],
                 HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
                 LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, STREAM=hints["STREAM"],
-                num_warps=warps,
+                OUT_BY_ROW=by_token, num_warps=warps,
             )  # fmt: skip
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
-
-
-def _chunks(starts: torch.Tensor, stops: torch.Tensor, split: int, n_pairs: int):
-    """The rows of more than `split` pairs and their chunks of `split` pairs, listed on the
-    device (no host synchronisation), or None when no row can have that many: (rows, their
-    count, each row's first chunk, its chunk count, each chunk's list entry, first pair and
-    end, the chunks' count). Lists are sized for the worst case; entries past the counts are
-    never read."""
-    rows, n_rows, row_capacity = _rows_between(starts, stops, split, None, n_pairs)
-    if not row_capacity:
-        return None
-    rows = rows[:row_capacity]
-    device = starts.device
-    live = torch.arange(row_capacity, device=device) < n_rows
-    slots = torch.where(live, rows, 0).to(torch.int64)  # past the count: uninitialised
-    count = torch.where(live, (stops[slots] - starts[slots] + split - 1) // split, 0)
-    ends = torch.cumsum(count, 0, dtype=torch.int64)
-    begin = ends - count
-    chunk = torch.arange(n_pairs // split + row_capacity, device=device, dtype=torch.int64)
-    owner = torch.searchsorted(ends, chunk, right=True).clamp_max(row_capacity - 1)
-    first = starts[slots[owner]] + (chunk - begin[owner]) * split
-    last = torch.minimum(first + split, stops[slots[owner]])
-    return rows, n_rows, begin, count, slots[owner], first, last, ends[-1:]
 
 
 def _pass_result(mode, out, shares, weight_grad, n_blocks, weights) -> torch.Tensor | None:

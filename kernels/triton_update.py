@@ -26,7 +26,8 @@ from .fused_update import (
     row_grad_sq_reference,
     weight_grad_reference,
 )
-from .triton_rows import reverse_index, row_pass
+from .row_lists import reverse_index
+from .triton_rows import row_pass
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

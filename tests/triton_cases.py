@@ -101,9 +101,9 @@ def test_row_sparse_value_gradient_holds_exactly_the_touched_rows():
 
 
 @pytest.mark.parametrize("split, l2_hints", [(0, False), (4, True)])
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sparse, token_order", [(False, False), (False, True), (True, True)])
 def test_backward_over_column_blocks_with_rows_past_the_short_row_kernel(
-    monkeypatch, sparse, split, l2_hints
+    monkeypatch, sparse, token_order, split, l2_hints
 ):
     from memcompile.kernels import triton_bag, triton_rows
 
@@ -112,8 +112,8 @@ def test_backward_over_column_blocks_with_rows_past_the_short_row_kernel(
     # 4, then combined; blocks of 16 columns, so v_dim 40 is three column blocks (the
     # weight gradient summed over them). 60 rows, 7 a program: 9 programs, each striding
     # over the list. L2 eviction priorities and the L2 window (on a GPU) must not change a
-    # result.
-    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints)
+    # result; nor walking the rows by first token (ignored with a row list).
+    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints, token_order)
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     values, indices, weights = _bag_inputs(7, 12, 60, 40, torch.float32, hot_row=17)
     grad = _rand(7, 40, generator=torch.Generator().manual_seed(3))

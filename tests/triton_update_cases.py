@@ -77,15 +77,18 @@ def test_fused_update_matches_the_torch_path(n, picks, rows, v_dim, hot, optimiz
     assert torch.equal(args[0][untouched.to(DEVICE)], ref[0][untouched.to(DEVICE)])
 
 
-@pytest.mark.parametrize("split, l2_hints", [(0, False), (4, True)])
+@pytest.mark.parametrize("split, l2_hints, token_order", [(0, False, False), (4, True, True)])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
-def test_fused_update_over_several_column_blocks(monkeypatch, optimizer, split, l2_hints):
+def test_fused_update_over_several_column_blocks(
+    monkeypatch, optimizer, split, l2_hints, token_order
+):
     # Blocks of 16 columns, rows of up to 2 pairs in the short-row kernel: v_dim 40 is
     # three column blocks, so Adagrad's row norms must come from the whole row before any
     # block is stepped, and most rows go through the long-row loop; with a split, rows of
     # more than 4 pairs (the hot one) are summed in chunks, then combined and stepped; L2
-    # eviction priorities and the L2 window (on a GPU) must not change a result.
-    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints)
+    # eviction priorities and the L2 window (on a GPU) must not change a result, nor
+    # walking the rows by first token (Adagrad's row norms then stored by row).
+    shape = (2, 16, 4, 7, 2, split, l2_hints, l2_hints, token_order)
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     args = _problem(9, 10, 50, 40, 21, torch.float32, optimizer, seed=4)
     hyper = (optimizer, 0.05, 1e-6, 0.9, 0.99, 0.1, 40, 2, 11, False, True)
