@@ -15,7 +15,9 @@
 # counters of the row pass's kernels (profile_row_pass.py; ncu_rows.txt). `--no-kernels`
 # leaves out bench_kernels.py (a run for issue 8 alone); `--decode-sweep` times a decode
 # lookup under each top-k shape and the decode projections under each block shape
-# (bench_inference.py --decode-sweep).
+# (bench_inference.py --decode-sweep). `--no-checks` leaves out the CUDA tests and
+# kernel_check.py (a second call on a machine where a first one just ran them on the same
+# code: about 150 s saved).
 set -euo pipefail
 sections=kernels,values
 inference=yes
@@ -23,6 +25,7 @@ kernels=yes
 decode_sweep=""
 inference_limit=180
 profile=no
+checks=yes
 for option in "$@"; do
   case "$option" in
     --sweep) sections=sweep,kernels,values ;;
@@ -31,8 +34,9 @@ for option in "$@"; do
     --no-kernels) kernels=no ;;
     --decode-sweep) decode_sweep=--decode-sweep; inference_limit=300 ;;
     --profile-rows) profile=yes ;;
+    --no-checks) checks=no ;;
     *) echo "usage: benchmarks/gpu_check.sh [--sweep | --sweep-rows] [--no-inference]" \
-            "[--no-kernels] [--decode-sweep] [--profile-rows]" >&2
+            "[--no-kernels] [--decode-sweep] [--profile-rows] [--no-checks]" >&2
        exit 2 ;;
   esac
 done
@@ -66,20 +70,22 @@ in_tmp_pytest() {  # in_tmp_pytest LOG TESTS...
   (cd /tmp && timeout 170 python3 -m pytest -q -rf --tb=short -p no:cacheprovider "$@") \
     > "$log_file" 2>&1
 }
-in_tmp_pytest gpu_tests.txt -n 8 "$repo/tests/triton_cases.py" \
-  "$repo/tests/triton_update_cases.py" &
-cases=$!
-in_tmp_pytest gpu_compiled.txt "$repo/tests/test_generate_compiled.py" &
-compiled=$!
-TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 in_tmp_pytest gpu_compiled_no_static_launcher.txt \
-  "$repo/tests/test_generate_compiled.py" &
-no_static=$!
-python_step 150 benchmarks/kernel_check.py --json "$out/kernel_check.json"
-for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
-           "$no_static:gpu_compiled_no_static_launcher.txt"; do
-  wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
-  tail -n 4 "$out/${job#*:}" | tee -a "$log"
-done
+if [ "$checks" = yes ]; then
+  in_tmp_pytest gpu_tests.txt -n 8 "$repo/tests/triton_cases.py" \
+    "$repo/tests/triton_update_cases.py" &
+  cases=$!
+  in_tmp_pytest gpu_compiled.txt "$repo/tests/test_generate_compiled.py" &
+  compiled=$!
+  TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 in_tmp_pytest gpu_compiled_no_static_launcher.txt \
+    "$repo/tests/test_generate_compiled.py" &
+  no_static=$!
+  python_step 150 benchmarks/kernel_check.py --json "$out/kernel_check.json"
+  for job in "$cases:gpu_tests.txt" "$compiled:gpu_compiled.txt" \
+             "$no_static:gpu_compiled_no_static_launcher.txt"; do
+    wait "${job%%:*}" || echo "failed or out of time: ${job#*:}" | tee -a "$log"
+    tail -n 4 "$out/${job#*:}" | tee -a "$log"
+  done
+fi
 if [ "$kernels" = yes ]; then
   python_step 260 benchmarks/bench_kernels.py --sections "$sections" \
     --configs "${BENCH_CONFIGS:-1.3B,small}" --out "$out"
