@@ -95,12 +95,18 @@ def test_fused_update_over_several_column_blocks(
     _update_matches_reference(args, None, hyper)
 
 
-@pytest.mark.parametrize("column_blocks, split", [(1, 0), (1, 4), (3, 0)])
-def test_adagrad_with_a_clip_scale_and_its_own_row_norms(monkeypatch, column_blocks, split):
+@pytest.mark.parametrize(
+    "column_blocks, split, token_order", [(1, 0, False), (1, 4, True), (1, 0, True), (3, 0, True)]
+)
+def test_adagrad_with_a_clip_scale_and_its_own_row_norms(
+    monkeypatch, column_blocks, split, token_order
+):
     # The scale multiplies the gradient before its squared norm: in the update pass when one
     # column block holds the row (with a split: in the combine of a split row's chunks),
-    # in the norms pass when three blocks of 16 columns do.
-    shape = (4, 64, 4, 7, 2, split) if column_blocks == 1 else (2, 16, 4, 7, 2)
+    # in the norms pass when three blocks of 16 columns do. Walking the rows by first token
+    # must not change a result.
+    block_p, block_v = (4, 64) if column_blocks == 1 else (2, 16)
+    shape = (block_p, block_v, 4, 7, 2, split, False, False, token_order)
     monkeypatch.setattr(triton_rows, "pass_blocks", lambda *_, **__: shape)
     args = _problem(6, 5, 20, 40, 4, torch.float32, "rowwise_adagrad", seed=6)
     scale = torch.tensor([0.4], device=DEVICE)
