@@ -1,6 +1,7 @@
 """One bag backward and one fused Adagrad step at the 1.3B-like config, then the bag backward
-with L2 eviction priorities (`PassShape.l2_hints`) and with the output-gradient rows held
-in L2's persisting set-aside (`PassShape.l2_window`), between
+with L2 eviction priorities (`PassShape.l2_hints`), with the output-gradient rows held in
+L2's persisting set-aside (`PassShape.l2_window`) and with the rows walked by first token
+(`PassShape.token_order`), between
 cudaProfilerStart and cudaProfilerStop, for Nsight Compute to read the row pass's
 counters (L2 hit rate of the gathers, stall reasons, occupancy): the measurements the row
 pass's next change should start from (benchmarks/GPU_NOTES.md, run 6). Run by
@@ -45,8 +46,8 @@ def main() -> int:
     def steps():
         cuda.bag_backward_cuda(grad, values, indices, weights)
         table.bag(table_values, indices, leaf_weights).backward(grad)
-        try:  # the same backward with eviction priorities, then with the window
-            for change in (dict(l2_hints=True), dict(l2_window=True)):
+        try:  # the same backward with each of the three L2 options
+            for change in (dict(l2_hints=True), dict(l2_window=True), dict(token_order=True)):
                 triton_rows.pass_blocks = with_l2(**change)
                 cuda.bag_backward_cuda(grad, values, indices, weights)
         finally:
@@ -59,7 +60,8 @@ def main() -> int:
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     print("profiled, in order: one bag backward, one fused Adagrad step, the bag backward "
-          "with L2 eviction priorities, then with the L2 window (1.3B-like, bf16; window: "
+          "with L2 eviction priorities, with the L2 window, walked by first token (1.3B-like, "
+          "bf16; window: "
           f"{l2_residency.status()})")  # fmt: skip
     return 0
 
