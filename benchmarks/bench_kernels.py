@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -30,72 +29,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from gpu_shapes import HALF, HEADS, KNN, TRAINING
-
-
-def bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
-def runs_without_host_sync(fn) -> bool | str:
-    """True if one call of `fn` makes no host-device synchronisation, else the error saying
-    where (torch.cuda.set_sync_debug_mode("error"))."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return True
-    except RuntimeError as error:
-        return str(error)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second of a 2 GiB device-to-device copy."""
-    src = torch.randn(2**29, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def kernel_table(fn, calls: int) -> str:
-    """The GPU kernels of `calls` calls by device time, as torch.profiler's table: where a
-    step's time goes, for reading (a table that fails is reported, the run goes on)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
-    except Exception as error:
-        return f"no table: {type(error).__name__}: {error}"
-    print(table, file=sys.stderr, flush=True)
-    return table
+from gpu_timing import (
+    bench,
+    busiest_row,
+    copy_bandwidth,
+    kernel_table,
+    not_built,
+    runs_without_host_sync,
+    zipf_rows,
+)
+from kernel_sweep import sweep
 
 
 def torch_lookup(values, indices, weights):
     """What a user writes in plain torch: gather then weighted sum."""
     return (values[indices] * weights[..., None].to(values.dtype)).sum(1)
-
-
-def zipf_rows(n_rows: int, shape, generator, s: float) -> torch.Tensor:
-    """Row ids drawn with probability ~ 1 / rank**s over a random ranking of the rows: a
-    few keys much busier than the rest, as trained memories have (Lample et al. 2019 report
-    uneven key usage). The row pass sums each row in one program, so the busiest rows set
-    its tail."""
-    dev = generator.device
-    probs = torch.arange(1, n_rows + 1, device=dev, dtype=torch.float64).pow(-s)
-    ranked = torch.multinomial(probs, math.prod(shape), replacement=True, generator=generator)
-    ranking = torch.randperm(n_rows, device=dev, generator=generator)
-    return ranking[ranked].view(shape)
-
-
-def busiest_row(indices: torch.Tensor) -> int:
-    return int(torch.bincount(indices.reshape(-1)).max())
 
 
 def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) -> list[dict]:
@@ -312,147 +260,6 @@ def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[di
         del values, start
         torch.cuda.empty_cache()
     return results
-
-
-# Block shapes tried by the sweep section (the first of each list is the default at the
-# 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
-# num_warps, rows a program, pipeline stages) of the row pass (triton_rows.py: the bag
-# backward, and the fused update). Blocks under 1024 columns are left out: in the fourth
-# H100 run each halving of BLOCK_V cost 3.4x; and shapes that lost in the fifth (BLOCK_P 8,
-# 4 stages, 8 warps over 1024 columns, 1024 rows a program: GPU_NOTES.md).
-FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
-# (2, 2048, 8 warps) is the shape of the first fused update (one program a row), which took
-# 10.9 ms for the Adagrad values step in the third run, against 12.0 for (4, 2048, 8) now;
-# whole rows in 4 warps hold 156 registers a thread in the Adagrad step (Triton 3.6, no
-# spills): three programs an SM, against two of 8 warps.
-# A sixth number splits the rows of more pairs than that over programs (0: no split); a
-# seventh, 1, sets L2 eviction priorities (PassShape.l2_hints); an eighth, 1, keeps the
-# output-gradient rows in L2's persisting set-aside (l2_window); a ninth, 1, walks the rows
-# by first token (token_order). The sweep runs last and may be cut by gpu_check's time
-# limit: the L2 variants first. Left out since run 5 measured them slower: BLOCK_P 2 at
-# 1024 columns (7.23 ms against 6.66), 2 stages (7.36); the same: 64 rows a program (6.64).
-ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 3, 0, 0, 0, 1),
-                     (4, 1024, 4, 256, 3, 0, 1, 0, 1), (4, 1024, 4, 256, 3, 0, 0, 1),
-                     (4, 1024, 4, 256, 3, 0, 1, 1, 1), (4, 1024, 4, 256, 3, 0, 1),
-                     (4, 2048, 8, 256, 3, 0), (4, 2048, 8, 256, 3, 0, 0, 0, 1),
-                     (4, 2048, 8, 256, 3, 0, 1, 1, 1), (4, 2048, 8, 256, 3, 0, 0, 1),
-                     (4, 1024, 4, 256, 3, 256), (4, 2048, 8, 256, 3, 1024),
-                     (2, 2048, 8, 256, 3, 0), (4, 2048, 4, 256, 3, 0),
-                     (2, 2048, 4, 256, 3, 0)]  # fmt: skip
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the pk_topk scan; (16, 64, 4, 3) was the
-# default of the third H100 run.
-SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
-                 (32, 64, 4, 2), (16, 128, 4, 2), (64, 64, 8, 1), (32, 128, 4, 1)]  # fmt: skip
-
-
-def not_built(config: str, section: str) -> list[dict]:
-    """A row naming the ops whose Triton kernel could not be built during `section` (they
-    ran the PyTorch reference, kernels/cuda.py, so that section's rows time the reference
-    for them), and a clean slate for the next section; no row when all were built."""
-    from memcompile.kernels import cuda
-
-    unbuilt = cuda.take_unbuilt()
-    if not unbuilt:
-        return []
-    return [{"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
-             "ok": unbuilt}]  # fmt: skip
-
-
-def as_tuple(out) -> tuple[torch.Tensor, ...]:
-    return out if isinstance(out, tuple) else (out,)
-
-
-def sweep(
-    name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep, rows_only: bool
-) -> None:
-    """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step (with
-    `rows_only`, the row pass's cases only) under each block shape above, every output
-    compared with the default shape's; a shape that fails (compile, resources) is reported
-    and the sweep goes on. `keep` saves rows."""
-
-    from memcompile.kernels import cuda, l2_residency, triton_bag, triton_rows, triton_topk
-    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
-
-    dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
-    g = torch.Generator(device=dev).manual_seed(0)
-    values = torch.randn(n_keys**2, v_dim, device=dev, generator=g).to(dt)
-    indices = torch.randint(0, n_keys**2, (tokens, picks), device=dev, generator=g)
-    weights = torch.softmax(torch.randn(tokens, picks, device=dev, generator=g), -1)
-    grad = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt)
-    q = torch.randn(tokens, HEADS, 2 * HALF, device=dev, generator=g).to(dt)
-    keys = torch.randn(HEADS, 2, n_keys, HALF, device=dev, generator=g).to(dt)
-    moved = tokens * picks * v_dim * 2
-
-    def adagrad_step(table_values, leaf_weights, table) -> tuple[torch.Tensor, torch.Tensor]:
-        leaf_weights.grad = None
-        table.bag(table_values, indices, leaf_weights).backward(grad)
-        return table_values.detach(), leaf_weights.grad
-
-    def fresh_table():
-        table_values = values.clone().requires_grad_()
-        leaf_weights = weights.clone().requires_grad_()
-        return table_values, leaf_weights, FusedTable(table_values, ValueOptimizer(
-            "rowwise_adagrad", 1e-3))  # fmt: skip
-
-    timed_table = fresh_table()
-
-    row_shape = "BLOCK_P BLOCK_V warps rows_a_program stages split l2_hints l2_window token_order"
-    skewed = zipf_rows(n_keys**2, indices.shape, g, 0.8)
-    cases = [
-        ("bag fwd", triton_bag, "forward_blocks", FORWARD_VARIANTS, "BLOCK_B BLOCK_V warps",
-         lambda: cuda.bag_cuda(values, indices, weights)),
-        ("bag bwd", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
-         lambda: cuda.bag_backward_cuda(grad, values, indices, weights)),
-        ("pk_topk fwd", triton_topk, "scan_blocks", SCAN_VARIANTS,
-         "BLOCK_N BLOCK_K warps stages",
-         lambda: cuda.pk_topk_cuda(q, keys, KNN)),
-        # Timed on one table that each step changes; compared on one step of a fresh one.
-        ("values step, fused rowwise_adagrad", triton_rows, "pass_blocks", ROW_PASS_VARIANTS,
-         row_shape, lambda: adagrad_step(*timed_table), lambda: adagrad_step(*fresh_table())),
-        ("bag bwd, Zipf s=0.8 rows", triton_rows, "pass_blocks", ROW_PASS_VARIANTS, row_shape,
-         lambda: cuda.bag_backward_cuda(grad, values, skewed, weights)),
-    ]  # fmt: skip
-    if rows_only:
-        cases = [case for case in cases if case[1] is triton_rows]
-    for what, module, hook, variants, names, run, *result in cases:
-        result = result[0] if result else run
-        default = getattr(module, hook)
-        rows = []
-        try:
-            expected = as_tuple(result())  # every shape must compute what the default does
-            rows += not_built(name, f"sweep {what}, default shape")  # then: vs the reference
-            for shape in variants:
-                setattr(module, hook, lambda *_, c=shape, **__: c)
-                impl = " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
-                row = {"config": name, "what": f"sweep {what}", "impl": impl}
-                try:
-                    ms = bench(run)
-                    got = as_tuple(result())
-                except Exception as error:  # one shape that fails must not end the sweep
-                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
-                    continue
-                missing = not_built(name, f"sweep {what}, {impl}")
-                if missing:  # too big for this GPU: the reference ran, not the shape
-                    rows += missing
-                    continue
-                row["ms"] = round(ms, 4)
-                row["same_result"] = all(
-                    torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-                    for a, b in zip(got, expected)
-                )
-                if module is triton_rows and triton_rows.PassShape(*shape).l2_window:
-                    row["l2_window"] = l2_residency.status()  # "on", or why it is off
-                if what == "bag fwd":
-                    row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
-                    row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)
-                rows.append(row)
-        except Exception as error:  # the default shape failed: report it, sweep the rest
-            rows.append({"config": name, "what": f"sweep {what}",
-                         "ok": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
-        finally:
-            setattr(module, hook, default)
-            rows += not_built(name, f"sweep {what}")  # what the rows above did not catch
-            keep(rows)  # each case's rows are saved before the next case runs
 
 
 def main() -> int:

@@ -200,7 +200,7 @@ def sweep_launches() -> list:
     """The launches of bench_kernels.py's sweep (gpu_check.sh --sweep) at the 1.3B-like
     config: each block shape of the bag forward, the row pass (bag backward, fused updates)
     and the top-k scan; and of bench_inference.py's decode sweep."""
-    from bench_kernels import FORWARD_VARIANTS, ROW_PASS_VARIANTS, SCAN_VARIANTS
+    from kernel_sweep import FORWARD_VARIANTS, ROW_PASS_VARIANTS, SCAN_VARIANTS
 
     c, bf16, picks = TRAINING["1.3B"], torch.bfloat16, HEADS * KNN
     rows = c["n_keys"] ** 2
