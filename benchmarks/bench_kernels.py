@@ -133,6 +133,18 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
            bench(lambda: reference.pk_topk_backward(grad_scores, q, keys, top)))  # fmt: skip
     record("pk_topk bwd", "memcompile triton + cuBLAS",
            bench(lambda: cuda.pk_topk_backward_cuda(grad_scores, q, keys, top)))  # fmt: skip
+    # The Memory+ gating of the bag, forward and backward, as the layer's training step runs it.
+    gate_in = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt).requires_grad_()
+    bag_out = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt).requires_grad_()
+
+    def gating_step(gate_fn):
+        gate_in.grad = bag_out.grad = None  # as after zero_grad: no accumulation
+        gate_fn(bag_out, gate_in).backward(grad)
+
+    record("gating fwd+bwd", "torch (silu, product)",
+           bench(lambda: gating_step(lambda b, s: b * F.silu(s))))  # fmt: skip
+    record("gating fwd+bwd", "memcompile triton (silu_gate)",
+           bench(lambda: gating_step(ops.silu_gate)))  # fmt: skip
 
     d = v_dim
     config = MemoryConfig(mem_size=rows_total, heads=HEADS, knn=KNN, k_dim=2 * HALF,

@@ -37,6 +37,7 @@ import torch
 import triton
 from gpu_shapes import (
     CHECK_BAG,
+    CHECK_GATE,
     CHECK_LINEARS,
     CHECK_LOOKUP,
     CHECK_TOPK,
@@ -57,6 +58,7 @@ from memcompile.kernels import (
     fused_update,
     pdl,
     triton_bag,
+    triton_gate,
     triton_linear,
     triton_rows,
     triton_topk,
@@ -180,6 +182,14 @@ def linear_launches(n, d_in, widths, dtype) -> list:
                                    biases))  # fmt: skip
 
 
+def gate_launches(n, v_dim, dtype) -> list:
+    """A training step's Memory+ gating, forward and backward."""
+    x, gate = meta(n, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
+    return record_launches(partial(triton_gate.silu_gate, x, gate)) + record_launches(
+        partial(triton_gate.silu_gate_backward, gate, x, gate)
+    )
+
+
 def update_launches(n, rows, v_dim, picks, dtype) -> list:
     values, grad = meta(rows, v_dim, dtype=dtype), meta(n, v_dim, dtype=dtype)
     indices, weights = meta(n, picks, dtype=torch.int64), meta(n, picks)
@@ -277,6 +287,7 @@ def _launches(quick: bool) -> list:
         rows = c["n_keys"] ** 2
         found += bag_launches(c["tokens"], picks, rows, c["v_dim"], bf16, backward=True)
         found += topk_launches(c["tokens"], HEADS, c["n_keys"], k_dim, KNN, bf16, False, True)
+        found += gate_launches(c["tokens"], c["v_dim"], bf16)
         for dtype in (bf16, torch.float32):  # the values step times both tables
             found += update_launches(c["tokens"], rows, c["v_dim"], picks, dtype)
     d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
@@ -301,6 +312,8 @@ def _launches(quick: bool) -> list:
             found += bag_launches(n, heads * knn, n_keys**2, v_dim, dtype, False, gated=True)
         for n, d_in, widths in CHECK_LINEARS:
             found += linear_launches(n, d_in, widths, dtype)
+        for n, v_dim in CHECK_GATE:
+            found += gate_launches(n, v_dim, dtype)
         for n in (1, 4096):  # knn 64 at the widest half the dispatcher allows for the dtype
             half = 256 if dtype == torch.float32 else 512
             found += topk_launches(n, HEADS, 1024, 2 * half, 64, dtype, softmax=True)

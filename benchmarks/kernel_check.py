@@ -4,8 +4,9 @@ For bf16, fp16 and fp32 tables and queries: relative error ||out - ref|| / ||ref
 forward, bag backward (values and weights), pk_topk (scores; picked keys must be true
 top-knn keys; its backward to the query and the keys), the inference lookup pk_lookup at
 decode sizes (the softmax weights, the bag of the picked rows and its Memory+ gating; on a
-GPU also with the values in pinned host memory) and the decode projections (`linears`, two
-maps a launch), with every output element checked as written (the caching allocator is
+GPU also with the values in pinned host memory), the decode projections (`linears`, two
+maps a launch) and the training step's gating (`silu_gate`, forward and backward), with
+every output element checked as written (the caching allocator is
 filled with NaN first, so an unwritten element shows). On a machine without CUDA it runs
 through Triton's interpreter at tiny sizes. Exits 1 on any failure.
 
@@ -135,6 +136,20 @@ def check_pk_lookup(dtype, n, heads, n_keys, k_dim, knn, v_dim) -> dict:
     return row
 
 
+def check_silu_gate(dtype, n, v_dim) -> dict:
+    g = generator(4)
+    x, gate, grad = (randn(n, v_dim, generator=g, dtype=dtype) for _ in range(3))
+    poison_allocator()
+    out = cuda.silu_gate_cuda(x, gate)
+    poison_allocator()
+    grad_x, grad_gate = cuda.silu_gate_backward_cuda(grad, x, gate)
+    x64, g64, d64 = x.double(), gate.double(), grad.double()
+    s = torch.sigmoid(g64)
+    return {"op": "silu_gate", "dtype": str(dtype), "shape": [n, v_dim],
+            "forward": rel_error(out, x64 * g64 * s), "grad_x": rel_error(grad_x, d64 * g64 * s),
+            "grad_gate": rel_error(grad_gate, d64 * x64 * s * (1 + g64 * (1 - s)))}  # fmt: skip
+
+
 def check_linears(dtype, n, d_in, widths) -> dict:
     g = generator(3)
     x = randn(n, d_in, generator=g, dtype=dtype)
@@ -157,6 +172,7 @@ def main() -> int:
     topk_shapes = gpu_shapes.CHECK_TOPK if big else [(20, 2, 40, 32, 4)]
     lookup_shapes = gpu_shapes.CHECK_LOOKUP if big else [(1, 2, 40, 32, 8, 96)]
     linear_shapes = gpu_shapes.CHECK_LINEARS if big else [(3, 100, (40, 17))]
+    gate_shapes = gpu_shapes.CHECK_GATE if big else [(3, 1500)]
     checks = []
     for dtype in TOLERANCE:
         if DEVICE == "cpu" and dtype == torch.bfloat16:
@@ -165,6 +181,7 @@ def main() -> int:
         checks += [(check_pk_topk, dtype, shape) for shape in topk_shapes]
         checks += [(check_pk_lookup, dtype, shape) for shape in lookup_shapes]
         checks += [(check_linears, dtype, shape) for shape in linear_shapes]
+        checks += [(check_silu_gate, dtype, shape) for shape in gate_shapes]
     rows, failed = [], False
     for check, dtype, shape in checks:
         try:

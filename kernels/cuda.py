@@ -129,6 +129,29 @@ def pk_topk_backward_cuda(grad_scores, q, keys, indices):
     )  # fmt: skip
 
 
+def silu_gate_cuda(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    from . import triton_gate
+
+    if x.dtype not in _TRITON_DTYPES or gate.dtype not in _TRITON_DTYPES:
+        return reference.silu_gate(x, gate)
+    return _triton_or_reference(
+        "silu_gate", gate.dtype, partial(triton_gate.silu_gate, x, gate),
+        partial(reference.silu_gate, x, gate),
+    )  # fmt: skip
+
+
+def silu_gate_backward_cuda(grad, x, gate):
+    from . import triton_gate
+
+    args = (grad, x, gate)
+    if x.dtype not in _TRITON_DTYPES or gate.dtype not in _TRITON_DTYPES:
+        return reference.silu_gate_backward(*args)
+    return _triton_or_reference(
+        "silu_gate_backward", gate.dtype, partial(triton_gate.silu_gate_backward, *args),
+        partial(reference.silu_gate_backward, *args),
+    )  # fmt: skip
+
+
 def pk_lookup_cuda(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int, swilu=None
 ) -> torch.Tensor:
@@ -220,6 +243,8 @@ def register_cuda_kernels() -> bool:
     ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
     ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
     ops.pk_topk_backward.register_kernel("cuda")(pk_topk_backward_cuda)
+    ops.silu_gate.register_kernel("cuda")(silu_gate_cuda)
+    ops.silu_gate_backward.register_kernel("cuda")(silu_gate_backward_cuda)
     ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
     ops.linears.register_kernel("cuda")(linears_cuda)
     fused_update.bag_weight_grad.register_kernel("cuda")(bag_weight_grad_cuda)

@@ -1,11 +1,11 @@
 """`memcompile::pk_topk` and `memcompile::bag` as torch.library custom ops,
-`memcompile::pk_lookup`, both in one op for inference, and `memcompile::linears`, a memory
-layer's projections at inference.
+`memcompile::silu_gate`, the Memory+ gating of the bag, `memcompile::pk_lookup`, all three in
+one op for inference, and `memcompile::linears`, a memory layer's projections at inference.
 
 Each op has a fake kernel (shapes only, for torch.compile and torch.export) and a
-plain-PyTorch default kernel (`reference.py`). pk_topk and bag have a registered autograd
-formula whose backward is itself a custom op, so a faster backend replaces forward and
-backward by registering kernels for the four ops. pk_lookup has none: it is the
+plain-PyTorch default kernel (`reference.py`). pk_topk, bag and silu_gate have a registered
+autograd formula whose backward is itself a custom op, so a faster backend replaces forward
+and backward by registering kernels for the six ops. pk_lookup has none: it is the
 no-gradient path, where a backend may fuse the softmax and skip intermediates.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 
-__all__ = ["pk_topk", "bag", "pk_lookup", "linears"]
+__all__ = ["pk_topk", "bag", "silu_gate", "pk_lookup", "linears"]
 
 
 @torch.library.custom_op("memcompile::pk_topk", mutates_args=())
@@ -108,6 +108,47 @@ def _bag_grad(ctx, grad_out):
 
 
 bag.register_autograd(_bag_grad, setup_context=_bag_setup_context)
+
+
+@torch.library.custom_op("memcompile::silu_gate", mutates_args=())
+def silu_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x * silu(gate) in gate's dtype: a Memory+ layer's gating of its bag, with gradients.
+    One op (a backend fuses the product and its backward, and autograd keeps x and gate,
+    not silu(gate)); x and gate have the same shape. Returns a contiguous tensor."""
+    return reference.silu_gate(x, gate)
+
+
+@silu_gate.register_fake
+def _silu_gate_fake(x, gate):
+    torch._check(x.shape == gate.shape, lambda: f"silu_gate: {x.shape} and {gate.shape} differ")
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("memcompile::silu_gate_backward", mutates_args=())
+def silu_gate_backward(
+    grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.silu_gate_backward(grad, x, gate)
+
+
+@silu_gate_backward.register_fake
+def _silu_gate_backward_fake(grad, x, gate):
+    contiguous = torch.contiguous_format
+    return torch.empty_like(x, memory_format=contiguous), torch.empty_like(
+        gate, memory_format=contiguous
+    )
+
+
+def _silu_gate_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_gate_grad(ctx, grad):
+    x, gate = ctx.saved_tensors
+    return silu_gate_backward(grad.contiguous(), x, gate)
+
+
+silu_gate.register_autograd(_silu_gate_grad, setup_context=_silu_gate_setup_context)
 
 
 @torch.library.custom_op("memcompile::pk_lookup", mutates_args=())

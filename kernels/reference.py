@@ -110,7 +110,24 @@ def pk_lookup(
     # (N, v_dim) result crosses.
     indices, probs = indices.view(-1, picks).to(values.device), probs.view(-1, picks)
     out = bag(values, indices, probs.to(values.device)).to(q.device)
-    return out if swilu is None else out.to(swilu.dtype) * F.silu(swilu)
+    return out if swilu is None else silu_gate(out, swilu)
+
+
+def silu_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x * silu(gate), in gate's dtype, contiguous: the Memory+ gating of the bag."""
+    return (x.to(gate.dtype) * F.silu(gate)).contiguous()
+
+
+def silu_gate_backward(
+    grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `silu_gate` with respect to x and gate, computed in float32 (float64
+    for float64) and rounded once to x's and gate's dtypes; contiguous."""
+    acc = accumulation_dtype(gate.dtype)
+    d, a, g = grad.to(acc), x.to(acc), gate.to(acc)
+    s = torch.sigmoid(g)
+    grad_x = (d * g * s).to(x.dtype).contiguous()
+    return grad_x, (d * a * s * (1 + g * (1 - s))).to(gate.dtype).contiguous()
 
 
 def linears(

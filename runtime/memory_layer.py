@@ -10,10 +10,9 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ops
+from ..kernels import ops, reference
 from .config import MemoryConfig
 from .errors import MemcompileError
 from .init import POOL_SEED_TAG, ValuesInit, derive_seed, normal_, uniform_
@@ -185,7 +184,11 @@ class MemoryLayer(nn.Module):
             bag = bag.to(q.device, non_blocking=True)
         else:
             bag = ops.bag(values, indices, probs)
-        return bag if swilu is None else bag.to(swilu.dtype) * F.silu(swilu)
+        if swilu is None:
+            return bag
+        if torch.compiler.is_exporting():  # plain ops, which the ONNX lowering knows
+            return reference.silu_gate(bag, swilu)
+        return ops.silu_gate(bag, swilu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.d_in,) or not x.is_floating_point():

@@ -13,7 +13,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 KERNELS = {
     "_bag_forward_kernel", "_short_rows_kernel", "_long_rows_kernel", "_split_topk_kernel",
     "_merge_splits_kernel",
-    "_weight_grad_kernel", "_linears_kernel", "_sub_key_grad_kernel",
+    "_weight_grad_kernel", "_linears_kernel", "_sub_key_grad_kernel", "_silu_gate_kernel",
+    "_silu_gate_backward_kernel",
 }  # fmt: skip
 
 

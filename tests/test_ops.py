@@ -143,6 +143,38 @@ def test_pk_lookup_is_topk_softmax_bag(sample):
     torch.testing.assert_close(gated, expected * swilu * torch.sigmoid(swilu), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtypes", [(F64, F64), (torch.float32, F64), (torch.bfloat16,) * 2])
+def test_silu_gate_and_its_gradients_match_float64_autograd(dtypes):
+    x_dtype, gate_dtype = dtypes
+    x = _randn(5, 7, seed=21, dtype=x_dtype).requires_grad_()
+    gate = (3 * _randn(5, 7, seed=22, dtype=gate_dtype)).requires_grad_()
+    out = ops.silu_gate(x, gate)
+    assert out.dtype == gate_dtype and out.is_contiguous()
+    grad = _randn(5, 7, seed=23, dtype=gate_dtype)
+    out.backward(grad)
+    x64, gate64 = x.detach().double().requires_grad_(), gate.detach().double().requires_grad_()
+    want = x64 * gate64 * torch.sigmoid(gate64)
+    want.backward(grad.double())
+    tol = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}  # of each result's dtype
+    for got, exact in ((out, want), (x.grad, x64.grad), (gate.grad, gate64.grad)):
+        torch.testing.assert_close(got.double(), exact.detach(), rtol=tol[got.dtype],
+                                   atol=tol[got.dtype])  # fmt: skip
+    torch.library.opcheck(torch.ops.memcompile.silu_gate.default, (x.detach(), gate.detach()))
+    torch.library.opcheck(
+        torch.ops.memcompile.silu_gate_backward.default, (grad, x.detach(), gate.detach())
+    )
+
+
+def test_silu_gate_takes_non_contiguous_inputs_and_stride_zero_gradients():
+    x = _randn(7, 5, seed=24, dtype=F64).t().requires_grad_()  # (5, 7), not contiguous
+    gate = _randn(5, 7, seed=25, dtype=F64).requires_grad_()
+    torch.library.opcheck(torch.ops.memcompile.silu_gate.default, (x.detach(), gate.detach()))
+    ops.silu_gate(x, gate).sum().backward()  # the gradient of a sum: stride 0
+    s = torch.sigmoid(gate.detach())
+    torch.testing.assert_close(x.grad, gate.detach() * s)
+    torch.testing.assert_close(gate.grad, x.detach() * s * (1 + gate.detach() * (1 - s)))
+
+
 def test_public_names_are_the_registered_ops():
     assert kernels.pk_topk is ops.pk_topk
     assert kernels.bag is ops.bag

@@ -258,6 +258,28 @@ def test_pk_topk_backward_takes_stride_zero_gradients():
         _close(a, b, torch.float32, terms=20)
 
 
+@pytest.mark.parametrize(
+    ("shape", "x_dtype", "gate_dtype"),
+    [((5, 96), torch.float32, torch.float32), ((3, 1500), torch.float16, torch.float16),
+     ((4, 320), torch.float16, torch.float32), ((0, 96), torch.float32, torch.float32)],
+)  # fmt: skip
+def test_silu_gate_forward_and_backward_match_float64(shape, x_dtype, gate_dtype):
+    # 3 x 1500 spans several programs with a ragged last one; mixed dtypes: a half table's
+    # bag gated in float32.
+    g = torch.Generator().manual_seed(shape[1])
+    x = _rand(*shape, dtype=x_dtype, generator=g)
+    gate = (3 * _rand(*shape, generator=g)).to(gate_dtype)
+    grad = _rand(*shape, dtype=gate_dtype, generator=g)
+    out = cuda.silu_gate_cuda(x, gate)
+    grad_x, grad_gate = cuda.silu_gate_backward_cuda(grad, x, gate)
+    assert out.dtype == gate_dtype and grad_x.dtype == x_dtype and grad_gate.dtype == gate_dtype
+    x64, g64, d64 = x.double(), gate.double(), grad.double()
+    s = torch.sigmoid(g64)
+    _close(out, x64 * g64 * s, gate_dtype)
+    _close(grad_x, d64 * g64 * s, x_dtype)
+    _close(grad_gate, d64 * x64 * s * (1 + g64 * (1 - s)), gate_dtype)
+
+
 LOOKUP_CASES = [
     # n, heads, n_keys, knn, v_dim: decode (split scan, no tl.dot), a masked token block,
     # a full tl.dot block, an empty batch
@@ -374,6 +396,9 @@ def test_ops_agree_with_their_fake_kernels_on_the_device(case):
     weights = [_rand(96, 64, dtype=dtype, generator=g), _rand(7, 64, dtype=dtype, generator=g)]
     x = _rand(5, 64, dtype=dtype, generator=g)
     torch.library.opcheck(ops.linears.default, (x, weights, [weights[0][:, 0], None]))
+    bag_out = _rand(5, 96, dtype=dtype, generator=g).t().contiguous().t()  # not contiguous
+    torch.library.opcheck(ops.silu_gate.default, (bag_out, swilu))
+    torch.library.opcheck(ops.silu_gate_backward.default, (swilu, bag_out, swilu))
     _, indices = ops.pk_topk(q, keys, 4)
     grad_scores = _rand(5, 2, 4, generator=g)
     torch.library.opcheck(ops.pk_topk_backward.default, (grad_scores, q, keys, indices))
