@@ -3,10 +3,9 @@
 
 float64 inputs (used for gradient checks) stay on the PyTorch reference. The backward of
 pk_topk is one Triton launch (the sub-key score gradient) and two batched cuBLAS matmuls.
-A kernel that cannot be built for the GPU at
-hand (a compile error, or more shared memory or registers than it has, as on GPUs smaller
-than the H100 the shapes were chosen for) is reported once and its op runs the PyTorch
-reference from then on.
+A kernel that cannot be built for the GPU at hand (a compile error, or more shared memory
+or registers than it has, as on GPUs smaller than the H100 the shapes were chosen for) is
+reported once and its op runs the PyTorch reference from then on.
 """
 
 from __future__ import annotations

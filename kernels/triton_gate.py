@@ -38,6 +38,7 @@ def _silu_gate_backward_kernel(grad, x, gate, grad_x, grad_gate, n, BLOCK: tl.co
 
 def silu_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """As `reference.silu_gate`, contiguous."""
+    torch._check(x.shape == gate.shape, lambda: f"silu_gate: {x.shape} and {gate.shape} differ")
     x, gate = x.contiguous(), gate.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
@@ -50,6 +51,8 @@ def silu_gate_backward(
     grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `reference.silu_gate_backward`, contiguous."""
+    shapes = (grad.shape, x.shape, gate.shape)
+    torch._check(len(set(shapes)) == 1, lambda: f"silu_gate_backward: shapes {shapes} differ")
     grad, x, gate = grad.contiguous(), x.contiguous(), gate.contiguous()
     grad_x, grad_gate = torch.empty_like(x), torch.empty_like(gate)
     n = gate.numel()
