@@ -6,10 +6,10 @@ stream, in list order: per row, its value row read (2 KB), its pairs' output-gra
 (2 KB each) and its gradient row written (2 KB). A gather hits when the bytes touched since
 that token's previous gather are fewer than the cache: counting all of them (a lower
 bound on the hit rate), or the streamed rows plus the distinct gathered rows expected in
-between. Also with the streamed rows bypassing the cache (what eviction priorities or an
-L2 window aim at). The GPU runs programs concurrently and H100's 50 MB L2 is two halves,
-so 25 and 50 MB bracket it. Written to interpret the next H100 run (GPU_NOTES.md, eleventh
-session), not to set defaults.
+between. Also with the gradient stores, or all streamed rows, bypassing the cache (what
+eviction priorities or an L2 window aim at). The GPU runs programs concurrently and H100's
+50 MB L2 is two halves, so 25 and 50 MB bracket it. Written to interpret the next H100 run
+(GPU_NOTES.md, eleventh session), not to set defaults.
 
     python benchmarks/l2_reuse_model.py
 """
@@ -23,15 +23,18 @@ ROW_BYTES = 2048  # one row's 1024-column block in bf16
 CACHES_MB = (25, 50)
 
 
-def hit_rates(row_order, counts, offsets, token_of_pair) -> dict[str, float]:
-    """Hit rates of the gathers when the rows are walked in `row_order`."""
+def hit_rates(row_order, counts, offsets, token_of_pair, streamed_rows=2) -> dict[str, float]:
+    """Hit rates of the gathers when the rows are walked in `row_order`, with
+    `streamed_rows` rows a row through the cache (1: the gradient stores bypass it, as
+    `PassShape.l2_hints` means them to)."""
     per_row = counts[row_order]
     firsts = np.repeat(offsets[row_order] - np.concatenate([[0], np.cumsum(per_row)[:-1]]),
                        per_row)  # fmt: skip
     tokens = token_of_pair[firsts + np.arange(per_row.sum())]
     gather = np.arange(tokens.size)
     slot = np.repeat(np.arange(row_order.size), per_row)
-    streamed = (2 * slot + 1) * ROW_BYTES  # value and gradient rows of earlier rows, own value
+    # The value (and gradient) rows of the earlier rows, and this row's value row.
+    streamed = (streamed_rows * slot + 1) * ROW_BYTES
     by_token = np.lexsort((gather, tokens))
     repeat = np.concatenate([[False], tokens[by_token][1:] == tokens[by_token][:-1]])
     previous = np.full(tokens.size, -1)
@@ -65,7 +68,9 @@ def main() -> None:
               "by first token": np.argsort(first_token, kind="stable")}  # fmt: skip
     print(f"first pairs: {np.count_nonzero(counts) / order.size:.1%} of the pairs")
     for name, row_order in orders.items():
-        print(name, hit_rates(row_order, counts, offsets, token_of_pair))
+        for streamed_rows, stores in ((2, ""), (1, ", gradient stores bypassing")):
+            rates = hit_rates(row_order, counts, offsets, token_of_pair, streamed_rows)
+            print(f"{name}{stores}: {rates}")
 
 
 if __name__ == "__main__":
