@@ -2,14 +2,16 @@
 LRU cache of a given size would serve, at the 1.3B-like config, in two row orders.
 
 It replays one column block of the bag backward's short-row pass (triton_rows.py) as one
-stream, in list order: per row, its value row read (2 KB), its pairs' output-gradient rows
-(2 KB each) and its gradient row written (2 KB). A gather hits when the bytes touched since
-that token's previous gather are fewer than the cache: counting all of them (a lower
-bound on the hit rate), or the streamed rows plus the distinct gathered rows expected in
-between. Also with the gradient stores, or all streamed rows, bypassing the cache (what
-eviction priorities or an L2 window aim at). The GPU runs programs concurrently and H100's
-50 MB L2 is two halves, so 25 and 50 MB bracket it. Written to interpret the next H100 run
-(GPU_NOTES.md, eleventh session), not to set defaults.
+stream, in the order the kernel reaches the rows: its 4,096 programs (256 rows each) run in
+waves of 660 (5 an SM), program p taking rows p, p + 4096, ..., so at each step a wave is at
+660 consecutive rows of the list. Per row: its value row read (2 KB), its pairs'
+output-gradient rows (2 KB each) and its gradient row written (2 KB). A gather hits when the
+bytes touched since that token's previous gather are fewer than the cache: counting all of
+them (a lower bound on the hit rate), or the streamed rows plus the distinct gathered rows
+expected in between. Also with the gradient stores, or all streamed rows, bypassing the
+cache (what eviction priorities or an L2 window aim at). The GPU runs programs concurrently
+and H100's 50 MB L2 is two halves, so 25 and 50 MB bracket it. Written to interpret the next
+H100 run (GPU_NOTES.md, eleventh session), not to set defaults.
 
     python benchmarks/l2_reuse_model.py
 """
@@ -21,6 +23,18 @@ import numpy as np
 TOKENS, PICKS, ROWS = 16384, 128, 1024 * 1024
 ROW_BYTES = 2048  # one row's 1024-column block in bf16
 CACHES_MB = (25, 50)
+ROWS_A_PROGRAM, RESIDENT_PROGRAMS = 256, 660  # pass_blocks' default; 5 programs an SM, 132 SMs
+
+
+def kernel_order() -> np.ndarray:
+    """List positions in the order the short-row kernel reaches them (waves in lock step)."""
+    programs = -(-ROWS // ROWS_A_PROGRAM)
+    program = np.arange(programs)[None, :]
+    step = np.arange(ROWS_A_PROGRAM)[:, None]
+    position = program + programs * step
+    when = ((program // RESIDENT_PROGRAMS) * ROWS_A_PROGRAM + step) * programs + program
+    position = position.ravel()[np.argsort(when.ravel(), kind="stable")]
+    return position[position < ROWS]
 
 
 def hit_rates(row_order, counts, offsets, token_of_pair, streamed_rows=2) -> dict[str, float]:
@@ -67,7 +81,9 @@ def main() -> None:
     orders = {"by row (default)": np.arange(ROWS),
               "by first token": np.argsort(first_token, kind="stable")}  # fmt: skip
     print(f"first pairs: {np.count_nonzero(counts) / order.size:.1%} of the pairs")
+    reached = kernel_order()
     for name, row_order in orders.items():
+        row_order = row_order[reached]
         for streamed_rows, stores in ((2, ""), (1, ", gradient stores bypassing")):
             rates = hit_rates(row_order, counts, offsets, token_of_pair, streamed_rows)
             print(f"{name}{stores}: {rates}")
