@@ -78,3 +78,87 @@ def test_share_of_lines_that_persist_fits_the_set_aside():
     policy = l2_residency.window(4096, 67 << 20, 30 << 20, 10 << 20)
     assert policy.hitRatio == 1.0 and policy.num_bytes == 67 << 20 and policy.base_ptr == 4096
     assert policy.hitProp == l2_residency._CU_ACCESS_PROPERTY_PERSISTING
+
+
+class FakeDriver:
+    """libcuda's calls that l2_residency makes, recorded; `refuse` names one that fails."""
+
+    SET_ASIDE, LARGEST_WINDOW = 30 << 20, 128 << 20
+
+    def __init__(self, refuse: str | None = None):
+        self.calls, self.windows, self.refuse = [], [], refuse
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            if name == self.refuse:
+                return 1  # CUDA_ERROR_INVALID_VALUE
+            if name == "cuDeviceGetAttribute":
+                attribute = args[1]
+                args[0]._obj.value = (
+                    self.SET_ASIDE
+                    if attribute == l2_residency._CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE
+                    else self.LARGEST_WINDOW
+                )
+            if name == "cuCtxSetLimit":
+                self.limit = (args[0], args[1].value)
+            if name == "cuStreamSetAttribute":
+                policy = args[2]._obj.accessPolicyWindow
+                self.windows.append((args[0].value, policy.base_ptr, policy.num_bytes,
+                                     round(policy.hitRatio, 4), policy.hitProp))  # fmt: skip
+            return 0
+
+        return call
+
+
+@pytest.fixture
+def on_a_fake_gpu(monkeypatch):
+    """A CUDA device and stream as torch would report them, and no real driver."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(l2_residency, "_status", "unused")
+    l2_residency._set_aside.cache_clear()
+    monkeypatch.setattr(torch.cuda, "device", lambda *_: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *_: SimpleNamespace(cuda_stream=77))
+    tensor = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: 1 << 25,
+                             element_size=lambda: 2, data_ptr=lambda: 4096)  # fmt: skip
+    yield tensor
+    l2_residency._set_aside.cache_clear()
+
+
+def test_window_is_set_for_the_kernels_inside_and_cleared_after(monkeypatch, on_a_fake_gpu):
+    driver = FakeDriver()
+    monkeypatch.setattr(l2_residency, "_driver", lambda: driver)
+    with l2_residency.persisting(on_a_fake_gpu, active_bytes=32 << 20) as set_up:
+        assert set_up and l2_residency.status() == "on"
+        # The set-aside is the device's maximum; the window covers the 64 MB tensor, and
+        # the share that persists is what 30 MB of set-aside holds of 32 MB gathered.
+        assert driver.limit == (l2_residency._CU_LIMIT_PERSISTING_L2_CACHE_SIZE, 30 << 20)
+        assert driver.windows == [(77, 4096, 64 << 20, round(30 / 32, 4), 2)]
+        assert driver.calls.index("cuCtxResetPersistingL2Cache") < driver.calls.index(
+            "cuStreamSetAttribute"
+        )
+    assert driver.windows[-1][2] == 0  # off once the kernels are launched
+    with l2_residency.persisting(on_a_fake_gpu):  # the set-aside is set once a device
+        pass
+    assert driver.calls.count("cuCtxSetLimit") == 1 and len(driver.windows) == 4
+
+
+@pytest.mark.parametrize("refused", ["cuCtxSetLimit", "cuStreamSetAttribute"])
+def test_a_refusing_driver_turns_the_window_off_for_the_process(
+    monkeypatch, on_a_fake_gpu, refused, caplog
+):
+    driver = FakeDriver(refuse=refused)
+    monkeypatch.setattr(l2_residency, "_driver", lambda: driver)
+    with l2_residency.persisting(on_a_fake_gpu) as set_up:
+        assert not set_up
+    assert l2_residency.status() == f"off: {refused} returned CUresult 1"
+    assert "no L2 access policy window" in caplog.text
+    calls = len(driver.calls)
+    with l2_residency.persisting(on_a_fake_gpu) as set_up:
+        assert not set_up
+    assert len(driver.calls) == calls  # not asked again
