@@ -69,42 +69,37 @@ def take_unbuilt() -> list[str]:
     return unbuilt
 
 
+def _run(op: str, dtype: torch.dtype, usable: bool, triton_fn, reference_fn, *args):
+    """triton_fn(*args) where the op's Triton kernel takes these inputs (`usable`) and can
+    be built, else reference_fn(*args)."""
+    if not usable:
+        return reference_fn(*args)
+    return _triton_or_reference(op, dtype, partial(triton_fn, *args), partial(reference_fn, *args))
+
+
+def _triton_dtypes(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.dtype in _TRITON_DTYPES for t in tensors)
+
+
 def bag_cuda(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     from . import triton_bag
 
-    args = (values, indices, weights)
-    if values.dtype not in _TRITON_DTYPES:
-        return reference.bag(*args)
-    return _triton_or_reference(
-        "bag", values.dtype, partial(triton_bag.bag_forward, *args), partial(reference.bag, *args)
-    )
+    return _run("bag", values.dtype, _triton_dtypes(values), triton_bag.bag_forward,
+                reference.bag, values, indices, weights)  # fmt: skip
 
 
 def bag_backward_cuda(grad_out, values, indices, weights):
     from . import triton_bag
 
-    args = (grad_out, values, indices, weights)
-    if values.dtype not in _TRITON_DTYPES:
-        return reference.bag_backward(*args)
-    return _triton_or_reference(
-        "bag_backward",
-        values.dtype,
-        partial(triton_bag.bag_backward, *args),
-        partial(reference.bag_backward, *args),
-    )
+    return _run("bag_backward", values.dtype, _triton_dtypes(values), triton_bag.bag_backward,
+                reference.bag_backward, grad_out, values, indices, weights)  # fmt: skip
 
 
 def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
     from . import triton_topk
 
-    if not _triton_topk_applies(q, keys, knn):
-        return reference.pk_topk(q, keys, knn)
-    return _triton_or_reference(
-        "pk_topk",
-        q.dtype,
-        partial(triton_topk.pk_topk, q, keys, knn),
-        partial(reference.pk_topk, q, keys, knn),
-    )
+    return _run("pk_topk", q.dtype, _triton_topk_applies(q, keys, knn), triton_topk.pk_topk,
+                reference.pk_topk, q, keys, knn)  # fmt: skip
 
 
 def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
@@ -119,52 +114,35 @@ def _triton_topk_applies(q: torch.Tensor, keys: torch.Tensor, knn: int) -> bool:
 def pk_topk_backward_cuda(grad_scores, q, keys, indices):
     from . import triton_topk_backward
 
-    args = (grad_scores, q, keys, indices)
-    if q.dtype not in _TRITON_DTYPES or keys.dtype not in _TRITON_DTYPES:
-        return reference.pk_topk_backward(*args)
-    return _triton_or_reference(
-        "pk_topk_backward", q.dtype, partial(triton_topk_backward.pk_topk_backward, *args),
-        partial(reference.pk_topk_backward, *args),
-    )  # fmt: skip
+    return _run("pk_topk_backward", q.dtype, _triton_dtypes(q, keys),
+                triton_topk_backward.pk_topk_backward, reference.pk_topk_backward, grad_scores,
+                q, keys, indices)  # fmt: skip
 
 
 def silu_gate_cuda(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     from . import triton_gate
 
-    if x.dtype not in _TRITON_DTYPES or gate.dtype not in _TRITON_DTYPES:
-        return reference.silu_gate(x, gate)
-    return _triton_or_reference(
-        "silu_gate", gate.dtype, partial(triton_gate.silu_gate, x, gate),
-        partial(reference.silu_gate, x, gate),
-    )  # fmt: skip
+    return _run("silu_gate", gate.dtype, _triton_dtypes(x, gate), triton_gate.silu_gate,
+                reference.silu_gate, x, gate)  # fmt: skip
 
 
 def silu_gate_backward_cuda(grad, x, gate):
     from . import triton_gate
 
-    args = (grad, x, gate)
-    if x.dtype not in _TRITON_DTYPES or gate.dtype not in _TRITON_DTYPES:
-        return reference.silu_gate_backward(*args)
-    return _triton_or_reference(
-        "silu_gate_backward", gate.dtype, partial(triton_gate.silu_gate_backward, *args),
-        partial(reference.silu_gate_backward, *args),
-    )  # fmt: skip
+    return _run("silu_gate_backward", gate.dtype, _triton_dtypes(x, gate),
+                triton_gate.silu_gate_backward, reference.silu_gate_backward, grad, x,
+                gate)  # fmt: skip
 
 
 def pk_lookup_cuda(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, knn: int, swilu=None
 ) -> torch.Tensor:
-    args = (q, keys, values, knn, swilu)
     # Host values that are not pinned (or not contiguous: a copy would not be pinned) cannot
     # be read by the GPU: the reference sums them on the host.
     readable = values.device == q.device or (values.is_pinned() and values.is_contiguous())
-    gate_ok = swilu is None or swilu.dtype in _TRITON_DTYPES
-    usable = _triton_topk_applies(q, keys, knn) and values.dtype in _TRITON_DTYPES
-    if not (usable and readable and gate_ok):
-        return reference.pk_lookup(*args)
-    return _triton_or_reference(
-        "pk_lookup", q.dtype, partial(_triton_lookup, *args), partial(reference.pk_lookup, *args)
-    )
+    usable = _triton_topk_applies(q, keys, knn) and _triton_dtypes(values, swilu) and readable
+    return _run("pk_lookup", q.dtype, usable, _triton_lookup, reference.pk_lookup, q, keys,
+                values, knn, swilu)  # fmt: skip
 
 
 def _triton_lookup(q, keys, values, knn, swilu):
@@ -183,50 +161,34 @@ def linears_cuda(
 ) -> list[torch.Tensor]:
     from . import triton_linear
 
-    args = (x, weights, biases)
     same_dtype = all(t is None or t.dtype == x.dtype for t in [*weights, *biases])
     fits = x.dim() == 2 and 1 <= x.shape[1] and x.shape[0] <= triton_linear.MAX_TOKENS
     maps = all(w.dim() == 2 and w.shape[1] == x.shape[-1] and (b is None or b.shape == w.shape[:1])
                for w, b in zip(weights, biases))  # fmt: skip
-    if not (fits and maps and same_dtype and x.dtype in _TRITON_DTYPES):
-        return reference.linears(*args)  # cuBLAS, for many tokens
-    return _triton_or_reference(
-        "linears", x.dtype, partial(triton_linear.linears, *args),
-        partial(reference.linears, *args),
-    )  # fmt: skip
+    usable = fits and maps and same_dtype and _triton_dtypes(x)  # else cuBLAS, for many tokens
+    return _run("linears", x.dtype, usable, triton_linear.linears, reference.linears, x,
+                weights, biases)  # fmt: skip
 
 
 def bag_weight_grad_cuda(grad_out, values, indices):
     from . import triton_update
 
-    args = (grad_out, values, indices)
-    return _triton_or_reference(
-        "bag_weight_grad",
-        values.dtype,
-        partial(triton_update.bag_weight_grad, *args),
-        partial(fused_update.weight_grad_reference, *args),
-    )
+    return _run("bag_weight_grad", values.dtype, True, triton_update.bag_weight_grad,
+                fused_update.weight_grad_reference, grad_out, values, indices)  # fmt: skip
 
 
 def row_grad_sq_cuda(values, indices, weights, grad_out):
     from . import triton_update
 
-    args = (values, indices, weights, grad_out)
-    return _triton_or_reference(
-        "row_grad_sq",
-        values.dtype,
-        partial(triton_update.row_grad_sq, *args),
-        partial(fused_update.row_grad_sq_reference, *args),
-    )
+    return _run("row_grad_sq", values.dtype, True, triton_update.row_grad_sq,
+                fused_update.row_grad_sq_reference, values, indices, weights, grad_out)  # fmt: skip
 
 
 def fused_row_update_cuda(*args):
     from . import triton_update
 
-    return _triton_or_reference(
-        "fused_row_update", args[0].dtype, partial(triton_update.fused_row_update, *args),
-        partial(fused_update.fused_row_update_reference, *args),
-    )  # fmt: skip
+    return _run("fused_row_update", args[0].dtype, True, triton_update.fused_row_update,
+                fused_update.fused_row_update_reference, *args)  # fmt: skip
 
 
 def register_cuda_kernels() -> bool:
