@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from gpu_shapes import HALF, HEADS, INFERENCE, INFERENCE_TOKENS, KNN
+from gpu_timing import fastest
 from timing_layer import memory_layer_for_timing
 from torch import nn
 
@@ -255,6 +256,9 @@ def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
             continue
         rows.append(row | {"ms": round(ms, 4), "same_result": same})
         print(f"  {label}, {row['shape']}: {ms * 1e3:.1f} us", file=sys.stderr)
+    best = fastest(rows, "shape", rows[0]["shape"]) if rows else None
+    if best is not None:  # to set the default from
+        rows.append(best | {"shape": f"fastest: {best['shape']}"})
     return rows
 
 

@@ -1,6 +1,6 @@
-"""Timing helpers of the GPU benchmarks (bench_kernels.py, kernel_sweep.py): medians of
-`triton.testing.do_bench`, copy bandwidth, a host-synchronisation check, the kernel table of
-a step, and skewed row ids."""
+"""Helpers of the GPU benchmarks (bench_kernels.py, kernel_sweep.py, bench_inference.py):
+medians of `triton.testing.do_bench`, copy bandwidth, a host-synchronisation check, the
+kernel table of a step, skewed row ids, and the fastest shape of a sweep."""
 
 from __future__ import annotations
 
@@ -82,3 +82,16 @@ def not_built(config: str, section: str) -> list[dict]:
         return []
     return [{"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
              "ok": unbuilt}]  # fmt: skip
+
+
+def fastest(rows: list[dict], name_key: str, default: str) -> dict | None:
+    """Of a sweep's rows that computed the default's result, the fastest: {name_key: its
+    name, "ms", "of_default": its time over the default shape's}; None without a timed
+    default."""
+    timed = [r for r in rows if "ms" in r and r.get("same_result")]
+    base = [r["ms"] for r in timed if r[name_key] == default]
+    if not base:
+        return None
+    best = min(timed, key=lambda r: r["ms"])
+    share = round(best["ms"] / base[0], 3)
+    return {name_key: best[name_key], "ms": best["ms"], "of_default": share}

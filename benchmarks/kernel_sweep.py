@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from gpu_shapes import HALF, HEADS, KNN
-from gpu_timing import bench, not_built, zipf_rows
+from gpu_timing import bench, fastest, not_built, zipf_rows
 
 # Block shapes tried by the sweep section (the first of each list is the default at the
 # 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
@@ -142,13 +142,7 @@ def shape_name(names: str, shape: tuple) -> str:
 
 
 def fastest_shape(rows: list[dict], config: str, what: str, default: str) -> list[dict]:
-    """A row naming the fastest shape of a sweep case among those that computed the
-    default's result, with its time as a share of the default shape's: to set defaults
-    from."""
-    timed = [r for r in rows if "ms" in r and r.get("same_result")]
-    base = [r["ms"] for r in timed if r["impl"] == default]
-    if not (timed and base):
-        return []
-    best = min(timed, key=lambda r: r["ms"])
-    return [{"config": config, "what": f"sweep {what}: fastest", "impl": best["impl"],
-             "ms": best["ms"], "of_default": round(best["ms"] / base[0], 3)}]  # fmt: skip
+    """A row naming the fastest shape of a sweep case (`gpu_timing.fastest`): to set
+    defaults from."""
+    best = fastest(rows, "impl", default)
+    return [] if best is None else [{"config": config, "what": f"sweep {what}: fastest"} | best]
