@@ -47,15 +47,20 @@ def pk_topk(q: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor
     ).contiguous()
 
 
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of pk_topk's backward matmuls: a half-precision layer's own (with float32
+    accumulation, as a bf16 layer's backward does: an H100's float32 matmuls run at a tenth
+    of the speed), else the accumulation dtype."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else accumulation_dtype(dtype)
+
+
 def pk_topk_backward(
     grad_scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `pk_topk`'s scores with respect to q and keys: each half's score
     gradient scattered (summed in float32) over its sub-keys, then two matmuls."""
     acc = accumulation_dtype(q.dtype)
-    # Half-precision inputs: the matmuls run in that dtype with float32 accumulation, as a
-    # bf16 layer's backward does; an H100's float32 matmuls run at a tenth of the speed.
-    matmul = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+    matmul = matmul_dtype(q.dtype)
     n_keys, half = keys.shape[2], keys.shape[3]
     grad_scores = grad_scores.to(acc)
     grad_halves = []

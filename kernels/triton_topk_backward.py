@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 
 @triton.jit
 def _sub_key_grad_kernel(
@@ -45,12 +47,6 @@ def _sub_key_grad_kernel(
     tl.store(out, total.to(grad_sub.dtype.element_ty), mask=first)
 
 
-def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the two products: a half-precision layer's own (float32 accumulation,
-    as its other matmuls), else float32."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
 def pk_topk_backward(
     grad_scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +56,7 @@ def pk_topk_backward(
     n, heads, k_dim = q.shape
     n_keys, half = keys.shape[2], keys.shape[3]
     knn = indices.shape[2]
-    mm = matmul_dtype(q.dtype)
+    mm = reference.matmul_dtype(q.dtype)
     grad_sub = torch.zeros(heads * 2, n, n_keys, dtype=mm, device=q.device)
     if n:
         block_n = 4  # a (4, K, K) comparison tile: 4,096 elements at knn 32, 4 warps
