@@ -138,11 +138,12 @@ def _open_window(tensor: torch.Tensor, active_bytes: int | None) -> int | None:
     """The current stream's handle after setting its window on `tensor`, or None."""
     with torch.cuda.device(tensor.device):  # the context calls act on the current device's
         limits = _try(_set_aside, torch.cuda.current_device())
-        if limits and limits[0] <= 0:
-            _refuse("this GPU has no L2 set-aside for persisting lines")
-        if not limits or limits[0] <= 0:
+        if limits is None:
             return None
         set_aside, largest = limits
+        if set_aside <= 0:
+            _refuse("this GPU has no L2 set-aside for persisting lines")
+            return None
         n_bytes = min(tensor.numel() * tensor.element_size(), largest)
         active = n_bytes if active_bytes is None else min(active_bytes, n_bytes)
         stream = torch.cuda.current_stream().cuda_stream
