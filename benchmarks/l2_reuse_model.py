@@ -57,6 +57,7 @@ def hit_rates(row_order, counts, offsets, token_of_pair, streamed_rows=2) -> dic
     streamed_between = streamed[again] - streamed[previous[again]]
     gathers_between = gather[again] - previous[again]
     distinct = TOKENS * (1 - np.exp(-gathers_between / TOKENS)) * ROW_BYTES
+
     def share(hits) -> float:
         return round(float(hits.sum()) / tokens.size, 3)
 
