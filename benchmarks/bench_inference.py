@@ -26,8 +26,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_shapes import HALF, HEADS, INFERENCE, INFERENCE_TOKENS, KNN
-from gpu_timing import fastest
+from gpu_shapes import (
+    DECODE_MEMORY,
+    DECODE_SIZES,
+    DECODE_TOKENS,
+    DTYPE,
+    HALF,
+    HEADS,
+    INFERENCE,
+    INFERENCE_TOKENS,
+    KNN,
+    REHEARSAL,
+)
+from gpu_timing import DEVICE, NO_GPU, bench, fastest, start
 from timing_layer import memory_layer_for_timing
 from torch import nn
 
@@ -62,6 +73,8 @@ def time_cuda(fn, x, graph: bool) -> float:
     import triton.testing
 
     with torch.inference_mode():
+        if REHEARSAL:  # no CUDA graphs on the CPU: one eager call
+            return bench(lambda: fn(x))
         if not graph:
             return triton.testing.do_bench(lambda: fn(x), warmup=25, rep=200, return_mode="median")
         stream = torch.cuda.Stream()
@@ -81,6 +94,8 @@ def kernel_times(fn, x, calls: int = 20) -> str:
     """The GPU kernels of `calls` eager calls, by device time: where a layer's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
+    if REHEARSAL:
+        return f"no kernel table: {NO_GPU}"
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn(x)
@@ -99,15 +114,15 @@ def pdl_rows(memory, d, dtype) -> list[dict]:
     from memcompile.kernels import pdl
 
     rows = []
-    for tokens in (1, 8):
-        x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+    for tokens in DECODE_SIZES:
+        x = torch.randn(tokens, d, device=DEVICE, dtype=dtype)
         pdl.ENABLED = False
         try:
             off_ms = time_cuda(memory, x, graph=True)
         finally:
             pdl.ENABLED = True
         on_ms = time_cuda(memory, x, graph=True)
-        rows.append({"device": "cuda", "d_model": d, "values": f"{memory.n_keys}^2",
+        rows.append({"device": DEVICE, "d_model": d, "values": f"{memory.n_keys}^2",
                      "tokens": tokens, "mode": "cuda graph, PDL off",
                      "memory_ms": round(off_ms, 4), "ffn_ms": None,
                      "ratio": round(on_ms / off_ms, 3),
@@ -117,16 +132,18 @@ def pdl_rows(memory, d, dtype) -> list[dict]:
     return rows
 
 
-def layer_rows(device, d, n_keys, dtype, token_counts):
+def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
+    """The layer against the dense FFN at each token count; with `gpu`, eager and CUDA graph,
+    then the kernels, PDL off and on, and host-resident values."""
     config = MemoryConfig(mem_size=n_keys**2, heads=HEADS, knn=KNN, k_dim=2 * HALF).resolve(d)
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
     dense = SwiGLU(d).to(device, dtype).eval()
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, d, device=device, dtype=dtype)
-        modes = ["eager"] if device == "cpu" else ["eager", "cuda graph"]
+        modes = ["eager", "cuda graph"] if gpu else ["eager"]
         for mode in modes:
-            if device == "cpu":
+            if not gpu:
                 mem_ms, ffn_ms = time_cpu(memory, x), time_cpu(dense, x)
             else:
                 graph = mode == "cuda graph"
@@ -141,8 +158,8 @@ def layer_rows(device, d, n_keys, dtype, token_counts):
                 f"FFN {ffn_ms:.3f} ms, ratio {mem_ms / ffn_ms:.2f}",
                 file=sys.stderr,
             )
-    if device == "cuda":
-        for tokens in (1, 4096):
+    if gpu:
+        for tokens in (1, INFERENCE_TOKENS[-1]):
             print(kernel_times(memory, torch.randn(tokens, d, device=device, dtype=dtype)),
                   file=sys.stderr)  # fmt: skip
         rows += pdl_rows(memory, d, dtype)
@@ -169,11 +186,11 @@ def projection_rows(d, dtype, token_counts):
     from memcompile.kernels import ops
 
     widths = (HEADS * 2 * HALF, d)
-    weights = [torch.randn(w, d, device="cuda", dtype=dtype) * d**-0.5 for w in widths]
-    biases = [torch.randn(w, device="cuda", dtype=dtype) for w in widths]
+    weights = [torch.randn(w, d, device=DEVICE, dtype=dtype) * d**-0.5 for w in widths]
+    biases = [torch.randn(w, device=DEVICE, dtype=dtype) for w in widths]
     rows = []
     for tokens in token_counts:
-        x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+        x = torch.randn(tokens, d, device=DEVICE, dtype=dtype)
         cublas_ms = time_cuda(lambda x: [F.linear(x, w, b) for w, b in zip(weights, biases)],
                               x, graph=True)  # fmt: skip
         triton_ms = time_cuda(lambda x: ops.linears(x, weights, biases), x, graph=True)
@@ -248,11 +265,11 @@ def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
             same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
                        for a, b in zip(outputs(), expected))  # fmt: skip
         except Exception as error:  # one shape that fails must not end the sweep
-            rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+            rows.append(row | {"error": f"{type(error).__name__}: {str(error)[:200]}"})
             continue
         unbuilt = cuda.take_unbuilt()
         if unbuilt:  # the reference ran, not the shape
-            rows.append(row | {"ok": f"Triton kernels not built for {unbuilt}"})
+            rows.append(row | {"not_built": unbuilt})
             continue
         rows.append(row | {"ms": round(ms, 4), "same_result": same})
         print(f"  {label}, {row['shape']}: {ms * 1e3:.1f} us", file=sys.stderr)
@@ -262,18 +279,18 @@ def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
     return rows
 
 
-def decode_sweep(d, n_keys, dtype, token_counts=(1, 8)) -> list[dict]:
+def decode_sweep(d, n_keys, dtype, token_counts=DECODE_SIZES) -> list[dict]:
     """A decode lookup (top-k, softmax, gated bag) under each DECODE_SCAN_VARIANTS shape."""
     from memcompile.kernels import cuda, triton_topk
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    keys = torch.randn(HEADS, 2, n_keys, HALF, device="cuda", generator=g).to(dtype)
-    values = (torch.randn(n_keys**2, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    keys = torch.randn(HEADS, 2, n_keys, HALF, device=DEVICE, generator=g).to(dtype)
+    values = (torch.randn(n_keys**2, d, device=DEVICE, generator=g) * d**-0.5).to(dtype)
     rows = []
     with hooks_restored(triton_topk, "scan_blocks", "split_scan"):
         for tokens in token_counts:
-            q = torch.randn(tokens, HEADS, 2 * HALF, device="cuda", generator=g) * HALF**-0.5
-            swilu = torch.randn(tokens, d, device="cuda", generator=g).to(dtype)
+            q = torch.randn(tokens, HEADS, 2 * HALF, device=DEVICE, generator=g) * HALF**-0.5
+            swilu = torch.randn(tokens, d, device=DEVICE, generator=g).to(dtype)
 
             def lookup(q, swilu=swilu):
                 return cuda.pk_lookup_cuda(q, keys, values, KNN, swilu)
@@ -290,15 +307,15 @@ def projection_sweep(d, dtype) -> list[dict]:
     under each LINEAR_VARIANTS shape, with the weights' GB/s."""
     from memcompile.kernels import ops, triton_linear
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, d, device="cuda", generator=g).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(1, d, device=DEVICE, generator=g).to(dtype)
     maps = {"query + gate": (HEADS * 2 * HALF, d), "output": (d,)}
     rows = []
     with hooks_restored(triton_linear, "linear_blocks"):
         for name, widths in maps.items():
-            weights = [(torch.randn(w, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+            weights = [(torch.randn(w, d, device=DEVICE, generator=g) * d**-0.5).to(dtype)
                        for w in widths]  # fmt: skip
-            biases = [torch.randn(w, device="cuda", generator=g).to(dtype) for w in widths]
+            biases = [torch.randn(w, device=DEVICE, generator=g).to(dtype) for w in widths]
 
             def project(x, weights=weights, biases=biases):
                 return ops.linears(x, weights, biases)
@@ -313,7 +330,7 @@ def projection_sweep(d, dtype) -> list[dict]:
     return rows
 
 
-def decode_rows(device, dtype, new_tokens=32):
+def decode_rows(device, dtype, new_tokens=DECODE_TOKENS):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:  # the GPU machine may have torch and triton only
@@ -323,11 +340,12 @@ def decode_rows(device, dtype, new_tokens=32):
     config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)  # fmt: skip
     rows = []
-    for name in ("dense", "memory (layers 1,2; 256^2 values)"):
+    n_keys = int(DECODE_MEMORY["mem_size"] ** 0.5)
+    for name in ("dense", f"memory (layers 1,2; {n_keys}^2 values)"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(device, dtype).eval()
         if name != "dense":
-            memcompile.transform(model, layers=[1, 2], mem_size=256**2)
+            memcompile.transform(model, layers=[1, 2], **DECODE_MEMORY)
         prompt = torch.randint(0, 4096, (1, 8), device=device)
         options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         with torch.inference_mode():
@@ -360,22 +378,28 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     counts = [int(t) for t in args.tokens.split(",")]
-    layers, decode, projections, sweep = [], [], [], []
-    if not args.skip_cpu:
-        layers += layer_rows("cpu", 1024, 512, torch.float32, counts)
+    layers, decode, projections, sweep, gpu = [], [], [], [], None
+    # A rehearsal's kernels run in Triton's interpreter on CPU tensors: no CPU rows then.
+    if not (args.skip_cpu or REHEARSAL):
+        layers += layer_rows("cpu", 1024, 512, torch.float32, counts, gpu=False)
         decode += decode_rows("cpu", torch.float32)
-    if torch.cuda.is_available():
+    if REHEARSAL or torch.cuda.is_available():
+        cannot = start()
+        if cannot:
+            print(f"bench_inference.py {cannot}", file=sys.stderr)
+            return 2
+        gpu = NO_GPU if REHEARSAL else torch.cuda.get_device_name()
         d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
-        layers += layer_rows("cuda", d, n_keys, torch.bfloat16, counts)
-        projections = projection_rows(d, torch.bfloat16, [t for t in counts if t <= 16])
+        layers += layer_rows(DEVICE, d, n_keys, DTYPE, counts, gpu=True)
+        projections = projection_rows(d, DTYPE, [t for t in counts if t <= 16])
         if args.decode_sweep:
-            sweep = decode_sweep(d, n_keys, torch.bfloat16)
-            sweep += projection_sweep(d, torch.bfloat16)
-        decode += decode_rows("cuda", torch.bfloat16)
+            sweep = decode_sweep(d, n_keys, DTYPE)
+            sweep += projection_sweep(d, DTYPE)
+        decode += decode_rows(DEVICE, DTYPE)
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"{args.threads} torch threads",
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "gpu": gpu,
               "torch": torch.__version__, "layers": layers, "decode": decode,
               "projections": projections, "decode_sweep": sweep}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +422,8 @@ def main() -> int:
         print("|---|---|---|---|")
         for r in sweep:
             what = f"lookup, {r['tokens']} tokens" if "tokens" in r else f"{r['maps']} projections"
-            print(f"| {what} | {r['shape']} | {r.get('ms', r.get('ok'))} | "
+            outcome = r.get("ms", r.get("error", r.get("not_built")))
+            print(f"| {what} | {r['shape']} | {outcome} | "
                   f"{r.get('same_result', '')} |")  # fmt: skip
     print("\n| device | model | decode tokens/s |")
     print("|---|---|---|")

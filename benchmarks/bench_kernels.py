@@ -28,14 +28,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_shapes import HALF, HEADS, KNN, TRAINING
+from gpu_shapes import DTYPE, FUSED_CHECK, HALF, HEADS, KNN, TRAINING
 from gpu_timing import (
+    DEVICE,
+    NO_GPU,
     bench,
     busiest_row,
     copy_bandwidth,
     kernel_table,
     not_built,
     runs_without_host_sync,
+    start,
     zipf_rows,
 )
 from kernel_sweep import sweep
@@ -52,7 +55,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     from memcompile.kernels import cuda, ops, reference, row_lists
     from memcompile.runtime import MemoryConfig
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEVICE, DTYPE
     rows_total, picks = n_keys**2, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)
     values = torch.randn(rows_total, v_dim, device=dev, generator=g).to(dt)
@@ -163,7 +166,7 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
 
     record("Memory+ layer fwd+bwd", "memcompile", bench(layer_step))
     results.append({"config": name, "what": "Memory+ layer fwd+bwd, kernels of 5 steps",
-                    "ok": kernel_table(layer_step, 5)})  # fmt: skip
+                    "table": kernel_table(layer_step, 5)})  # fmt: skip
     ffn = torch.nn.ModuleDict({
         "gate": torch.nn.Linear(d, 4 * d, bias=False), "up": torch.nn.Linear(d, 4 * d, bias=False),
         "down": torch.nn.Linear(4 * d, d, bias=False)}).to(dev, dt)  # fmt: skip
@@ -175,8 +178,8 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
 
     record("dense SwiGLU FFN fwd+bwd", "torch (cuBLAS)", bench(ffn_step))
 
-    sync_free = runs_without_host_sync(layer_step)
-    results.append({"config": name, "what": "no host sync in a layer step", "ok": sync_free})
+    results.append({"config": name, "what": "no host sync in a layer step"}
+                   | runs_without_host_sync(layer_step))  # fmt: skip
     return results
 
 
@@ -186,17 +189,18 @@ def check_fused_update() -> list[dict]:
 
     rows = []
     g = torch.Generator().manual_seed(0)
-    for dt in (torch.float32, torch.bfloat16):
+    tokens, n_rows, v_dim = FUSED_CHECK["tokens"], FUSED_CHECK["n_keys"] ** 2, FUSED_CHECK["v_dim"]
+    for dt in (torch.float32, DTYPE):
         for opt in fused_update.OPTIMIZERS:
-            values = torch.randn(256**2, 512, generator=g).to(dt)
-            indices = torch.randint(0, 256**2, (4096, 128), generator=g)
-            weights = torch.softmax(torch.randn(4096, 128, generator=g), -1)
-            grad = torch.randn(4096, 512, generator=g).to(dt)
+            values = torch.randn(n_rows, v_dim, generator=g).to(dt)
+            indices = torch.randint(0, n_rows, (tokens, HEADS * KNN), generator=g)
+            weights = torch.softmax(torch.randn(tokens, HEADS * KNN, generator=g), -1)
+            grad = torch.randn(tokens, v_dim, generator=g).to(dt)
             shapes = fused_update.state_shapes(opt, tuple(values.shape))
             state = [torch.rand(shape, generator=g) for shape in shapes]
             cpu = [values.clone(), *[s.clone() for s in state], indices, weights, grad]
-            gpu = [t.cuda() for t in (values, *state, indices, weights, grad)]
-            hyper = (opt, 1e-2, 1e-8, 0.9, 0.999, 0.01, 512, 3, 1, False, True)
+            gpu = [t.to(DEVICE) for t in (values, *state, indices, weights, grad)]
+            hyper = (opt, 1e-2, 1e-8, 0.9, 0.999, 0.01, v_dim, 3, 1, False, True)
             want_w = fused_update.fused_row_update_reference(*cpu, None, None, *hyper)
             got_w = cuda.fused_row_update_cuda(*gpu, None, None, *hyper)
             err = max(
@@ -228,8 +232,9 @@ def _unfused_step_ms(values, indices, weights, grad) -> float:
     return ms
 
 
-def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[float, object]:
-    """The fused step; and whether one step runs with no host synchronisation."""
+def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[float, dict]:
+    """The fused step; and whether one step runs with no host synchronisation (a row's
+    verdict, gpu_timing.runs_without_host_sync)."""
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
     table = FusedTable(values.requires_grad_(), ValueOptimizer(optimizer, 1e-3))
@@ -246,30 +251,30 @@ def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[floa
 
 def values_step(name: str, tokens: int, n_keys: int, v_dim: int, **_) -> list[dict]:
     """Values' share of a training step: bag forward, backward and update, fused or not."""
-    dev, rows_total, picks = "cuda", n_keys**2, HEADS * KNN
+    dev, rows_total, picks = DEVICE, n_keys**2, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)
     indices = torch.randint(0, rows_total, (tokens, picks), device=dev, generator=g)
     weights = torch.softmax(torch.randn(tokens, picks, device=dev, generator=g), -1)
     weights.requires_grad_()
     results = []
-    for dt in (torch.bfloat16, torch.float32):
+    for dt in (DTYPE, torch.float32):
         grad = torch.randn(tokens, v_dim, device=dev, generator=g).to(dt)
-        start = torch.randn(rows_total, v_dim, device=dev, generator=g).to(dt)
+        initial = torch.randn(rows_total, v_dim, device=dev, generator=g).to(dt)
         what = f"values step (fwd+bwd+update), {str(dt)[6:]} table"
-        values = start.clone()
+        values = initial.clone()
         ms = _unfused_step_ms(values, indices, weights, grad)
         results.append({"config": name, "what": what, "ms": round(ms, 4),
                         "impl": "unfused: bag fwd+bwd, AdamW(fused=True)"})  # fmt: skip
         torch.cuda.empty_cache()
         for opt in ("rowwise_adagrad", "adam"):
-            values.copy_(start)
+            values.copy_(initial)
             ms, sync_free = _fused_step_ms(values, indices, weights, grad, opt)
             results.append({"config": name, "what": what, "ms": round(ms, 4),
                             "impl": f"memcompile fused {opt} (fp32 state)"})  # fmt: skip
-            results.append({"config": name, "what": f"no host sync, fused {opt} {str(dt)[6:]}",
-                            "ok": sync_free})  # fmt: skip
+            results.append({"config": name, "what": f"no host sync, fused {opt} {str(dt)[6:]}"}
+                           | sync_free)  # fmt: skip
             torch.cuda.empty_cache()
-        del values, start
+        del values, initial
         torch.cuda.empty_cache()
     return results
 
@@ -283,17 +288,16 @@ def main() -> int:
                         "sweep-rows (of the row pass only)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(
-            "bench_kernels.py needs a CUDA GPU (kernel_check.py runs on the CPU)", file=sys.stderr
-        )
+    cannot = start()
+    if cannot:
+        print(f"bench_kernels.py {cannot}", file=sys.stderr)
         return 2
     copy_bw = copy_bandwidth()
     sections = args.sections.split(",")
     result = {
         "benchmark": "kernels",
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else NO_GPU,
         "torch": torch.__version__,
         "host": platform.node(),
         "copy_TB/s": round(copy_bw / 1e12, 3),
@@ -332,8 +336,9 @@ def main() -> int:
                 f"| {r['config']} | {r['what']} | {r['impl']} | {r['ms']} | {r.get('TB/s', '')} |"
             )
         else:
-            ok = r["ok"] if "\n" not in str(r["ok"]) else "(a table: kernels.json)"
-            print(f"| {r['config']} | {r['what']} | | {ok} | |")
+            verdict = "(a table: kernels.json)" if "table" in r else next(
+                r[k] for k in ("error", "not_built", "ok", "not_measured") if k in r)  # fmt: skip
+            print(f"| {r['config']} | {r['what']} | | {verdict} | |")
     return 0
 
 

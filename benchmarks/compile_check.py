@@ -41,6 +41,7 @@ from gpu_shapes import (
     CHECK_LINEARS,
     CHECK_LOOKUP,
     CHECK_TOPK,
+    DECODE_SIZES,
     HALF,
     HEADS,
     INFERENCE,
@@ -250,7 +251,7 @@ def decode_sweep_launches() -> list:
     with hooks_restored(triton_topk, "scan_blocks", "split_scan"):
         for shape in DECODE_SCAN_VARIANTS:
             install_scan_shape(shape)
-            for n in (1, 8):
+            for n in DECODE_SIZES:
                 found += topk_launches(n, HEADS, INFERENCE["n_keys"], 2 * HALF, KNN,
                                        torch.bfloat16, softmax=True)  # fmt: skip
     with hooks_restored(triton_linear, "linear_blocks"):

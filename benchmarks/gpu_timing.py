@@ -1,38 +1,75 @@
 """Helpers of the GPU benchmarks (bench_kernels.py, kernel_sweep.py, bench_inference.py):
-medians of `triton.testing.do_bench`, copy bandwidth, a host-synchronisation check, the
-kernel table of a step, skewed row ids, and the fastest shape of a sweep."""
+the device, medians of `triton.testing.do_bench`, copy bandwidth, a host-synchronisation
+check, the kernel table of a step, skewed row ids, and the fastest shape of a sweep.
+
+In a rehearsal (gpu_shapes.REHEARSAL) the device is the CPU, Triton's interpreter runs
+the kernels, and a time is one call's wall time: a check that the code runs and that
+every block shape computes the default's result, not a measurement."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+import time
 
 import torch
+from gpu_shapes import REHEARSAL
+
+DEVICE = "cpu" if REHEARSAL else "cuda"
+NO_GPU = "not measured: a rehearsal on the CPU"
+# The rows of kernels.json and inference.json: a timing has "ms" (a sweep's also
+# "same_result": whether it computed the default shape's result); a check has "ok"; a
+# step that raised has "error"; "not_built" names the ops whose kernels could not be
+# built, so the reference ran; "table" is a profile for reading; "not_measured" says why
+# not (a rehearsal). `problems` lists the rows that say something went wrong.
+
+
+def start() -> str | None:
+    """Prepare this process for a GPU benchmark: None, or why it cannot run. A rehearsal
+    installs the ops' Triton kernels for CPU tensors (kernels/cuda.py), so the ops and
+    the layer run them as they would on a GPU."""
+    if not REHEARSAL:
+        if torch.cuda.is_available():
+            return None
+        return "needs a CUDA GPU (benchmarks/rehearsal.py runs it on the CPU)"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "a rehearsal runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1"
+    from memcompile.kernels import cuda
+
+    cuda.register_cuda_kernels("cpu")
+    return None
 
 
 def bench(fn) -> float:
+    if REHEARSAL:
+        began = time.perf_counter()
+        fn()
+        return (time.perf_counter() - began) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def runs_without_host_sync(fn) -> bool | str:
-    """True if one call of `fn` makes no host-device synchronisation, else the error saying
-    where (torch.cuda.set_sync_debug_mode("error"))."""
+def runs_without_host_sync(fn) -> dict:
+    """A row's verdict: {"ok": True} if one call of `fn` makes no host-device
+    synchronisation, else {"ok": False, "error": where} (torch.cuda.set_sync_debug_mode)."""
+    if REHEARSAL:
+        return {"not_measured": NO_GPU}
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
-        return True
+        return {"ok": True}
     except RuntimeError as error:
-        return str(error)
+        return {"ok": False, "error": str(error)}
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
-    src = torch.randn(2**29, device="cuda")
+    src = torch.randn(2**20 if REHEARSAL else 2**29, device=DEVICE)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / (ms * 1e-3)
@@ -43,6 +80,8 @@ def kernel_table(fn, calls: int) -> str:
     step's time goes, for reading (a table that fails is reported, the run goes on)."""
     from torch.profiler import ProfilerActivity, profile
 
+    if REHEARSAL:
+        return f"no table: {NO_GPU}"
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
@@ -81,7 +120,7 @@ def not_built(config: str, section: str) -> list[dict]:
     if not unbuilt:
         return []
     return [{"config": config, "what": f"{section}: Triton kernels not built, the reference ran",
-             "ok": unbuilt}]  # fmt: skip
+             "not_built": unbuilt}]  # fmt: skip
 
 
 def fastest(rows: list[dict], name_key: str, default: str) -> dict | None:
@@ -95,3 +134,13 @@ def fastest(rows: list[dict], name_key: str, default: str) -> dict | None:
     best = min(timed, key=lambda r: r["ms"])
     share = round(best["ms"] / base[0], 3)
     return {name_key: best[name_key], "ms": best["ms"], "of_default": share}
+
+
+def problems(rows: list[dict]) -> list[dict]:
+    """The rows that report a failure: a check that failed, a step that raised, a kernel
+    not built, a block shape whose result differs from the default's."""
+    return [
+        r for r in rows
+        if r.get("ok") is False or r.get("same_result") is False or "error" in r
+        or "not_built" in r
+    ]  # fmt: skip

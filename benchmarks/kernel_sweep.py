@@ -5,8 +5,8 @@ every one of them for an H100."""
 from __future__ import annotations
 
 import torch
-from gpu_shapes import HALF, HEADS, KNN
-from gpu_timing import bench, fastest, not_built, zipf_rows
+from gpu_shapes import DTYPE, HALF, HEADS, KNN
+from gpu_timing import DEVICE, bench, fastest, not_built, zipf_rows
 
 # Block shapes tried by the sweep section (the first of each list is the default at the
 # 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
@@ -54,7 +54,7 @@ def sweep(
     from memcompile.kernels import cuda, l2_residency, triton_bag, triton_rows, triton_topk
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
-    dev, dt, picks = "cuda", torch.bfloat16, HEADS * KNN
+    dev, dt, picks = DEVICE, DTYPE, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)
     values = torch.randn(n_keys**2, v_dim, device=dev, generator=g).to(dt)
     indices = torch.randint(0, n_keys**2, (tokens, picks), device=dev, generator=g)
@@ -110,7 +110,7 @@ def sweep(
                     ms = bench(run)
                     got = as_tuple(result())
                 except Exception as error:  # one shape that fails must not end the sweep
-                    rows.append(row | {"ok": f"{type(error).__name__}: {str(error)[:200]}"})
+                    rows.append(row | {"error": f"{type(error).__name__}: {str(error)[:200]}"})
                     continue
                 missing = not_built(name, f"sweep {what}, {impl}")
                 if missing:  # too big for this GPU: the reference ran, not the shape
@@ -129,7 +129,7 @@ def sweep(
                 rows.append(row)
         except Exception as error:  # the default shape failed: report it, sweep the rest
             rows.append({"config": name, "what": f"sweep {what}",
-                         "ok": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
+                         "error": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
         finally:
             setattr(module, hook, default)
             rows += not_built(name, f"sweep {what}")  # what the rows above did not catch

@@ -191,24 +191,25 @@ def fused_row_update_cuda(*args):
                 fused_update.fused_row_update_reference, *args)  # fmt: skip
 
 
-def register_cuda_kernels() -> bool:
-    """Install the Triton kernels for CUDA tensors; False where Triton or CUDA is missing."""
-    if not torch.cuda.is_available():
+def register_cuda_kernels(device_type: str = "cuda") -> bool:
+    """Install the Triton kernels for CUDA tensors; False where Triton or CUDA is missing.
+    `device_type="cpu"` installs them for CPU tensors instead, for Triton's interpreter
+    (TRITON_INTERPRET=1) to run: how benchmarks/rehearsal.py runs a GPU session's code."""
+    if device_type == "cuda" and not torch.cuda.is_available():
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         log.info("triton is not installed: memcompile ops use the PyTorch reference on CUDA")
         return False
-    ops.bag.register_kernel("cuda")(bag_cuda)
-    ops.bag_backward.register_kernel("cuda")(bag_backward_cuda)
-    ops.pk_topk.register_kernel("cuda")(pk_topk_cuda)
-    ops.pk_topk_backward.register_kernel("cuda")(pk_topk_backward_cuda)
-    ops.silu_gate.register_kernel("cuda")(silu_gate_cuda)
-    ops.silu_gate_backward.register_kernel("cuda")(silu_gate_backward_cuda)
-    ops.pk_lookup.register_kernel("cuda")(pk_lookup_cuda)
-    ops.linears.register_kernel("cuda")(linears_cuda)
-    fused_update.bag_weight_grad.register_kernel("cuda")(bag_weight_grad_cuda)
-    fused_update.row_grad_sq.register_kernel("cuda")(row_grad_sq_cuda)
-    fused_update.fused_row_update.register_kernel("cuda")(fused_row_update_cuda)
+    kernels = [
+        (ops.bag, bag_cuda), (ops.bag_backward, bag_backward_cuda), (ops.pk_topk, pk_topk_cuda),
+        (ops.pk_topk_backward, pk_topk_backward_cuda), (ops.silu_gate, silu_gate_cuda),
+        (ops.silu_gate_backward, silu_gate_backward_cuda), (ops.pk_lookup, pk_lookup_cuda),
+        (ops.linears, linears_cuda), (fused_update.bag_weight_grad, bag_weight_grad_cuda),
+        (fused_update.row_grad_sq, row_grad_sq_cuda),
+        (fused_update.fused_row_update, fused_row_update_cuda),
+    ]  # fmt: skip
+    for op, kernel in kernels:
+        op.register_kernel(device_type)(kernel)
     return True
