@@ -15,7 +15,6 @@ benchmarks/results/inference.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from gpu_shapes import (
     KNN,
     REHEARSAL,
 )
-from gpu_timing import DEVICE, NO_GPU, bench, fastest, start
+from gpu_timing import DEVICE, NO_GPU, bench, hooks_restored, start, sweep_shapes
 from timing_layer import memory_layer_for_timing
 from torch import nn
 
@@ -232,48 +231,20 @@ def install_linear_shape(shape) -> None:
     triton_linear.linear_blocks = lambda *_: shape
 
 
-@contextlib.contextmanager
-def hooks_restored(module, *names):
-    """The module's attributes `names` as they were, once the block ends."""
-    saved = [getattr(module, name) for name in names]
-    try:
-        yield
-    finally:
-        for name, value in zip(names, saved):
-            setattr(module, name, value)
-
-
 def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
-    """run(x) under each shape (`install(shape)` sets it), CUDA graphs, each output compared
-    with the first shape's (the default); a shape that fails is reported and the sweep goes
-    on."""
-    from memcompile.kernels import cuda
+    """run(x) under each shape (`install(shape)` sets it; the first is the default), timed in
+    CUDA graphs, each output compared with the default's (gpu_timing.sweep_shapes); a last
+    row names the fastest."""
 
-    def outputs():
+    def result():
         with torch.inference_mode():
-            out = run(x)
-        return out if isinstance(out, list) else [out]
+            return run(x)
 
-    install(shapes[0])
-    expected = outputs()
-    rows = []
-    for shape in shapes:
-        install(shape)
-        row = {"shape": " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))}
-        try:
-            ms = time_cuda(run, x, graph=True)
-            same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-                       for a, b in zip(outputs(), expected))  # fmt: skip
-        except Exception as error:  # one shape that fails must not end the sweep
-            rows.append(row | {"error": f"{type(error).__name__}: {str(error)[:200]}"})
-            continue
-        unbuilt = cuda.take_unbuilt()
-        if unbuilt:  # the reference ran, not the shape
-            rows.append(row | {"not_built": unbuilt})
-            continue
-        rows.append(row | {"ms": round(ms, 4), "same_result": same})
-        print(f"  {label}, {row['shape']}: {ms * 1e3:.1f} us", file=sys.stderr)
-    best = fastest(rows, "shape", rows[0]["shape"]) if rows else None
+    rows, best = sweep_shapes(shapes, names, install, result,
+                              timer=lambda _: time_cuda(run, x, graph=True))  # fmt: skip
+    for row in rows:
+        print(f"  {label}, {row['shape']}: {row.get('ms', row.get('error'))} ms",
+              file=sys.stderr)  # fmt: skip
     if best is not None:  # to set the default from
         rows.append(best | {"shape": f"fastest: {best['shape']}"})
     return rows

@@ -49,6 +49,7 @@ from gpu_shapes import (
     KNN,
     TRAINING,
 )  # fmt: skip
+from gpu_timing import hooks_restored
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
@@ -226,13 +227,10 @@ def sweep_launches() -> list:
     ]  # fmt: skip
     found = []
     for module, hook, variants, launch in shaped:
-        default = getattr(module, hook)
-        try:
+        with hooks_restored(module, hook):
             for shape in variants:
                 setattr(module, hook, lambda *_, c=shape, **__: c)
                 found += launch()
-        finally:
-            setattr(module, hook, default)
     return found + decode_sweep_launches()
 
 
@@ -242,7 +240,6 @@ def decode_sweep_launches() -> list:
     from bench_inference import (
         DECODE_SCAN_VARIANTS,
         LINEAR_VARIANTS,
-        hooks_restored,
         install_linear_shape,
         install_scan_shape,
     )

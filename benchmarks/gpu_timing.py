@@ -1,6 +1,6 @@
 """Helpers of the GPU benchmarks (bench_kernels.py, kernel_sweep.py, bench_inference.py):
 the device, medians of `triton.testing.do_bench`, copy bandwidth, a host-synchronisation
-check, the kernel table of a step, skewed row ids, and the fastest shape of a sweep.
+check, the kernel table of a step, skewed row ids, and a sweep of block shapes.
 
 In a rehearsal (gpu_shapes.REHEARSAL) the device is the CPU, Triton's interpreter runs
 the kernels, and a time is one call's wall time: a check that the code runs and that
@@ -8,6 +8,7 @@ every block shape computes the default's result, not a measurement."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -123,17 +124,76 @@ def not_built(config: str, section: str) -> list[dict]:
              "not_built": unbuilt}]  # fmt: skip
 
 
-def fastest(rows: list[dict], name_key: str, default: str) -> dict | None:
-    """Of a sweep's rows that computed the default's result, the fastest: {name_key: its
-    name, "ms", "of_default": its time over the default shape's}; None without a timed
-    default."""
-    timed = [r for r in rows if "ms" in r and r.get("same_result")]
-    base = [r["ms"] for r in timed if r[name_key] == default]
-    if not base:
-        return None
+def sweep_shapes(
+    shapes: list[tuple], names: str, install, run, timer=bench, result=None, annotate=None
+) -> tuple[list[dict], dict | None]:
+    """`run` under each of `shapes`, the first being the default: `install(shape)` makes the
+    kernels use a shape, `timer(run)` times it (ms), and `result()` (default: `run()`) must
+    compute what it computes under the default (allclose at 1e-2: bf16's rounding).
+    Returns a row a shape, {"shape": "NAME=value ...", "ms", "same_result"} and
+    `annotate(shape)`'s fields, or "error" / "not_built" for a shape that raised or whose
+    kernels could not be built (the sweep goes on); and the fastest shape that computed
+    the default's result, {"shape", "ms", "of_default": its time over the default's}, or
+    None. The caller restores what `install` changed (`hooks_restored`)."""
+    from memcompile.kernels import cuda
+
+    result = result or run
+    install(shapes[0])
+    first = {"shape": shape_name(names, shapes[0])}
+    try:
+        expected = _outputs(result())
+    except Exception as error:  # no default result to compare with: nothing to sweep
+        return [first | {"error": _error(error)}], None
+    unbuilt = cuda.take_unbuilt()
+    if unbuilt:  # the reference ran in the default's place
+        return [first | {"not_built": unbuilt}], None
+    rows = []
+    for shape in shapes:
+        install(shape)
+        row = {"shape": shape_name(names, shape)}
+        try:
+            ms = timer(run)
+            got = _outputs(result())
+        except Exception as error:  # one shape that fails must not end the sweep
+            rows.append(row | {"error": _error(error)})
+            continue
+        unbuilt = cuda.take_unbuilt()
+        if unbuilt:  # too big for this GPU: the reference ran, not the shape
+            rows.append(row | {"not_built": unbuilt})
+            continue
+        same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                   for a, b in zip(got, expected, strict=True))  # fmt: skip
+        rows.append(row | {"ms": round(ms, 4), "same_result": same}
+                    | (annotate(shape) if annotate else {}))  # fmt: skip
+    timed = [r for r in rows if "ms" in r and r["same_result"]]
+    if not timed or rows[0] not in timed:
+        return rows, None
     best = min(timed, key=lambda r: r["ms"])
-    share = round(best["ms"] / base[0], 3)
-    return {name_key: best[name_key], "ms": best["ms"], "of_default": share}
+    return rows, {"shape": best["shape"], "ms": best["ms"],
+                  "of_default": round(best["ms"] / rows[0]["ms"], 3)}  # fmt: skip
+
+
+def shape_name(names: str, shape: tuple) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _error(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+@contextlib.contextmanager
+def hooks_restored(module, *names):
+    """The module's attributes `names` as they were, once the block ends."""
+    saved = [getattr(module, name) for name in names]
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(module, name, value)
 
 
 def problems(rows: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from gpu_shapes import DTYPE, HALF, HEADS, KNN
-from gpu_timing import DEVICE, bench, fastest, not_built, zipf_rows
+from gpu_timing import DEVICE, bench, hooks_restored, sweep_shapes, zipf_rows
 
 # Block shapes tried by the sweep section (the first of each list is the default at the
 # 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
@@ -37,10 +37,6 @@ ROW_PASS_VARIANTS = [(4, 1024, 4, 256, 3, 0), (4, 1024, 4, 256, 3, 0, 0, 0, 1),
 # default of the third H100 run.
 SCAN_VARIANTS = [(64, 64, 4, 1), (64, 64, 4, 2), (16, 64, 4, 2), (16, 64, 4, 3),
                  (32, 64, 4, 2), (16, 128, 4, 2), (64, 64, 8, 1), (32, 128, 4, 1)]  # fmt: skip
-
-
-def as_tuple(out) -> tuple[torch.Tensor, ...]:
-    return out if isinstance(out, tuple) else (out,)
 
 
 def sweep(
@@ -96,53 +92,25 @@ def sweep(
     if rows_only:
         cases = [case for case in cases if case[1] is triton_rows]
     for what, module, hook, variants, names, run, *result in cases:
-        result = result[0] if result else run
-        default = getattr(module, hook)
-        rows = []
-        try:
-            expected = as_tuple(result())  # every shape must compute what the default does
-            rows += not_built(name, f"sweep {what}, default shape")  # then: vs the reference
-            for shape in variants:
-                setattr(module, hook, lambda *_, c=shape, **__: c)
-                impl = shape_name(names, shape)
-                row = {"config": name, "what": f"sweep {what}", "impl": impl}
-                try:
-                    ms = bench(run)
-                    got = as_tuple(result())
-                except Exception as error:  # one shape that fails must not end the sweep
-                    rows.append(row | {"error": f"{type(error).__name__}: {str(error)[:200]}"})
-                    continue
-                missing = not_built(name, f"sweep {what}, {impl}")
-                if missing:  # too big for this GPU: the reference ran, not the shape
-                    rows += missing
-                    continue
-                row["ms"] = round(ms, 4)
-                row["same_result"] = all(
-                    torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-                    for a, b in zip(got, expected)
-                )
-                if module is triton_rows and triton_rows.PassShape(*shape).l2_window:
-                    row["l2_window"] = l2_residency.status()  # "on", or why it is off
-                if what == "bag fwd":
-                    row["TB/s"] = round(moved / (ms * 1e-3) / 1e12, 3)
-                    row["of_copy"] = round(moved / (ms * 1e-3) / copy_bw, 3)
-                rows.append(row)
-        except Exception as error:  # the default shape failed: report it, sweep the rest
-            rows.append({"config": name, "what": f"sweep {what}",
-                         "error": f"{type(error).__name__}: {str(error)[:200]}"})  # fmt: skip
-        finally:
-            setattr(module, hook, default)
-            rows += not_built(name, f"sweep {what}")  # what the rows above did not catch
-            rows += fastest_shape(rows, name, what, shape_name(names, variants[0]))
-            keep(rows)  # each case's rows are saved before the next case runs
 
+        def install(shape, module=module, hook=hook):
+            setattr(module, hook, lambda *_, **__: shape)
 
-def shape_name(names: str, shape: tuple) -> str:
-    return " ".join(f"{k}={v}" for k, v in zip(names.split(), shape))
+        def annotate(shape, module=module):
+            if module is triton_rows and triton_rows.PassShape(*shape).l2_window:
+                return {"l2_window": l2_residency.status()}  # "on", or why it is off
+            return {}
 
-
-def fastest_shape(rows: list[dict], config: str, what: str, default: str) -> list[dict]:
-    """A row naming the fastest shape of a sweep case (`gpu_timing.fastest`): to set
-    defaults from."""
-    best = fastest(rows, "impl", default)
-    return [] if best is None else [{"config": config, "what": f"sweep {what}: fastest"} | best]
+        with hooks_restored(module, hook):
+            found, best = sweep_shapes(variants, names, install, run, bench,
+                                       result[0] if result else None, annotate)  # fmt: skip
+        rows = [{"config": name, "what": f"sweep {what}", "impl": r.pop("shape")} | r
+                for r in found]  # fmt: skip
+        for row in rows:
+            if what == "bag fwd" and "ms" in row:
+                row["TB/s"] = round(moved / (row["ms"] * 1e-3) / 1e12, 3)
+                row["of_copy"] = round(moved / (row["ms"] * 1e-3) / copy_bw, 3)
+        if best is not None:  # to set the default from
+            rows.append({"config": name, "what": f"sweep {what}: fastest",
+                         "impl": best.pop("shape")} | best)  # fmt: skip
+        keep(rows)  # each case's rows are saved before the next case runs
