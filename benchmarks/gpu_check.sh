@@ -18,6 +18,8 @@
 # (bench_inference.py --decode-sweep). `--no-checks` leaves out the CUDA tests and
 # kernel_check.py (a second call on a machine where a first one just ran them on the same
 # code: about 150 s saved).
+# Before a lease: `python benchmarks/rehearsal.py` runs this session's Python steps on the
+# CPU (Triton's interpreter, tiny shapes), every sweep shape against the default's result.
 set -euo pipefail
 sections=kernels,values
 inference=yes

@@ -17,6 +17,7 @@ TRAINING = {  # bench_kernels
     "small": dict(tokens=8192, n_keys=512, v_dim=1024),
     "1.3B": dict(tokens=16384, n_keys=1024, v_dim=2048),
 }
+PROFILED = "1.3B"  # the config profile_row_pass.py runs under Nsight Compute
 INFERENCE = dict(d_model=2048, n_keys=1024)  # bench_inference, Memory+ with v_dim = d_model
 INFERENCE_TOKENS = (1, 8, 64, 512, 4096)
 DECODE_SIZES = (1, 8)  # tokens of the decode rows: PDL off and on, the decode sweep
@@ -45,6 +46,7 @@ if REHEARSAL:
     # issue 11584, "not supported yet"): the rehearsal's tables are float16.
     DTYPE = torch.float16
     TRAINING = {"tiny": dict(tokens=8, n_keys=8, v_dim=96)}
+    PROFILED = "tiny"
     INFERENCE = dict(d_model=96, n_keys=8)
     INFERENCE_TOKENS = DECODE_SIZES = (1, 2)
     FUSED_CHECK = dict(tokens=8, n_keys=8, v_dim=96)

@@ -17,17 +17,19 @@ from __future__ import annotations
 import sys
 
 import torch
-from gpu_shapes import HEADS, KNN, TRAINING
+from gpu_shapes import DTYPE, HEADS, KNN, PROFILED, TRAINING
+from gpu_timing import DEVICE, start
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("profile_row_pass.py needs a CUDA GPU", file=sys.stderr)
+    cannot = start()
+    if cannot:
+        print(f"profile_row_pass.py {cannot}", file=sys.stderr)
         return 2
     from memcompile.kernels import cuda, l2_residency, triton_rows
     from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
 
-    shape, dev, dt = TRAINING["1.3B"], "cuda", torch.bfloat16
+    shape, dev, dt = TRAINING[PROFILED], DEVICE, DTYPE
     rows, picks = shape["n_keys"] ** 2, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)
     values = torch.randn(rows, shape["v_dim"], device=dev, generator=g).to(dt)
@@ -54,15 +56,16 @@ def main() -> int:
             triton_rows.pass_blocks = default
 
     steps()  # compiled and warm before the profiled pass
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
+    if dev == "cuda":  # not in a rehearsal
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
     steps()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
     print("profiled, in order: one bag backward, one fused Adagrad step, the bag backward "
-          "with L2 eviction priorities, with the L2 window, walked by first token (1.3B-like, "
-          "bf16; window: "
-          f"{l2_residency.status()})")  # fmt: skip
+          f"with L2 eviction priorities, with the L2 window, walked by first token ({PROFILED}, "
+          f"{str(dt)[6:]}; window: {l2_residency.status()})")  # fmt: skip
     return 0
 
 

@@ -1,20 +1,21 @@
 """Rehearse a GPU session on the CPU, before spending a lease on it.
 
-Runs the Python steps of `gpu_check.sh --sweep --decode-sweep` (kernel_check.py,
-bench_kernels.py with every section, bench_inference.py with its sweeps) as a GPU run
-would, but on CPU tensors: Triton's interpreter runs the kernels (TRITON_INTERPRET=1),
-installed as the ops' CPU implementations, at the tiny shapes of gpu_shapes.py
-(MEMCOMPILE_REHEARSAL=1). Every branch of the scripts runs, every block shape of the
-sweeps is launched and compared with the default's result; times are one call's wall time,
-not measurements. What it cannot catch: a kernel that fails to compile for a GPU
-(compile_check.py does that) and anything that needs CUDA itself (graphs, the profiler,
-the L2 window, programmatic dependent launch).
+Runs the Python steps of `gpu_check.sh --sweep --decode-sweep --profile-rows`
+(kernel_check.py, bench_kernels.py with every section, bench_inference.py with its sweeps,
+profile_row_pass.py without Nsight Compute) as a GPU run would, but on CPU tensors:
+Triton's interpreter runs the kernels (TRITON_INTERPRET=1), installed as the ops' CPU
+implementations, at the tiny shapes of gpu_shapes.py (MEMCOMPILE_REHEARSAL=1). Every
+branch of the scripts runs, every block shape of the sweeps is launched and compared with
+the default's result; times are one call's wall time, not measurements. What it cannot
+catch: a kernel that fails to compile for a GPU (compile_check.py does that) and anything
+that needs CUDA itself (graphs, the profiler, the L2 window, programmatic dependent
+launch).
 
     python benchmarks/rehearsal.py [--out DIR]
 
 Prints the rows that report a failure (gpu_timing.problems) and exits 1 if there is one or
 a script failed; the scripts' JSON and logs go to DIR (default: a temporary folder). The
-three scripts run side by side: about 2 minutes on two cores.
+scripts run side by side: about 2 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from pathlib import Path
 from gpu_timing import problems
 
 HERE = Path(__file__).resolve().parent
-# (script, its arguments, the JSON it writes and the keys holding its rows)
+# (script, its arguments, the JSON it writes and the keys holding its rows: None, () for a
+# script whose exit status says it all)
 STEPS = [
     ("kernel_check.py", ["--json", "{out}/kernel_check.json"], "kernel_check.json", ("checks",)),
     ("bench_kernels.py", ["--sections", "sweep,kernels,values", "--configs", "tiny",
                           "--out", "{out}"], "kernels.json", ("rows",)),
     ("bench_inference.py", ["--skip-cpu", "--decode-sweep", "--out", "{out}"], "inference.json",
      ("layers", "decode", "projections", "decode_sweep")),
+    ("profile_row_pass.py", [], None, ()),  # gpu_check.sh --profile-rows, without Nsight
 ]  # fmt: skip
 
 
@@ -60,6 +63,8 @@ def rehearse(out: Path) -> list[str]:
         if process.returncode != 0:
             last = (out / f"{script}.log").read_text().strip().splitlines()[-1:]
             failures.append(f"{script} exited {process.returncode}: {' '.join(last)}")
+        if written is None:
+            continue
         path = out / written
         if not path.exists():
             failures.append(f"{script} wrote no {written}")
