@@ -105,3 +105,5 @@ if [ "$profile" = yes ]; then
     || echo "ncu failed or ran past 240 s (ncu_rows.txt)" | tee -a "$log"
   tail -n 40 "$out/ncu_rows.txt" | tee -a "$log"
 fi
+# Last, where the device tool's output tail shows it: every row that reports a failure.
+python3 benchmarks/gpu_timing.py "$out" | tee -a "$log"

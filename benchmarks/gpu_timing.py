@@ -9,10 +9,12 @@ every block shape computes the default's result, not a measurement."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from gpu_shapes import REHEARSAL
@@ -204,3 +206,29 @@ def problems(rows: list[dict]) -> list[dict]:
         if r.get("ok") is False or r.get("same_result") is False or "error" in r
         or "not_built" in r
     ]  # fmt: skip
+
+
+# The JSON files a GPU session writes, and the keys holding their rows.
+RESULT_ROWS = {
+    "kernel_check.json": ("checks",),
+    "kernels.json": ("rows",),
+    "inference.json": ("layers", "decode", "projections", "decode_sweep"),
+}
+
+
+def problems_in(folder: Path) -> list[str]:
+    """The failing rows (`problems`) of the results in `folder`, one line each, naming
+    their file."""
+    found = []
+    for name, keys in RESULT_ROWS.items():
+        path = Path(folder) / name
+        if path.exists():
+            result = json.loads(path.read_text())
+            rows = [row for key in keys for row in result.get(key) or []]
+            found += [f"{name}: {json.dumps(row)}" for row in problems(rows)]
+    return found
+
+
+if __name__ == "__main__":  # gpu_check.sh's last step: what failed, where the log ends
+    lines = problems_in(Path(sys.argv[1]))
+    print("\n".join(lines) + f"\nproblems: {len(lines)}" if lines else "problems: none")

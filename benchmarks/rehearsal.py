@@ -21,7 +21,6 @@ scripts run side by side: about 2 minutes on two cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,18 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_timing import problems
+from gpu_timing import problems_in
 
 HERE = Path(__file__).resolve().parent
-# (script, its arguments, the JSON it writes and the keys holding its rows: None, () for a
-# script whose exit status says it all)
+# (script, its arguments, the JSON it writes: None for a script whose exit status says all)
 STEPS = [
-    ("kernel_check.py", ["--json", "{out}/kernel_check.json"], "kernel_check.json", ("checks",)),
+    ("kernel_check.py", ["--json", "{out}/kernel_check.json"], "kernel_check.json"),
     ("bench_kernels.py", ["--sections", "sweep,kernels,values", "--configs", "tiny",
-                          "--out", "{out}"], "kernels.json", ("rows",)),
-    ("bench_inference.py", ["--skip-cpu", "--decode-sweep", "--out", "{out}"], "inference.json",
-     ("layers", "decode", "projections", "decode_sweep")),
-    ("profile_row_pass.py", [], None, ()),  # gpu_check.sh --profile-rows, without Nsight
+                          "--out", "{out}"], "kernels.json"),
+    ("bench_inference.py", ["--skip-cpu", "--decode-sweep", "--out", "{out}"], "inference.json"),
+    ("profile_row_pass.py", [], None),  # gpu_check.sh --profile-rows, without Nsight
 ]  # fmt: skip
 
 
@@ -50,29 +47,22 @@ def rehearse(out: Path) -> list[str]:
     env = os.environ | {"TRITON_INTERPRET": "1", "MEMCOMPILE_REHEARSAL": "1"}
     began = time.perf_counter()
     running = []
-    for script, args, _, _ in STEPS:  # each prints to its own log: no pipe to fill
+    for script, args, _ in STEPS:  # each prints to its own log: no pipe to fill
         with open(out / f"{script}.log", "w") as log:
             command = [sys.executable, str(HERE / script), *(a.format(out=out) for a in args)]
             running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, cwd=HERE))  # fmt: skip
     failures = []
-    for (script, _, written, keys), process in zip(STEPS, running):
+    for (script, _, written), process in zip(STEPS, running):
         process.wait()
         print(f"{script}: exit {process.returncode}, done after "
               f"{time.perf_counter() - began:.0f} s", file=sys.stderr)  # fmt: skip
         if process.returncode != 0:
             last = (out / f"{script}.log").read_text().strip().splitlines()[-1:]
             failures.append(f"{script} exited {process.returncode}: {' '.join(last)}")
-        if written is None:
-            continue
-        path = out / written
-        if not path.exists():
+        if written is not None and not (out / written).exists():
             failures.append(f"{script} wrote no {written}")
-            continue
-        result = json.loads(path.read_text())
-        for key in keys:
-            failures += [f"{script}: {json.dumps(row)}" for row in problems(result[key])]
-    return failures
+    return failures + problems_in(out)
 
 
 def main() -> int:

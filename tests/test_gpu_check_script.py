@@ -1,13 +1,16 @@
 """benchmarks/gpu_check.sh, the script a GPU lease runs: each option runs the steps it
-says and no others, with the arguments and output folder it says. python3, nvidia-smi and
+says and no others, with the arguments and output folder it says, and every run ends by
+listing the rows that report a failure (gpu_timing.py). python3, nvidia-smi and
 ncu are replaced by stubs that record how they were called (the scripts they run are
 checked by tests/test_rehearsal.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,7 @@ def test_a_plain_run_checks_then_times_the_kernels_and_inference(tmp_path):
     assert sorted(scripts(calls)[:5]) == sorted([
         "triton_cases.py", "triton_update_cases.py", "test_generate_compiled.py",
         "test_generate_compiled.py", "kernel_check.py"])  # fmt: skip
-    assert scripts(calls)[5:] == ["bench_kernels.py", "bench_inference.py"]
+    assert scripts(calls)[5:] == ["bench_kernels.py", "bench_inference.py", "gpu_timing.py"]
     compiled = [c for c in calls if "test_generate_compiled.py" in c]
     assert sorted(c.split("static_launcher=")[1] for c in compiled) == ["", "0"]
     assert any("-n 8" in c for c in calls if "triton_cases.py" in c)
@@ -66,7 +69,7 @@ def test_a_row_pass_sweep_of_one_config_without_inference(tmp_path):
     rc, calls, err = run_gpu_check(tmp_path, "--sweep-rows", "--no-inference",
                                    BENCH_CONFIGS="1.3B")  # fmt: skip
     assert rc == 0, err
-    assert scripts(calls)[5:] == ["bench_kernels.py"]
+    assert scripts(calls)[5:] == ["bench_kernels.py", "gpu_timing.py"]
     kernels = next(c for c in calls if "bench_kernels.py" in c)
     assert "--sections sweep-rows,kernels,values" in kernels and "--configs 1.3B " in kernels
 
@@ -74,7 +77,7 @@ def test_a_row_pass_sweep_of_one_config_without_inference(tmp_path):
 def test_a_second_call_on_a_warm_machine_for_the_decode_path_alone(tmp_path):
     rc, calls, err = run_gpu_check(tmp_path, "--no-checks", "--no-kernels", "--decode-sweep")
     assert rc == 0, err
-    assert scripts(calls) == ["bench_inference.py"]
+    assert scripts(calls) == ["bench_inference.py", "gpu_timing.py"]
     assert "--decode-sweep" in calls[0] and "--skip-cpu" in calls[0]
 
 
@@ -83,8 +86,8 @@ def test_the_row_pass_counters_alone(tmp_path):
         tmp_path, "--no-checks", "--no-kernels", "--no-inference", "--profile-rows"
     )
     assert rc == 0, err
-    assert len(calls) == 1 and calls[0].startswith("ncu ")
-    assert scripts(calls) == ["profile_row_pass.py"] and "-k regex:_rows_kernel" in calls[0]
+    assert calls[0].startswith("ncu ") and "-k regex:_rows_kernel" in calls[0]
+    assert scripts(calls) == ["profile_row_pass.py", "gpu_timing.py"]
     assert (tmp_path / "out" / "ncu_rows.txt").exists()
 
 
@@ -93,3 +96,18 @@ def test_an_unknown_option_stops_before_anything_runs(tmp_path, option):
     rc, calls, err = run_gpu_check(tmp_path, option)
     assert rc == 2 and "usage: benchmarks/gpu_check.sh" in err
     assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_the_last_step_lists_the_rows_that_report_a_failure(tmp_path):
+    (tmp_path / "kernels.json").write_text(json.dumps({"rows": [
+        {"what": "bag fwd", "ms": 2.9}, {"what": "sweep", "shape": "a", "error": "OutOfResources"},
+        {"what": "sweep", "shape": "b", "ms": 1.0, "same_result": False},
+        {"what": "check", "ok": True}, {"what": "layer", "not_built": ["bag bfloat16"]}]}))
+    checks = {"checks": [{"op": "bag", "ok": False}]}
+    (tmp_path / "kernel_check.json").write_text(json.dumps(checks))
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("gpu_timing.py")), str(tmp_path)],
+                          capture_output=True, text=True)  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and lines[-1] == "problems: 4", done.stderr
+    assert sum(line.startswith("kernels.json: ") for line in lines) == 3
+    assert any(line.startswith("kernel_check.json: ") for line in lines)
