@@ -235,7 +235,7 @@ def _unfused_step_ms(values, indices, weights, grad) -> float:
 def _fused_step_ms(values, indices, weights, grad, optimizer: str) -> tuple[float, dict]:
     """The fused step; and whether one step runs with no host synchronisation (a row's
     verdict, gpu_timing.runs_without_host_sync)."""
-    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+    from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
 
     table = FusedTable(values.requires_grad_(), ValueOptimizer(optimizer, 1e-3))
 

@@ -48,7 +48,7 @@ def sweep(
     and the sweep goes on. `keep` saves rows."""
 
     from memcompile.kernels import cuda, l2_residency, triton_bag, triton_rows, triton_topk
-    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+    from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
 
     dev, dt, picks = DEVICE, DTYPE, HEADS * KNN
     g = torch.Generator(device=dev).manual_seed(0)

@@ -27,7 +27,7 @@ def main() -> int:
         print(f"profile_row_pass.py {cannot}", file=sys.stderr)
         return 2
     from memcompile.kernels import cuda, l2_residency, triton_rows
-    from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+    from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
 
     shape, dev, dt = TRAINING[PROFILED], DEVICE, DTYPE
     rows, picks = shape["n_keys"] ** 2, HEADS * KNN

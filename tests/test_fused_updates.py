@@ -20,7 +20,7 @@ from torch import nn
 import memcompile
 from memcompile import MemcompileError
 from memcompile.kernels import ops
-from memcompile.runtime.fused_values import FusedTable, ValueOptimizer
+from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
 
 from models import CASES, VOCAB, build
 
