@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint rehearse clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(VENV)/.installed-dev
 
 test: lint
 	$(PY) -m pytest
+
+# A GPU session's benchmark scripts on the CPU, under Triton's interpreter (benchmarks/rehearsal.py)
+rehearse: $(VENV)/.installed-dev
+	$(PY) benchmarks/rehearsal.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
