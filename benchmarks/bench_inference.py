@@ -204,13 +204,14 @@ def projection_rows(d, dtype, token_counts):
 
 
 # (BLOCK_K, scan warps, scan stages, SPLITS, merge warps) of a decode token's top-k
-# (triton_topk.scan_blocks and split_scan); the first is the default. In the fifth H100
+# (triton_topk.scan_blocks and split_scan); the first is the kernels' choice at one token
+# (the sweep times that choice first anyway, its "default" row). In the fifth H100
 # run the scan took 7.9 us (two 32-key steps a program) and the merge 5.7 us at one token.
 DECODE_SCAN_VARIANTS = [(32, 8, 2, 16, 4), (64, 8, 2, 16, 4), (64, 4, 2, 16, 4),
                         (32, 8, 2, 32, 4), (32, 4, 2, 32, 4), (64, 8, 2, 8, 4),
                         (128, 8, 1, 8, 4), (64, 8, 2, 16, 2), (64, 8, 2, 16, 8)]  # fmt: skip
 # (BLOCK_O, BLOCK_I, num_warps, num_stages) of the decode projections
-# (triton_linear.linear_blocks); the first is the default.
+# (triton_linear.linear_blocks); the first is the kernels' choice.
 LINEAR_VARIANTS = [(16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (16, 128, 4, 6),
                    (32, 256, 4, 4), (16, 256, 8, 4), (32, 128, 4, 4), (16, 512, 8, 4)]  # fmt: skip
 
@@ -232,9 +233,9 @@ def install_linear_shape(shape) -> None:
 
 
 def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
-    """run(x) under each shape (`install(shape)` sets it; the first is the default), timed in
-    CUDA graphs, each output compared with the default's (gpu_timing.sweep_shapes); a last
-    row names the fastest."""
+    """run(x) under the kernels' own choice of shape, then under each of `shapes`
+    (`install(shape)` sets one), timed in CUDA graphs, each output compared with the
+    first's (gpu_timing.sweep_shapes); a last row names the fastest."""
 
     def result():
         with torch.inference_mode():
@@ -243,8 +244,8 @@ def time_shapes(run, x, shapes, names: str, install, label: str) -> list[dict]:
     rows, best = sweep_shapes(shapes, names, install, result,
                               timer=lambda _: time_cuda(run, x, graph=True))  # fmt: skip
     for row in rows:
-        print(f"  {label}, {row['shape']}: {row.get('ms', row.get('error'))} ms",
-              file=sys.stderr)  # fmt: skip
+        outcome = row.get("ms", row.get("error", row.get("not_built")))
+        print(f"  {label}, {row['shape']}: {outcome} ms", file=sys.stderr)
     if best is not None:  # to set the default from
         rows.append(best | {"shape": f"fastest: {best['shape']}"})
     return rows
@@ -275,7 +276,7 @@ def decode_sweep(d, n_keys, dtype, token_counts=DECODE_SIZES) -> list[dict]:
 
 def projection_sweep(d, dtype) -> list[dict]:
     """One decode token's projections (query and gate in one launch; the output map alone)
-    under each LINEAR_VARIANTS shape, with the weights' GB/s."""
+    under each LINEAR_VARIANTS shape, with the weights' TB/s."""
     from memcompile.kernels import ops, triton_linear
 
     g = torch.Generator(device=DEVICE).manual_seed(1)
@@ -349,7 +350,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     counts = [int(t) for t in args.tokens.split(",")]
-    layers, decode, projections, sweep, gpu = [], [], [], [], None
+    layers, decode, projections, sweep, not_built, gpu = [], [], [], [], [], None
     # A rehearsal's kernels run in Triton's interpreter on CPU tensors: no CPU rows then.
     if not (args.skip_cpu or REHEARSAL):
         layers += layer_rows("cpu", 1024, 512, torch.float32, counts, gpu=False)
@@ -359,20 +360,33 @@ def main() -> int:
         if cannot:
             print(f"bench_inference.py {cannot}", file=sys.stderr)
             return 2
+        from memcompile.kernels import cuda
+
+        def kernels_built(section: str) -> None:
+            """Record the ops whose kernels `section` could not build: its rows timed the
+            PyTorch reference for them (the sweeps record their own)."""
+            ops = cuda.take_unbuilt()
+            if ops:
+                not_built.append({"section": section, "not_built": ops})
+
         gpu = NO_GPU if REHEARSAL else torch.cuda.get_device_name()
         d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
         layers += layer_rows(DEVICE, d, n_keys, DTYPE, counts, gpu=True)
+        kernels_built("layers")
         projections = projection_rows(d, DTYPE, [t for t in counts if t <= 16])
+        kernels_built("projections")
         if args.decode_sweep:
             sweep = decode_sweep(d, n_keys, DTYPE)
             sweep += projection_sweep(d, DTYPE)
         decode += decode_rows(DEVICE, DTYPE)
+        kernels_built("decode")
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"{args.threads} torch threads",
               "gpu": gpu,
               "torch": torch.__version__, "layers": layers, "decode": decode,
-              "projections": projections, "decode_sweep": sweep}  # fmt: skip
+              "projections": projections, "decode_sweep": sweep,
+              "not_built": not_built}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| device | d_model | values | tokens | mode | Memory+ ms | dense FFN ms | ratio |")

@@ -126,50 +126,49 @@ def not_built(config: str, section: str) -> list[dict]:
              "not_built": unbuilt}]  # fmt: skip
 
 
+DEFAULT = "default"  # the sweep row of the kernels' own choice of shape
+
+
 def sweep_shapes(
     shapes: list[tuple], names: str, install, run, timer=bench, result=None, annotate=None
 ) -> tuple[list[dict], dict | None]:
-    """`run` under each of `shapes`, the first being the default: `install(shape)` makes the
-    kernels use a shape, `timer(run)` times it (ms), and `result()` (default: `run()`) must
-    compute what it computes under the default (allclose at 1e-2: bf16's rounding).
-    Returns a row a shape, {"shape": "NAME=value ...", "ms", "same_result"} and
-    `annotate(shape)`'s fields, or "error" / "not_built" for a shape that raised or whose
-    kernels could not be built (the sweep goes on); and the fastest shape that computed
-    the default's result, {"shape", "ms", "of_default": its time over the default's}, or
-    None. The caller restores what `install` changed (`hooks_restored`)."""
+    """`run` under the kernels' own choice of shape (the row named DEFAULT: call it before
+    anything is installed), then under each of `shapes`: `install(shape)` makes the kernels
+    use a shape, `timer(run)` times it (ms), and `result()` (default: `run()`) must compute
+    what the default computes (allclose at 1e-2: bf16's rounding). Returns a row a shape,
+    {"shape": "NAME=value ...", "ms", "same_result"} and `annotate(shape)`'s fields, or
+    "error" / "not_built" for a shape that raised or whose kernels could not be built (the
+    sweep goes on; without a default result there is nothing to compare with, and it
+    stops); and the fastest shape that computed the default's result, {"shape", "ms",
+    "of_default": its time over the default's}, or None. The caller restores what
+    `install` changed (`hooks_restored`)."""
     from memcompile.kernels import cuda
 
     result = result or run
-    install(shapes[0])
-    first = {"shape": shape_name(names, shapes[0])}
-    try:
-        expected = _outputs(result())
-    except Exception as error:  # no default result to compare with: nothing to sweep
-        return [first | {"error": _error(error)}], None
-    unbuilt = cuda.take_unbuilt()
-    if unbuilt:  # the reference ran in the default's place
-        return [first | {"not_built": unbuilt}], None
-    rows = []
-    for shape in shapes:
-        install(shape)
-        row = {"shape": shape_name(names, shape)}
-        try:
+    rows, expected = [], None
+    for shape in [None, *shapes]:
+        if shape is not None:
+            install(shape)
+        row = {"shape": DEFAULT if shape is None else shape_name(names, shape)}
+        try:  # a bad shape may fail at any step, asynchronously: at the comparison's sync too
             ms = timer(run)
             got = _outputs(result())
+            unbuilt = cuda.take_unbuilt()
+            if unbuilt:  # too big for this GPU: the reference ran, not the shape
+                row["not_built"] = unbuilt
+            elif expected is None:
+                expected, row["ms"], row["same_result"] = got, round(ms, 4), True
+            else:
+                same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                           for a, b in zip(got, expected, strict=True))  # fmt: skip
+                row |= {"ms": round(ms, 4), "same_result": same}
+                row |= annotate(shape) if annotate else {}
         except Exception as error:  # one shape that fails must not end the sweep
-            rows.append(row | {"error": _error(error)})
-            continue
-        unbuilt = cuda.take_unbuilt()
-        if unbuilt:  # too big for this GPU: the reference ran, not the shape
-            rows.append(row | {"not_built": unbuilt})
-            continue
-        same = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-                   for a, b in zip(got, expected, strict=True))  # fmt: skip
-        rows.append(row | {"ms": round(ms, 4), "same_result": same}
-                    | (annotate(shape) if annotate else {}))  # fmt: skip
+            row["error"] = _error(error)
+        rows.append(row)
+        if expected is None:  # the default failed
+            return rows, None
     timed = [r for r in rows if "ms" in r and r["same_result"]]
-    if not timed or rows[0] not in timed:
-        return rows, None
     best = min(timed, key=lambda r: r["ms"])
     return rows, {"shape": best["shape"], "ms": best["ms"],
                   "of_default": round(best["ms"] / rows[0]["ms"], 3)}  # fmt: skip
@@ -212,20 +211,25 @@ def problems(rows: list[dict]) -> list[dict]:
 RESULT_ROWS = {
     "kernel_check.json": ("checks",),
     "kernels.json": ("rows",),
-    "inference.json": ("layers", "decode", "projections", "decode_sweep"),
+    "inference.json": ("layers", "decode", "projections", "decode_sweep", "not_built"),
 }
 
 
 def problems_in(folder: Path) -> list[str]:
     """The failing rows (`problems`) of the results in `folder`, one line each, naming
-    their file."""
+    their file; a file that cannot be read (a step stopped while writing it) is one."""
     found = []
     for name, keys in RESULT_ROWS.items():
         path = Path(folder) / name
-        if path.exists():
+        if not path.exists():
+            continue
+        try:
             result = json.loads(path.read_text())
-            rows = [row for key in keys for row in result.get(key) or []]
-            found += [f"{name}: {json.dumps(row)}" for row in problems(rows)]
+        except (OSError, ValueError) as error:
+            found.append(f"{name}: unreadable: {error}")
+            continue
+        rows = [row for key in keys for row in result.get(key) or []]
+        found += [f"{name}: {json.dumps(row)}" for row in problems(rows)]
     return found
 
 

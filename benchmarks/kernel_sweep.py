@@ -1,6 +1,6 @@
 """The block shapes bench_kernels.py's sweep section times (`gpu_check.sh --sweep`,
-`--sweep-rows`), each output compared with the default shape's; compile_check.py compiles
-every one of them for an H100."""
+`--sweep-rows`), each output compared with the kernels' own choice of shape (the sweep's
+"default" row, timed first); compile_check.py compiles every one of them for an H100."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import torch
 from gpu_shapes import DTYPE, HALF, HEADS, KNN
 from gpu_timing import DEVICE, bench, hooks_restored, sweep_shapes, zipf_rows
 
-# Block shapes tried by the sweep section (the first of each list is the default at the
-# 1.3B-like config): (BLOCK_B, BLOCK_V, num_warps) of the bag forward; (BLOCK_P, BLOCK_V,
-# num_warps, rows a program, pipeline stages) of the row pass (triton_rows.py: the bag
-# backward, and the fused update). Blocks under 1024 columns are left out: in the fourth
-# H100 run each halving of BLOCK_V cost 3.4x; and shapes that lost in the fifth (BLOCK_P 8,
-# 4 stages, 8 warps over 1024 columns, 1024 rows a program: GPU_NOTES.md).
+# Block shapes tried by the sweep section (the first of each list is the kernels' choice
+# at the 1.3B-like config, but for the Adagrad step's whole rows): (BLOCK_B, BLOCK_V,
+# num_warps) of the bag forward; (BLOCK_P, BLOCK_V, num_warps, rows a program, pipeline
+# stages) of the row pass (triton_rows.py: the bag backward, and the fused update).
+# Blocks under 1024 columns are left out: in the fourth H100 run each halving of BLOCK_V
+# cost 3.4x; and shapes that lost in the fifth (BLOCK_P 8, 4 stages, 8 warps over 1024
+# columns, 1024 rows a program: GPU_NOTES.md).
 FORWARD_VARIANTS = [(4, 2048, 4), (8, 2048, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4)]
 # (2, 2048, 8 warps) is the shape of the first fused update (one program a row), which took
 # 10.9 ms for the Adagrad values step in the third run, against 12.0 for (4, 2048, 8) now;
@@ -43,9 +44,10 @@ def sweep(
     name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float, keep, rows_only: bool
 ) -> None:
     """Bag forward, bag backward, pk_topk forward and the fused Adagrad values step (with
-    `rows_only`, the row pass's cases only) under each block shape above, every output
-    compared with the default shape's; a shape that fails (compile, resources) is reported
-    and the sweep goes on. `keep` saves rows."""
+    `rows_only`, the row pass's cases only) under the kernels' own choice of shape, then
+    under each block shape above, every output compared with the first's
+    (gpu_timing.sweep_shapes); a shape that fails (compile, resources) is reported and the
+    sweep goes on. `keep` saves rows."""
 
     from memcompile.kernels import cuda, l2_residency, triton_bag, triton_rows, triton_topk
     from memcompile.runtime.fused_table import FusedTable, ValueOptimizer

@@ -105,9 +105,11 @@ def test_the_last_step_lists_the_rows_that_report_a_failure(tmp_path):
         {"what": "check", "ok": True}, {"what": "layer", "not_built": ["bag bfloat16"]}]}))
     checks = {"checks": [{"op": "bag", "ok": False}]}
     (tmp_path / "kernel_check.json").write_text(json.dumps(checks))
+    (tmp_path / "inference.json").write_text('{"layers": [{"tokens": 1')  # cut off by timeout
     done = subprocess.run([sys.executable, str(SCRIPT.with_name("gpu_timing.py")), str(tmp_path)],
                           capture_output=True, text=True)  # fmt: skip
     lines = done.stdout.strip().splitlines()
-    assert done.returncode == 0 and lines[-1] == "problems: 4", done.stderr
+    assert done.returncode == 0 and lines[-1] == "problems: 5", done.stderr
     assert sum(line.startswith("kernels.json: ") for line in lines) == 3
     assert any(line.startswith("kernel_check.json: ") for line in lines)
+    assert any(line.startswith("inference.json: unreadable") for line in lines)

@@ -48,7 +48,8 @@ def test_a_gpu_session_rehearsed_on_the_cpu_writes_every_row_and_every_shape_agr
     }  # fmt: skip
     for case, variants in swept.items():
         shapes = [r for r in rows if r["what"] == f"sweep {case}"]
-        assert len(shapes) == len(variants), case  # each shape ran, none failed
+        assert len(shapes) == 1 + len(variants), case  # each shape ran, none failed
+        assert shapes[0]["impl"] == "default", case  # the kernels' own choice, first
         assert all(r["same_result"] for r in shapes), case
         assert any(r["what"] == f"sweep {case}: fastest" for r in rows), case
 
@@ -59,8 +60,9 @@ def test_a_gpu_session_rehearsed_on_the_cpu_writes_every_row_and_every_shape_agr
     assert inference["projections"]
     sweep = [r for r in inference["decode_sweep"] if not r["shape"].startswith("fastest")]
     lookups = [r for r in sweep if "tokens" in r]
-    assert len(lookups) == 2 * len(DECODE_SCAN_VARIANTS)  # one and a few tokens
-    assert len(sweep) - len(lookups) == 2 * len(LINEAR_VARIANTS)  # query + gate, output
+    assert len(lookups) == 2 * (1 + len(DECODE_SCAN_VARIANTS))  # one and a few tokens
+    assert len(sweep) - len(lookups) == 2 * (1 + len(LINEAR_VARIANTS))  # query + gate, output
+    assert inference["not_built"] == []
     assert all(r["same_result"] for r in sweep)
 
 
