@@ -5,7 +5,8 @@
 # section), to set the defaults from: 227 and 278 s on an H100 (fourth and fifth runs).
 # Results go to $OUT (the device tool's output folder) or benchmarks/results:
 # gpu_log.txt (everything printed), gpu_tests.txt, gpu_compiled*.txt, kernel_check.json,
-# kernels.json and inference.json.
+# kernels.json and inference.json. The log ends with every row of those that reports a
+# failure, and their count ("problems: none" when there is none).
 # The device machine has torch and triton but no network: memcompile is not pip-installed
 # there, its package layout (passes/, kernels/, runtime/ inside memcompile) is assembled
 # in a temporary folder put on PYTHONPATH.
