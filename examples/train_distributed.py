@@ -11,6 +11,7 @@ batches. NCCL on GPUs, gloo on CPU. Rank 0 prints the loss averaged over the ran
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -65,6 +66,18 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     rank, world = init_distributed()
+    train(args, rank, world)
+    # train()'s model, optimizer and activations (FSDP2 and DTensor state that holds the
+    # process groups) are freed here, while the groups live. Left to interpreter exit, after
+    # destroy_process_group, they made a rank abort about one run in ten on a 2-core box
+    # ("terminate called without an active exception"); freed first, none in 80 runs.
+    gc.collect()
+    dist.barrier()  # every rank done with its collectives before any tears gloo down
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, rank: int, world: int) -> None:
+    """Plan, lay out and train the model for `args.steps` steps on this rank."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = (
         torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -98,8 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_reduce(mean)
         if rank == 0:
             print(f"step {step} loss {mean.item() / world:.4f}", flush=True)
-    dist.barrier()  # every rank done with its collectives before any tears gloo down
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
