@@ -37,7 +37,16 @@ from gpu_shapes import (
     KNN,
     REHEARSAL,
 )
-from gpu_timing import DEVICE, NO_GPU, bench, hooks_restored, start, sweep_shapes
+from gpu_timing import (
+    DEVICE,
+    bench,
+    device_name,
+    hooks_restored,
+    kernel_table,
+    not_built,
+    start,
+    sweep_shapes,
+)
 from timing_layer import memory_layer_for_timing
 from torch import nn
 
@@ -91,20 +100,9 @@ def time_cuda(fn, x, graph: bool) -> float:
 
 def kernel_times(fn, x, calls: int = 20) -> str:
     """The GPU kernels of `calls` eager calls, by device time: where a layer's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    if REHEARSAL:
-        return f"no kernel table: {NO_GPU}"
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn(x)
-        torch.cuda.synchronize()
-    title = f"kernels of {calls} calls, {x.shape[0]} tokens"
-    try:
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
-    except Exception as error:  # a profile is for reading, never a reason to lose the rows
-        table = f"no table: {error}"
-    return f"{title}\n{table}"
+    with torch.inference_mode():
+        table = kernel_table(lambda: fn(x), calls, row_limit=12)
+    return f"kernels of {calls} calls, {x.shape[0]} tokens\n{table}"
 
 
 def pdl_rows(memory, d, dtype) -> list[dict]:
@@ -350,7 +348,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     counts = [int(t) for t in args.tokens.split(",")]
-    layers, decode, projections, sweep, not_built, gpu = [], [], [], [], [], None
+    layers, decode, projections, sweep, unbuilt, gpu = [], [], [], [], [], None
     # A rehearsal's kernels run in Triton's interpreter on CPU tensors: no CPU rows then.
     if not (args.skip_cpu or REHEARSAL):
         layers += layer_rows("cpu", 1024, 512, torch.float32, counts, gpu=False)
@@ -360,33 +358,26 @@ def main() -> int:
         if cannot:
             print(f"bench_inference.py {cannot}", file=sys.stderr)
             return 2
-        from memcompile.kernels import cuda
-
-        def kernels_built(section: str) -> None:
-            """Record the ops whose kernels `section` could not build: its rows timed the
-            PyTorch reference for them (the sweeps record their own)."""
-            ops = cuda.take_unbuilt()
-            if ops:
-                not_built.append({"section": section, "not_built": ops})
-
-        gpu = NO_GPU if REHEARSAL else torch.cuda.get_device_name()
+        gpu = device_name()
         d, n_keys = INFERENCE["d_model"], INFERENCE["n_keys"]
+        # Ops whose kernels a section could not build: its rows timed the PyTorch reference
+        # for them (the sweeps record their own).
         layers += layer_rows(DEVICE, d, n_keys, DTYPE, counts, gpu=True)
-        kernels_built("layers")
+        unbuilt += not_built("inference", "layers")
         projections = projection_rows(d, DTYPE, [t for t in counts if t <= 16])
-        kernels_built("projections")
+        unbuilt += not_built("inference", "projections")
         if args.decode_sweep:
             sweep = decode_sweep(d, n_keys, DTYPE)
             sweep += projection_sweep(d, DTYPE)
         decode += decode_rows(DEVICE, DTYPE)
-        kernels_built("decode")
+        unbuilt += not_built("inference", "decode")
     result = {"benchmark": "inference", "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"{args.threads} torch threads",
               "gpu": gpu,
               "torch": torch.__version__, "layers": layers, "decode": decode,
               "projections": projections, "decode_sweep": sweep,
-              "not_built": not_built}  # fmt: skip
+              "not_built": unbuilt}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| device | d_model | values | tokens | mode | Memory+ ms | dense FFN ms | ratio |")

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from gpu_shapes import DTYPE, FUSED_CHECK, HALF, HEADS, KNN, TRAINING
 from gpu_timing import (
     DEVICE,
-    NO_GPU,
     bench,
     busiest_row,
     copy_bandwidth,
+    device_name,
     kernel_table,
     not_built,
     runs_without_host_sync,
@@ -165,8 +165,10 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
         layer(x).backward(gy)
 
     record("Memory+ layer fwd+bwd", "memcompile", bench(layer_step))
+    table = kernel_table(layer_step, 5)
+    print(table, file=sys.stderr, flush=True)
     results.append({"config": name, "what": "Memory+ layer fwd+bwd, kernels of 5 steps",
-                    "table": kernel_table(layer_step, 5)})  # fmt: skip
+                    "table": table})  # fmt: skip
     ffn = torch.nn.ModuleDict({
         "gate": torch.nn.Linear(d, 4 * d, bias=False), "up": torch.nn.Linear(d, 4 * d, bias=False),
         "down": torch.nn.Linear(4 * d, d, bias=False)}).to(dev, dt)  # fmt: skip
@@ -297,7 +299,7 @@ def main() -> int:
     result = {
         "benchmark": "kernels",
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else NO_GPU,
+        "device": device_name(),
         "torch": torch.__version__,
         "host": platform.node(),
         "copy_TB/s": round(copy_bw / 1e12, 3),

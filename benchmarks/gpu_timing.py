@@ -78,7 +78,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def kernel_table(fn, calls: int) -> str:
+def device_name() -> str:
+    """The GPU's name, for a result's header (a rehearsal has none)."""
+    return NO_GPU if REHEARSAL else torch.cuda.get_device_name()
+
+
+def kernel_table(fn, calls: int, row_limit: int = 15) -> str:
     """The GPU kernels of `calls` calls by device time, as torch.profiler's table: where a
     step's time goes, for reading (a table that fails is reported, the run goes on)."""
     from torch.profiler import ProfilerActivity, profile
@@ -90,11 +95,9 @@ def kernel_table(fn, calls: int) -> str:
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
-    except Exception as error:
+        return prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit)
+    except Exception as error:  # a profile is for reading, never a reason to lose the rows
         return f"no table: {type(error).__name__}: {error}"
-    print(table, file=sys.stderr, flush=True)
-    return table
 
 
 def zipf_rows(n_rows: int, shape, generator, s: float) -> torch.Tensor:
