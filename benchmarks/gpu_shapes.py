@@ -51,3 +51,8 @@ if REHEARSAL:
     INFERENCE_TOKENS = DECODE_SIZES = (1, 2)
     FUSED_CHECK = dict(tokens=8, n_keys=8, v_dim=96)
     DECODE_TOKENS, DECODE_MEMORY = 2, dict(mem_size=8**2, heads=HEADS, knn=KNN, k_dim=2 * HALF)
+    CHECK_BAG = [(6, 16, 64, 96)]
+    CHECK_TOPK = [(20, 2, 40, 32, 4)]
+    CHECK_GATE = [(3, 1500)]
+    CHECK_LINEARS = [(3, 100, (40, 17))]
+    CHECK_LOOKUP = [(1, 2, 40, 32, 8, 96)]
