@@ -172,6 +172,6 @@ def load_model(
     if path.suffix == ".pt2":
         from .program import load_program
 
-        program = load_program(path)
+        program = load_program(path, trust_pickle)
         return LoadedModel(program.module(), "program", program=program)
     return _load_file(path, trust_pickle, config)

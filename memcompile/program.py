@@ -8,8 +8,10 @@ example inputs and its dynamic dimensions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -21,12 +23,62 @@ from .runtime.outputs import atomic_file
 log = logging.getLogger(__name__)
 
 
-def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+class _PickleRefused(pickle.UnpicklingError):
+    pass
+
+
+def _refuse_pickle(*args, **kwargs):
+    raise _PickleRefused("a pickled payload")
+
+
+@contextlib.contextmanager
+def _unpickling_refused():
+    """torch.export.load unpickles what an archive marks as pickled (tensor subclasses,
+    opaque constants) with `weights_only=False` or `pickle.loads`: a crafted .pt2 runs
+    code as it loads. Inside this block torch.load keeps to weights only
+    (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and pickle.loads raises. Both are process-wide while
+    the block runs, which is one load. (TorchScript custom objects go through torch's
+    own unpickler, which builds only registered classes.)"""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)}
+    saved["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    loads, pickle.loads = pickle.loads, _refuse_pickle
+    try:
+        yield
+    finally:
+        pickle.loads = loads
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _unpickling_in(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, pickle.UnpicklingError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def load_program(
+    path: str | os.PathLike, trust_pickle: bool = False
+) -> torch.export.ExportedProgram:
+    """The program in a .pt2 archive. One whose payloads are pickled is refused unless
+    `trust_pickle`: unpickling them runs whatever code they contain."""
+    guard = contextlib.nullcontext() if trust_pickle else _unpickling_refused()
     # torch.export logs a traceback before raising on a bad archive: the error says it all.
     try:
-        with quieted_loggers(["torch.export"], logging.CRITICAL):
+        with guard, quieted_loggers(["torch.export"], logging.CRITICAL):
             return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
+        if not trust_pickle and _unpickling_in(error):
+            raise MemcompileError(
+                f"{path} holds pickled payloads: loading them runs whatever code they "
+                "contain, so memcompile refuses them by default; pass trust_pickle=True "
+                "(--trust-pickle) only for files you made or trust"
+            ) from None
         raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
 
 

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
+import zipfile
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from zoo import ZOO
 
 import memcompile
 from memcompile.cli import main
+from memcompile.program import load_program
 
 from models import CASES, VOCAB, build
 
@@ -233,3 +238,55 @@ def test_not_a_program(tmp_path):
     result = _convert(tmp_path / "bad.pt2", tmp_path / "out.pt2", "--layers", "0")
     assert result.exit_code == 2 and "not a torch.export program" in result.output
     assert not (tmp_path / "out.pt2").exists()
+
+
+class _MakesDirectory:
+    """A pickled payload whose unpickling creates a directory: code run by loading."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def _archive_with_a_pickled_weight(source, out, marker):
+    """`source` (a torch.export.save archive) with its first weight stored as a pickle."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w") as dst:
+        names = src.namelist()
+        config_name = next(n for n in names if n.endswith("weights_config.json"))
+        config = json.loads(src.read(config_name))
+        entry = next(iter(config["config"].values()))
+        entry["use_pickle"] = True
+        weight_name = next(n for n in names if n.endswith("/weights/" + entry["path_name"]))
+        payload = io.BytesIO()
+        torch.save(_MakesDirectory(marker), payload)
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == config_name:
+                data = json.dumps(config).encode()
+            elif info.filename == weight_name:
+                data = payload.getvalue()
+            dst.writestr(info, data)
+
+
+def test_a_program_with_pickled_payloads_is_refused_unless_trusted(tmp_path):
+    _export(GatedStack(), torch.randn(2, 5, 16), tmp_path / "plain.pt2")
+    marker = tmp_path / "code_ran"
+    _archive_with_a_pickled_weight(tmp_path / "plain.pt2", tmp_path / "crafted.pt2", marker)
+
+    result = _convert(tmp_path / "crafted.pt2", tmp_path / "out.pt2", "--layers", "0")
+    assert result.exit_code == 2, result.output
+    assert "pickled payloads" in result.output and "--trust-pickle" in result.output
+    assert not marker.exists() and not (tmp_path / "out.pt2").exists()
+    with pytest.raises(memcompile.MemcompileError, match="trust_pickle=True"):
+        load_program(tmp_path / "crafted.pt2")
+    assert not marker.exists()
+    # the archive really is dangerous: trusted, its payload runs (and is no weight)
+    with pytest.raises(memcompile.MemcompileError, match="not a torch.export program"):
+        load_program(tmp_path / "crafted.pt2", trust_pickle=True)
+    assert marker.is_dir()
+    # the guard is gone after the load: the untouched archive loads, pickles work again
+    assert isinstance(load_program(tmp_path / "plain.pt2"), torch.export.ExportedProgram)
+    assert pickle.loads(pickle.dumps([1])) == [1]
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
