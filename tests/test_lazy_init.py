@@ -146,3 +146,33 @@ def test_a_table_too_large_to_allocate_names_lazy_init():
         MemoryPool(2**50, 8)
     assert "33,554,432.0 GiB" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("more", [["--lazy-init"], ["--no-share"]], ids=["lazy", "own-table"])
+def test_converting_more_layers_of_a_lazy_checkpoint_keeps_its_recipe(tmp_path, monkeypatch, more):
+    from memcompile.runtime import init
+
+    source, first, second = tmp_path / "hf", tmp_path / "first", tmp_path / "second"
+    build(LLAMA).save_pretrained(source)
+    small = ["--mem-size", "16K", "--knn", "4", "--heads", "2", "--quiet"]
+    args = ["convert", str(source), "--layers", "0", *small, "--lazy-init", "-o", str(first)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    if more == ["--lazy-init"]:  # nothing is built: the table may not fit in memory here
+
+        def no_build(*_, **__):
+            raise AssertionError("convert built a lazy value table")
+
+        monkeypatch.setattr(init.ValuesInit, "materialize", no_build)
+    args = ["convert", str(first), "--layers", "2", *small, *more, "-o", str(second)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+
+    manifest = json.loads((second / "memcompile.json").read_text())
+    assert "memcompile_pool.values" in manifest["lazy_values"]
+    with safe_open(str(second / "model.safetensors"), "pt") as stored:
+        assert "memcompile_pool.values" not in stored.keys()
+        own_table = [k for k in stored.keys() if k.endswith(".values")]
+    assert own_table == (["model.layers.2.mlp.values"] if more == ["--no-share"] else [])
+    before, after = memcompile.load(first), memcompile.load(second)
+    assert torch.equal(before.memcompile_pool.values, after.memcompile_pool.values)

@@ -77,7 +77,7 @@ def convert(
     from .. import checkpoint
     from ..api import transform
 
-    refuse_existing(output, force, inputs=[model_path])
+    refuse_existing(output, force, inputs=[p for p in (model_path, config_path) if p])
     if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
         raise MemcompileError(
             "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "
@@ -91,7 +91,11 @@ def convert(
     config = memory_config(mem_size, mode=mode, **memory_settings)
     wanted = layer_labels(layers)
     steps = steps_for(quiet, as_json)
-    loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    # A checkpoint's lazy tables stay recipes: built here only to be written as bytes that
+    # the recipe already describes (and perhaps larger than this machine's memory).
+    loaded = load(
+        model_path, steps, trust_remote_code, trust_pickle, config_path, materialize=False
+    )
     with steps("converting"):
         model, report = transform(
             loaded.model, layers=wanted, config=config, lazy_init=lazy_init, return_report=True
