@@ -85,8 +85,11 @@ class BandwidthModel:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise MemcompileError(f"bandwidth {f.name} must be positive, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < math.inf:  # inf would write Infinity: not JSON
+                raise MemcompileError(
+                    f"bandwidth {f.name} must be a positive finite number, got {value!r}"
+                )
         if self.mfu > 1:
             raise MemcompileError(f"bandwidth mfu is a fraction of peak (0, 1], got {self.mfu}")
 
@@ -278,10 +281,14 @@ def save_plan(plan: Plan, path: str | os.PathLike, *, force: bool = False) -> Pa
     """Write `plan` as JSON, atomically (a failed write leaves no file); an existing file
     only with `force`."""
     path = Path(path)
-    text = json.dumps(plan.to_json(), indent=2) + "\n"
+    text = json.dumps(plan.to_json(), indent=2, allow_nan=False) + "\n"
     with atomic_file(path, force=force) as tmp:
         tmp.write_text(text)
     return path
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -289,8 +296,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if not path.is_file():
         raise MemcompileError(f"plan {str(path)!r} does not exist: make one with `memcompile plan`")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except ValueError as e:  # bad JSON, bad UTF-8, NaN or Infinity
         raise MemcompileError(f"plan {str(path)!r} is not JSON ({e})") from None
     return Plan.from_json(data)
 

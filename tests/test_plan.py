@@ -12,7 +12,14 @@ import torch
 
 import memcompile
 from memcompile.passes.partition import PartitionConfig, plan_model
-from memcompile.runtime import MemcompileError, Mesh, Plan, load_plan, save_plan
+from memcompile.runtime import (
+    BandwidthModel,
+    MemcompileError,
+    Mesh,
+    Plan,
+    load_plan,
+    save_plan,
+)
 from memcompile.runtime.plan import SCHEMA_PATH, model_fingerprint
 
 import models  # noqa: F401  (puts examples/ on sys.path)
@@ -180,6 +187,12 @@ def test_not_json_and_missing_files_are_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(MemcompileError, match="is not JSON"):
         load_plan(tmp_path / "bad.json")
+    # Python's json writes and reads Infinity; JSON has no such number
+    data = memcompile.plan(converted(), 2).to_json()
+    data["bandwidth"]["intra_node"] = float("inf")
+    (tmp_path / "inf.json").write_text(json.dumps(data))
+    with pytest.raises(MemcompileError, match="Infinity is not a JSON number"):
+        load_plan(tmp_path / "inf.json")
     with pytest.raises(MemcompileError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
 
@@ -198,6 +211,9 @@ def test_bad_settings_are_refused():
         memcompile.plan(model, 2, strategy="host")
     with pytest.raises(MemcompileError, match="gpus_per_node must be a positive"):
         memcompile.plan(model, 0)
+    for bad in (float("inf"), float("nan"), 0):
+        with pytest.raises(MemcompileError, match="intra_node must be a positive finite"):
+            BandwidthModel(intra_node=bad)
     assert Mesh(np.int64(2), nodes=np.int32(3)).world_size == 6  # numpy integers too
     with pytest.raises(MemcompileError, match="not a memory size"):
         memcompile.plan(model, 2, gpu_memory="lots")
