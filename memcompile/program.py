@@ -18,7 +18,7 @@ import torch
 
 from .runtime import MemcompileError
 from .runtime.errors import quieted_loggers
-from .runtime.outputs import atomic_file
+from .runtime.outputs import atomic_file, deferred_write_errors
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ def save_program(
     path = Path(path)
     if path.suffix != ".pt2":
         raise MemcompileError(f"{path}: a torch.export program is written as a .pt2 file")
-    with atomic_file(path, force=force) as tmp:
-        torch.export.save(program, tmp)
+    # torch's zip writer aborts the process when a write fails under it (a full disk):
+    # handed a file that holds the error back, it finishes and the error is raised here.
+    with atomic_file(path, force=force) as tmp, deferred_write_errors(tmp) as file:
+        torch.export.save(program, file)
     return path

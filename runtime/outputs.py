@@ -3,19 +3,102 @@
 Every file or directory memcompile writes (checkpoints, .pt2 programs, plans) is staged
 under a temporary name beside its destination and renamed into place, so a failed or
 interrupted write leaves nothing half-written. Staged outputs get the permissions a plain
-`open()` or `mkdir` would give (the umask's), not the private ones of `tempfile`.
+`open()` or `mkdir` would give (the umask's), not the private ones of `tempfile`. A write
+that the file system refuses (read-only, no permission, a name too long, a full disk) is
+bad input, a one-line `MemcompileError` naming the output, not an internal error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import MemcompileError
+
+# What the user can do about each way the file system refuses a write; any other errno
+# (EIO, ...) stays an internal error: it is no choice of theirs.
+_ELSEWHERE = "choose another output path (-o)"
+_REFUSALS = {
+    code: refusal
+    for name, refusal in [
+        ("EROFS", ("read-only file system", _ELSEWHERE)),
+        ("EACCES", ("permission denied", _ELSEWHERE)),
+        ("EPERM", ("operation not permitted", _ELSEWHERE)),
+        ("ENAMETOOLONG", ("file name too long", "give the output a shorter name (-o)")),
+        ("ENOSPC", ("no space left on device", f"free some space or {_ELSEWHERE}")),
+        ("EDQUOT", ("disk quota exceeded", f"free some space or {_ELSEWHERE}")),
+        ("EFBIG", ("file too large for its file system", _ELSEWHERE)),
+    ]
+    if (code := getattr(errno, name, None)) is not None  # Windows lacks some
+}
+# Rust's io::Error text, which safetensors' SafetensorError (not an OSError) carries.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# Staged names keep only this much of the output's name: the output may have a name of
+# the file system's full length (255), and the staged one adds to it.
+_STAGED_NAME_CHARS = 64
+
+
+def _staging_prefix(path: Path, kind: str) -> str:
+    return f".{path.name[:_STAGED_NAME_CHARS]}.{kind}-"
+
+
+def _errno(error: BaseException) -> int | None:
+    if isinstance(error, OSError):
+        return error.errno
+    if type(error).__name__ == "SafetensorError":
+        found = _RUST_OS_ERROR.search(str(error))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _names_the_output(name: str | bytes, path: Path) -> bool:
+    """Whether a file an OSError names is the output, a directory above it, or something
+    staged beside it (by us or by a writer with its own staging, as ONNX export's)."""
+    target, named = path.absolute(), Path(os.fsdecode(name)).absolute()
+    prefix = f".{target.name[:_STAGED_NAME_CHARS]}"
+
+    def staged(p: Path) -> bool:
+        return p.parent == target.parent and p.name.startswith(prefix)
+
+    return named == target or named in target.parents or any(map(staged, [named, *named.parents]))
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> MemcompileError | None:
+    """The bad-input error for `error`, raised while writing the output `path`, if the file
+    system refused the write for a reason the user can act on; else None.
+
+    An OSError that names files counts only if one of them is the output's (not an input
+    read on the way); one without a name, as a failed `write()` raises, always does.
+    """
+    code = _errno(error)
+    if code not in _REFUSALS:
+        return None
+    path = Path(path)
+    if isinstance(error, OSError):
+        names = [n for n in (error.filename, error.filename2) if isinstance(n, (str, bytes))]
+        if names and not any(_names_the_output(n, path) for n in names):
+            return None
+    reason, fix = _REFUSALS[code]
+    return MemcompileError(f"cannot write {path}: {reason}: {fix}")
+
+
+@contextlib.contextmanager
+def _refusals_as_bad_input(path: str | os.PathLike) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        translated = write_error(path, error)
+        if translated is None:
+            raise
+        raise translated from None
 
 
 def _umask() -> int:
@@ -33,7 +116,16 @@ def refuse_existing(
 ) -> None:
     """Bad input unless `path` is free or --force. Even with --force, never the current
     directory or one holding it, nor a path that holds one of `inputs` or already exists
-    inside one (a new file beside an input's own files is fine)."""
+    inside one (a new file beside an input's own files is fine); nor a path whose name is
+    too long or that lies on a read-only file system or in a directory we may not write:
+    said before the work whose result would then be lost, not when writing it."""
+    with _refusals_as_bad_input(path):
+        _refuse_existing(path, force, inputs)
+
+
+def _refuse_existing(
+    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike]
+) -> None:
     target = Path(path).resolve()
     if _contains(target, Path.cwd().resolve()):
         raise MemcompileError(
@@ -52,6 +144,18 @@ def refuse_existing(
     existing = next(p for p in Path(path).absolute().parents if p.exists())
     if not existing.is_dir():
         raise MemcompileError(f"{path} cannot be written: {existing} is a file, not a directory")
+    # access(2) answers for root too: it refuses writes to a read-only mount.
+    effective = os.access in os.supports_effective_ids
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+        code = errno.EROFS if _on_read_only_mount(existing) else errno.EACCES
+        raise OSError(code, os.strerror(code), str(existing))
+
+
+def _on_read_only_mount(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs (Windows): call it a permission
+        return False
 
 
 def _replace(staged: Path, path: Path) -> None:
@@ -60,7 +164,7 @@ def _replace(staged: Path, path: Path) -> None:
     if not (path.exists() and (path.is_dir() or staged.is_dir())):
         os.replace(staged, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "old"), dir=path.parent))
     os.rename(path, old / path.name)
     try:
         os.rename(staged, path)
@@ -74,16 +178,18 @@ def _replace(staged: Path, path: Path) -> None:
 @contextlib.contextmanager
 def created_parents(path: str | os.PathLike) -> Iterator[None]:
     """Makes the missing directories above `path`; if the block fails, removes those it made
-    (the ones still empty), so a failed write leaves no empty folders behind."""
-    missing = [p for p in Path(path).absolute().parents if not p.exists()]  # deepest first
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for directory in missing:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
+    (the ones still empty), so a failed write leaves no empty folders behind. A refusal of
+    the file system, here or in the block, is a MemcompileError naming `path`."""
+    with _refusals_as_bad_input(path):
+        missing = [p for p in Path(path).absolute().parents if not p.exists()]  # deepest first
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            yield
+        except BaseException:
+            for directory in missing:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
 
 
 @contextlib.contextmanager
@@ -96,7 +202,7 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
     path = Path(path)
     refuse_existing(path, force)
     with created_parents(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "tmp"), dir=path.parent))
         try:
             yield tmp
             mask = _umask()
@@ -118,7 +224,7 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     if path.is_dir():
         raise MemcompileError(f"{path} is a directory: give the path of a file to write")
     with created_parents(path):
-        handle, name = tempfile.mkstemp(f"{path.suffix}", f".{path.name}.tmp-", path.parent)
+        handle, name = tempfile.mkstemp(path.suffix, _staging_prefix(path, "tmp"), path.parent)
         os.close(handle)
         tmp = Path(name)
         try:
@@ -128,3 +234,50 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+class _HeldErrorsFile(io.RawIOBase):
+    """A file whose write errors are kept for later, not raised to the writer: each write
+    reports all its bytes written. See `deferred_write_errors`."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self._file = file
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        size = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as error:
+                self.error = error
+        return size
+
+
+@contextlib.contextmanager
+def deferred_write_errors(path: str | os.PathLike) -> Iterator[io.RawIOBase]:
+    """Opens `path` for writing and yields a file whose write errors (a full disk) reach
+    the writer as success: they are raised when the block ends, as the OSError they were.
+
+    For torch's zip writer (`torch.export.save`, `torch.save`), which aborts the process
+    when a write fails under it (its destructor finishes the archive and throws again, in
+    C++): given this file it finishes, and the error is raised in Python afterwards.
+    """
+    with open(path, "wb") as file:
+        held = _HeldErrorsFile(file)
+        yield held
+        if held.error is not None:
+            raise held.error
