@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -12,6 +13,11 @@ from .errors import MemcompileError, is_integer
 
 _SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)\s*$", re.IGNORECASE)
+_NEGATIVE_SIZE_RE = re.compile(r"^\s*-\s*\d+\s*[KMG]?\s*$", re.IGNORECASE)
+# The fewest bytes a sub-key value takes (bfloat16, float16), for a block of unknown dtype.
+_MIN_ITEMSIZE = 2
+# A tensor's element count is an int64: a value table must stay below it, even unbuilt.
+_MAX_ELEMENTS = 2**63 - 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -20,6 +26,24 @@ def _format_size(n: int) -> str:
         if n % _SUFFIXES[suffix] == 0:
             return f"{n // _SUFFIXES[suffix]}{suffix}"
     return str(n)
+
+
+def human_bytes(n: float) -> str:
+    """`n` bytes in binary units, e.g. "1.5 GiB"; a zebibyte of values is still a number."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} YiB"
+
+
+def host_memory() -> int | None:
+    """Bytes of physical memory of this machine, or None where the OS does not say."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+    return total if total > 0 else None
 
 
 def _nearest_squares(n: int) -> str:
@@ -35,6 +59,10 @@ def parse_mem_size(mem_size: int | str) -> int:
         n = int(mem_size)
     elif isinstance(mem_size, str):
         match = _SIZE_RE.match(mem_size)
+        if match is None and _NEGATIVE_SIZE_RE.match(mem_size):
+            raise MemcompileError(
+                f"mem_size must be positive (a number of value rows), got {mem_size!r}"
+            )
         if match is None:
             raise MemcompileError(
                 f"mem_size {mem_size!r} is not a size: write an integer or a number with a "
@@ -45,7 +73,18 @@ def parse_mem_size(mem_size: int | str) -> int:
         raise MemcompileError(f"mem_size must be an int or a string like '1M', got {mem_size!r}")
     if n < 1:
         raise MemcompileError(f"mem_size must be positive, got {mem_size!r}")
-    if math.isqrt(n) ** 2 != n:
+    root = math.isqrt(n)
+    memory = host_memory()
+    # Even at heads=1 and k_dim=2 in 2-byte values, n_keys sub-keys of 2 halves take
+    # 4 bytes each: a size past that is no typo one square away.
+    if root**2 != n and memory is not None and 2 * root * _MIN_ITEMSIZE > memory:
+        raise MemcompileError(
+            f"mem_size {mem_size!r} ({n} rows) is not a perfect square, and far too large: "
+            f"the sub-keys of its {root:,} keys alone, 4 bytes a key or more, need more "
+            f"than the {human_bytes(memory)} of memory here: choose a much smaller mem_size, "
+            "e.g. '1M' (1024**2 rows) or '16M' (4096**2)"
+        )
+    if root**2 != n:
         raise MemcompileError(
             f"mem_size {mem_size!r} ({n} rows) is not a perfect square (product keys index "
             f"n_keys**2 rows); nearest valid sizes: {_nearest_squares(n)}"
@@ -138,7 +177,33 @@ class MemoryConfig:
                 f"gating 'none' needs v_dim == d_out ({d_out}), got v_dim={v_dim}: "
                 "drop v_dim or use gating='swilu'"
             )
-        return replace(self, k_dim=k_dim, v_dim=v_dim)
+        resolved = replace(self, k_dim=k_dim, v_dim=v_dim)
+        resolved._check_buildable()
+        return resolved
+
+    def _check_buildable(self) -> None:
+        """Refuse a memory whose sub-keys alone exceed this machine's memory (they are built
+        eagerly, lazy_init or not), or whose value table no tensor can describe, even an
+        unbuilt one: the allocator's failure later would name no option to change."""
+        n_keys, k_dim, v_dim = self.n_keys, self.k_dim, self.v_dim
+        assert k_dim is not None and v_dim is not None  # resolved
+        itemsize = self.torch_dtype.itemsize if self.torch_dtype else _MIN_ITEMSIZE
+        keys = self.heads * 2 * n_keys * (k_dim // 2) * itemsize
+        memory = host_memory()
+        if memory is not None and keys > memory:
+            least = "" if self.torch_dtype else "at least "
+            raise MemcompileError(
+                f"mem_size {self.mem_size:,} (= {n_keys:,}**2) is too large: its sub-keys "
+                f"alone (heads {self.heads} x 2 halves x {n_keys:,} keys x {k_dim // 2} "
+                f"= k_dim/2) need {least}{human_bytes(keys)}, more than the "
+                f"{human_bytes(memory)} of memory here: choose a smaller mem_size"
+            )
+        if self.mem_size * v_dim > _MAX_ELEMENTS:
+            raise MemcompileError(
+                f"mem_size {self.mem_size:,} x v_dim {v_dim} is a value table of "
+                f"{self.mem_size * v_dim:.3g} entries, more than a tensor can hold (2**63): "
+                "choose a smaller mem_size"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

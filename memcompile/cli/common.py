@@ -15,7 +15,13 @@ import sys
 import click
 
 from ..runtime import MemcompileError
+from ..runtime.config import human_bytes as in_binary_units
 from ..runtime.errors import first_line
+
+
+def _dashed(match: re.Match) -> str:
+    return "--" + match.group(0).replace("_", "-")
+
 
 # The library's errors name its Python arguments; on the command line they name the flags.
 _FLAG_SPELLINGS = [
@@ -25,10 +31,13 @@ _FLAG_SPELLINGS = [
     (r"\bshare_values=False\b", "--no-share"),
     (r"\bdynamic=False\b", "--static"),
     (r"\bgating='swilu'", "--gating swilu"),
+    (r"\bgating 'none'", "--gating none"),
     (r"\bmem_size\b", "--mem-size"),
     (r"\bk_dim\b", "--k-dim"),
     (r"\bv_dim\b", "--v-dim"),
     (r"\bknn\b", "--knn"),
+    # Words as well as arguments ("4 heads", "at lr 0.1"): only where a check names them.
+    (r"(?:^|(?<=: ))(?:heads|lr|seed)(?= must\b)", _dashed),
     (r"\bmesh gpus_per_node\b", "--gpus"),
     (r"\bmesh nodes\b", "--nodes"),
     (r"\bgpu_memory\b", "--gpu-mem"),
@@ -41,24 +50,32 @@ _FLAG_SPELLINGS = [
 
 
 def layer_labels(text: str) -> list[str]:
-    """--layers: labels separated by commas, "a-b" for the blocks a to b (inclusive)."""
+    """--layers: labels separated by commas, "a-b" for the blocks a to b (inclusive), also
+    within a stack ("encoder.0-2")."""
+    if not text.strip():
+        raise MemcompileError("--layers is empty: name the blocks to convert, e.g. 4,12")
     labels = []
     for part in (p.strip() for p in text.split(",")):
-        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if not part:
+            raise MemcompileError(
+                f"--layers {text} has an empty entry: separate labels by single commas, e.g. 4,12"
+            )
+        span = re.fullmatch(r"(.+\.)?(\d+)-(\d+)", part)
         if span is None:
-            labels += [part] if part else []
+            labels.append(part)
             continue
-        first, last = int(span.group(1)), int(span.group(2))
+        stack, first, last = span.group(1) or "", int(span.group(2)), int(span.group(3))
         if first > last:
-            raise MemcompileError(f"--layers {part} runs backwards: write {last}-{first}")
-        labels += [str(i) for i in range(first, last + 1)]
+            raise MemcompileError(f"--layers {part} runs backwards: write {stack}{last}-{first}")
+        labels += [f"{stack}{i}" for i in range(first, last + 1)]
     return labels
 
 
 def in_flags(message: str) -> str:
     """`message` with the Python argument names it uses spelled as the CLI's flags."""
     for pattern, flag in _FLAG_SPELLINGS:
-        message = re.sub(pattern, flag, message)
+        # (?<!-): a message may name the flag already ("--knn"), which stays as it is
+        message = re.sub(f"(?<!-){pattern}", flag, message)
     return message
 
 
@@ -208,11 +225,7 @@ def echo_json(result: dict) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return in_binary_units(n)
 
 
 def memory_config(mem_size, **options):
