@@ -48,6 +48,10 @@ class TransformReport:
 
 def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     """Every FFN block of `model`, in model order, with its index, path, kind and widths."""
+    if not isinstance(model, nn.Module):
+        raise MemcompileError(
+            f"find_ffn_blocks needs a torch.nn.Module, got {type(model).__name__}"
+        )
     return run_passes(TransformState(model), FIND_PASSES).blocks
 
 
@@ -102,6 +106,8 @@ def transform(
             config = replace(config, **options)
     except TypeError as error:
         raise MemcompileError(f"{error}: see MemoryConfig for the options") from None
+    if isinstance(layers, str) and "," in layers:  # the CLI's spelling, not a label
+        raise MemcompileError(f"layers takes a list, e.g. layers=[1, 2], not the string {layers!r}")
     if isinstance(layers, (numbers.Integral, str)):
         layers = [layers]
     if layers is not None:  # numpy arrays and tensors of indices too

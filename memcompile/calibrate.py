@@ -120,7 +120,8 @@ def _targets(model: nn.Module, original: nn.Module) -> list[_Target]:
     if any(isinstance(_submodule(original, path), MemoryLayer) for path, _ in layers):
         raise MemcompileError(  # `original is model` too, before tracing it
             "`original` is the converted model (transform works in place): pass the "
-            "model as it was before transform, e.g. a copy.deepcopy made before it"
+            "model as it was before transform (a copy.deepcopy made before it; on the "
+            "command line --original, the model the checkpoint was converted from)"
         )
     blocks = find_ffn_blocks(original)
     targets = []

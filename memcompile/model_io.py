@@ -45,6 +45,9 @@ PICKLED_OBJECTS = (
     "(torch.save(model.state_dict(), ...)) and pass them with --config, or pass --trust-pickle "
     "only for files you made or trust"
 )
+_CONFIG_UNUSED = (
+    "{path} carries its own architecture; --config is for a bare state_dict file: drop --config"
+)
 # Buffers that transformers computes from the config (older versions saved them): a checkpoint
 # with or without them holds the same model.
 _DERIVED_BUFFERS = re.compile(r"(^|\.)position_ids$|(^|\.)rotary_emb\.inv_freq$")
@@ -359,6 +362,8 @@ def _load_file(path: Path, trust_pickle: bool, config: str | None) -> LoadedMode
     except _BROKEN_FILE as error:
         raise _unreadable(path, error) from None
     if isinstance(obj, nn.Module):
+        if config is not None:
+            raise MemcompileError(_CONFIG_UNUSED.format(path=path))
         return LoadedModel(obj.eval(), "pickle", path)
     if _is_state_dict(obj):
         if config is None:
@@ -405,6 +410,8 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise MemcompileError(f"{path} does not exist")
+    if config is not None and (path.is_dir() or path.suffix == ".pt2"):
+        raise MemcompileError(_CONFIG_UNUSED.format(path=path))
     if path.is_dir():
         if checkpoint.is_checkpoint(path):
             model = checkpoint.load(path, trust_pickle=trust_pickle, materialize=materialize)

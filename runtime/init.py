@@ -86,8 +86,7 @@ class ValuesInit:
             size = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size() / 2**30
             raise MemcompileError(
                 f"the value table ({shape[0]:,} x {shape[1]}, {size:,.1f} GiB) does not fit in "
-                f"memory: pass lazy_init=True (--lazy-init) to store its init recipe instead "
-                "and build it where it fits, or choose a smaller mem_size"
+                "memory here: build it where it fits, or choose a smaller mem_size"
             ) from None
         for start in range(0, shape[0], chunk_rows):
             normal_rows_(table[start : start + chunk_rows], self.std, self.seed, row_offset=start)
@@ -96,7 +95,13 @@ class ValuesInit:
     def new_table(self, shape, dtype=None, device=None, lazy: bool = False) -> nn.Parameter:
         if lazy:
             return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
-        return nn.Parameter(self.materialize(shape, dtype, device))
+        try:
+            return nn.Parameter(self.materialize(shape, dtype, device))
+        except MemcompileError as error:  # at transform: the recipe alone can be stored
+            raise MemcompileError(
+                f"{error}; or pass lazy_init=True (--lazy-init) to store its init recipe "
+                "instead of its bytes"
+            ) from None
 
 
 def materialize_values(

@@ -176,3 +176,13 @@ def test_converting_more_layers_of_a_lazy_checkpoint_keeps_its_recipe(tmp_path, 
     assert own_table == (["model.layers.2.mlp.values"] if more == ["--no-share"] else [])
     before, after = memcompile.load(first), memcompile.load(second)
     assert torch.equal(before.memcompile_pool.values, after.memcompile_pool.values)
+
+
+def test_a_stored_recipe_too_large_to_build_does_not_advise_lazy_init():
+    # Building a checkpoint's recipe (load, export, calibrate): the table is lazy already.
+    from memcompile.runtime.init import ValuesInit
+
+    with pytest.raises(memcompile.MemcompileError) as error:
+        ValuesInit(std=1.0, seed=0).materialize((2**50, 8))
+    assert "does not fit in memory here" in str(error.value)
+    assert "lazy" not in str(error.value)

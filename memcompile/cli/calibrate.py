@@ -7,6 +7,7 @@ import sys
 import click
 
 from ..runtime import MemcompileError
+from ..runtime.errors import first_line
 from ..runtime.outputs import refuse_existing
 from .common import (
     checkpoint_output_options,
@@ -40,7 +41,13 @@ from, whose FFNs the memory layers learn to imitate (and whose tokenizer reads -
 @click.option("--synthetic", is_flag=True, help="random token ids instead of text (smoke test)")
 @click.option("--steps", type=int, default=300, show_default=True, help="training steps")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate")
-@click.option("--max-length", type=int, default=128, show_default=True, help="tokens per text")
+@click.option(
+    "--max-length",
+    type=int,
+    default=128,
+    show_default=True,
+    help="tokens per text (with --synthetic: per sample, default 64)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @checkpoint_output_options()
@@ -71,13 +78,21 @@ def calibrate(
     from ..calibrate import calibrate as run_calibration
     from ..calibrate import synthetic_batches, text_batches
 
-    refuse_existing(output, force, inputs=[p for p in (model_path, original, data) if p])
+    refuse_existing(
+        output, force, inputs=[p for p in (model_path, original, data, config_path) if p]
+    )
     if data is not None and synthetic:
         raise MemcompileError("give --data FILE.txt or --synthetic, not both")
     if data is None and not synthetic:
         raise MemcompileError("give the calibration inputs: --data FILE.txt or --synthetic")
     if steps < 1:
         raise MemcompileError(f"--steps must be at least 1, got {steps}")
+    if not -(2**63) <= seed < 2**63:  # torch's generators take an int64
+        raise MemcompileError(f"--seed must fit in 64 bits (a signed int64), got {seed}")
+    if max_length < 1:
+        raise MemcompileError(f"--max-length must be at least 1, got {max_length}")
+    given = click.get_current_context().get_parameter_source("max_length")
+    synthetic_length = max_length if given == click.core.ParameterSource.COMMANDLINE else 64
     texts = []
     if data is not None:
         try:
@@ -101,12 +116,13 @@ def calibrate(
             tokenizer = AutoTokenizer.from_pretrained(original)
         except (OSError, ValueError, TypeError) as error:
             raise MemcompileError(
-                f"--data needs the tokenizer of --original {original}, which has none "
-                f"({type(error).__name__}); use --synthetic or an HF model directory"
+                f"--data needs a tokenizer and --original {original} has none that loads "
+                f"({first_line(error)}): give --original with its tokenizer files, or use "
+                "--synthetic"
             ) from None
         batches = text_batches(tokenizer, texts, max_length=max_length)
     else:
-        batches = synthetic_batches(teacher, seed=seed)
+        batches = synthetic_batches(teacher, seq_len=synthetic_length, seed=seed)
     from tqdm import tqdm
 
     with tqdm(total=steps, desc="calibrating", file=sys.stderr, disable=steps_bar.quiet) as bar:

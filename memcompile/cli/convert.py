@@ -31,7 +31,9 @@ Examples:
 @click.command("convert", epilog=EPILOG_CONVERT)
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option(
-    "--layers", required=True, help="block indices to convert, e.g. 4,12 or 0-3 or encoder.2"
+    "--layers",
+    required=True,
+    help="block indices to convert, e.g. 4,12 or 0-3 or encoder.2 or decoder.0-1",
 )
 @click.option(
     "--mem-size",

@@ -44,6 +44,14 @@ def _token_inputs(model, batch: int, seq_len: int) -> dict:
         )
     if batch < 1 or seq_len < 1:
         raise MemcompileError(f"--batch and --seq-len must be positive, got {batch}, {seq_len}")
+    # Past the model's positions the example would index out of range, or exhaust memory
+    # on attention scores before the export begins.
+    longest = getattr(config, "max_position_embeddings", None)
+    if isinstance(longest, int) and seq_len > longest:
+        raise MemcompileError(
+            f"--seq-len {seq_len} is longer than the model's {longest} positions "
+            f"(config.max_position_embeddings): give at most {longest}"
+        )
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=generator)}
     if "attention_mask" in parameters:
@@ -108,9 +116,11 @@ def export(
     from ..onnx_export import export_onnx, external_data_path
 
     # A large model's weights go to a side file, ONNX_PATH.data: it is an output too.
+    if Path(onnx_path).is_dir():  # said before "exists: pass --force", which cannot help
+        raise MemcompileError(f"{onnx_path} is a directory: give the path of the .onnx file")
     side_file = external_data_path(onnx_path)
     for output in (onnx_path, side_file):
-        refuse_existing(output, force, inputs=[model_path])
+        refuse_existing(output, force, inputs=[p for p in (model_path, config_path) if p])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..runtime import MemcompileError
 from .common import (
     echo_json,
     fail_cleanly,
@@ -49,6 +50,15 @@ def inspect(
     from ..passes.rewrite import ffn_parameters
     from ..runtime import MemoryLayer
 
+    context = click.get_current_context()
+    given = [
+        "/".join(param.opts + param.secondary_opts)
+        for param in context.command.params
+        if param.name in memory_settings
+        and context.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and not mem_size:
+        raise MemcompileError(f"{given[0]} describes the memory of --mem-size: add --mem-size")
     steps = steps_for(quiet, as_json)
     # Lazy value tables stay unbuilt: listing the blocks reads no values.
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path,
