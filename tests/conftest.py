@@ -26,3 +26,13 @@ def kernels_built():
     yield
     unbuilt = cuda.take_unbuilt()
     assert not unbuilt, f"Triton kernels not built for: {unbuilt}"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small Llama (tests/models.py) saved as an HF model directory."""
+    from models import CASES, build
+
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    build(next(c for c in CASES if c.name == "llama")).save_pretrained(path)
+    return path

@@ -10,33 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import SMALL, run_cli
 from zoo import DECODER
 
 import memcompile
 from memcompile import checkpoint
-from memcompile.cli import main
 
 from models import CASES, VOCAB, build
 
 LLAMA = next(c for c in CASES if c.name == "llama")
 EXAMPLE = next(c for c in CASES if c.name == "example")
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
 
 
 def _ids(seed=0, seq=9):
     return torch.randint(1, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    build(LLAMA).save_pretrained(path)
-    return path
 
 
 def _logits(model, ids):
@@ -50,7 +37,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 def test_convert_hf_directory_augment_round_trip_is_exact(hf_dir, tmp_path):
     out = tmp_path / "ckpt"
-    result = _run("convert", hf_dir, "--layers", "0,2", "--mode", "augment", *SMALL, "-o", out)
+    result = run_cli("convert", hf_dir, "--layers", "0,2", "--mode", "augment", *SMALL, "-o", out)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["memcompile.json", "model.safetensors"]
     loaded = memcompile.load(out)
@@ -61,8 +48,8 @@ def test_convert_hf_directory_augment_round_trip_is_exact(hf_dir, tmp_path):
 
 def test_convert_replace_matches_the_python_api_and_converts_again(hf_dir, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", first).exit_code == 0
-    result = _run("convert", first, "--layers", "2", *SMALL, "-o", second, "--json")
+    assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", first).exit_code == 0
+    result = run_cli("convert", first, "--layers", "2", *SMALL, "-o", second, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["converted"] == [2]
 
@@ -79,12 +66,12 @@ def test_convert_replace_matches_the_python_api_and_converts_again(hf_dir, tmp_p
 def test_pickled_module_is_refused_without_trust(tmp_path):
     model_file, out = tmp_path / "model.pt", tmp_path / "out"
     torch.save(build(EXAMPLE), model_file)
-    result = _run("convert", model_file, "--layers", "1", *SMALL, "-o", out)
+    result = run_cli("convert", model_file, "--layers", "1", *SMALL, "-o", out)
     assert result.exit_code == 2
     assert "pickled module" in result.output and "--trust-pickle" in result.output
     assert not out.exists() and not _leftovers(tmp_path, "out")
 
-    result = _run("convert", model_file, "--layers", "1", *SMALL, "-o", out, "--trust-pickle")
+    result = run_cli("convert", model_file, "--layers", "1", *SMALL, "-o", out, "--trust-pickle")
     assert result.exit_code == 0, result.output
     with pytest.raises(memcompile.MemcompileError, match="trust_pickle"):
         memcompile.load(out)
@@ -98,14 +85,14 @@ def test_bare_state_dict_needs_a_config(hf_dir, tmp_path):
     state_file, out = tmp_path / "weights.pt", tmp_path / "out"
     original = build(LLAMA)
     torch.save(original.state_dict(), state_file)
-    result = _run("convert", state_file, "--layers", "1", *SMALL, "-o", out)
+    result = run_cli("convert", state_file, "--layers", "1", *SMALL, "-o", out)
     assert result.exit_code == 2
     assert "bare state_dict" in result.output and "--config" in result.output
     assert not out.exists()
 
     config = hf_dir / "config.json"
     args = ("convert", state_file, "--config", config, "--layers", "1", "--mode", "augment")
-    result = _run(*args, *SMALL, "-o", out)
+    result = run_cli(*args, *SMALL, "-o", out)
     assert result.exit_code == 0, result.output
     assert torch.equal(_logits(memcompile.load(out), _ids()), _logits(original, _ids()))
 
@@ -114,11 +101,11 @@ def test_existing_output_is_kept_unless_forced(hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
 
-    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out, "--force")
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out, "--force")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["memcompile.json", "model.safetensors"]
     assert not _leftovers(tmp_path, "out")
@@ -131,7 +118,7 @@ def test_interrupted_save_leaves_nothing(hf_dir, tmp_path, monkeypatch, interrup
 
     monkeypatch.setattr(checkpoint, "save_file", explode)
     out = tmp_path / "new" / "out"
-    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
     assert result.exit_code != 0
     assert not (tmp_path / "new").exists()  # nor the folder it made for the output
 
@@ -147,7 +134,7 @@ def test_interrupted_save_leaves_nothing(hf_dir, tmp_path, monkeypatch, interrup
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(hf_dir, tmp_path, args, phrase):
     out = tmp_path / "out"
-    result = _run("convert", hf_dir, *args, "--quiet", "-o", out)
+    result = run_cli("convert", hf_dir, *args, "--quiet", "-o", out)
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and phrase in errors[0]
@@ -155,13 +142,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(hf_dir, tmp_path, ar
 
 
 def test_missing_path_and_unknown_directory(tmp_path):
-    assert _run("inspect", tmp_path / "nope").exit_code == 2
-    result = _run("inspect", tmp_path)
+    assert run_cli("inspect", tmp_path / "nope").exit_code == 2
+    result = run_cli("inspect", tmp_path)
     assert result.exit_code == 2 and "neither memcompile.json nor config.json" in result.output
 
 
 def test_inspect_table_and_json(hf_dir):
-    result = _run("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--heads", "2", "--json")
+    result = run_cli("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--heads", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     blocks = report["blocks"]
@@ -182,7 +169,7 @@ def test_inspect_table_and_json(hf_dir):
     assert blocks[0]["value_params"] == values
     assert blocks[0]["memory_bytes"]["bfloat16"] == 2 * (blocks[0]["memory_params"] + values)
 
-    table = _run("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--quiet")
+    table = run_cli("inspect", hf_dir, "--mem-size", "256", "--knn", "4", "--quiet")
     assert table.exit_code == 0
     assert (
         "model.layers.2.mlp" in table.output
@@ -192,10 +179,10 @@ def test_inspect_table_and_json(hf_dir):
 
 def test_layers_take_ranges(hf_dir, tmp_path):
     small = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--json", "-q"]
-    result = _run("convert", hf_dir, "--layers", "0-1", *small, "-o", tmp_path / "a")
+    result = run_cli("convert", hf_dir, "--layers", "0-1", *small, "-o", tmp_path / "a")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["converted"] == [0, 1]
-    backwards = _run("convert", hf_dir, "--layers", "2-1", *small, "-o", tmp_path / "b")
+    backwards = run_cli("convert", hf_dir, "--layers", "2-1", *small, "-o", tmp_path / "b")
     assert backwards.exit_code == 2 and backwards.output.strip().splitlines() == [
         "error: --layers 2-1 runs backwards: write 1-2"
     ]
@@ -208,7 +195,7 @@ def test_inspect_counts_an_inline_ffn_by_its_projections(tmp_path):
 
     bart = next(case for case in ZOO if case.name == "bart").build()
     bart.save_pretrained(tmp_path / "bart")
-    report = json.loads(_run("inspect", tmp_path / "bart", "--json").output)
+    report = json.loads(run_cli("inspect", tmp_path / "bart", "--json").output)
     layer = bart.model.encoder.layers[0]
     ffn = sum(p.numel() for m in (layer.fc1, layer.fc2) for p in m.parameters())
     assert ffn < sum(p.numel() for p in layer.parameters())
@@ -223,10 +210,10 @@ def test_mixture_of_experts_is_reported_and_refused(tmp_path):
     )
     path = tmp_path / "mixtral"
     MixtralForCausalLM(cfg).save_pretrained(path)
-    listed = _run("inspect", path, "--quiet", "--json")
+    listed = run_cli("inspect", path, "--quiet", "--json")
     assert listed.exit_code == 0, listed.output
     assert json.loads(listed.output)["moe_blocks"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    result = _run("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "out")
+    result = run_cli("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "mixture-of-experts" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -246,16 +233,16 @@ def test_dense_layers_of_a_model_with_moe_blocks_convert(tmp_path):
     path = tmp_path / "qwen2moe"
     original = Qwen2MoeForCausalLM(cfg).eval()
     original.save_pretrained(path)
-    listed = json.loads(_run("inspect", path, "--quiet", "--json").output)
+    listed = json.loads(run_cli("inspect", path, "--quiet", "--json").output)
     assert listed["moe_blocks"] == ["model.layers.0.mlp", "model.layers.2.mlp"]
     assert [(b["index"], b["path"]) for b in listed["blocks"]] == [(1, "model.layers.1.mlp")]
-    table = _run("inspect", path, "--quiet").output
+    table = run_cli("inspect", path, "--quiet").output
     assert "mixture-of-experts block 2 (not convertible): model.layers.2.mlp" in table
 
-    refused = _run("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "moe")
+    refused = run_cli("convert", path, "--layers", "0", *SMALL, "-o", tmp_path / "moe")
     assert refused.exit_code == 2 and "layer 0 is a mixture-of-experts block" in refused.output
     args = ["--layers", "1", "--mode", "augment", *SMALL, "-o", tmp_path / "out"]
-    assert _run("convert", path, *args).exit_code == 0
+    assert run_cli("convert", path, *args).exit_code == 0
     converted = memcompile.load(tmp_path / "out")
     ids = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
@@ -264,7 +251,7 @@ def test_dense_layers_of_a_model_with_moe_blocks_convert(tmp_path):
 
 @pytest.mark.parametrize("command", [[], ["inspect"], ["convert"]])
 def test_help_shows_an_example(command):
-    result = _run(*command, "--help")
+    result = run_cli(*command, "--help")
     assert result.exit_code == 0
     assert "memcompile" in result.output and ("Example" in result.output or not command)
 
@@ -293,7 +280,7 @@ def test_remote_code_is_refused_without_trust(tmp_path):
     }
     (model_dir / "config.json").write_text(json.dumps(config))
     (model_dir / "configuration_mystery.py").write_text("raise SystemExit('code ran')\n")
-    result = _run("convert", model_dir, "--layers", "0", *SMALL, "-o", out)
+    result = run_cli("convert", model_dir, "--layers", "0", *SMALL, "-o", out)
     assert result.exit_code == 2
     assert "--trust-remote-code" in result.output and "code ran" not in result.output
     assert not out.exists() and not _leftovers(tmp_path, "out")
@@ -301,8 +288,8 @@ def test_remote_code_is_refused_without_trust(tmp_path):
 
 def test_inspect_lists_the_memory_layers_a_checkpoint_already_has(hf_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", ckpt).exit_code == 0
-    result = _run("inspect", ckpt, "--quiet", "--json")
+    assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", ckpt).exit_code == 0
+    result = run_cli("inspect", ckpt, "--quiet", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert [b["index"] for b in report["blocks"]] == [0, 2]
@@ -310,10 +297,12 @@ def test_inspect_lists_the_memory_layers_a_checkpoint_already_has(hf_dir, tmp_pa
         {"path": "model.layers.1.mlp", "rows": 256, "v_dim": 32, "heads": 2, "knn": 4,
          "mode": "replace", "shared_values": True}
     ]  # fmt: skip
-    text = _run("inspect", ckpt, "--quiet").output
+    text = run_cli("inspect", ckpt, "--quiet").output
     assert "memory layer (replace): model.layers.1.mlp: 256 x 32 values" in text
     own = tmp_path / "own"  # a table per layer: not shared
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "--no-share", "-o", own).exit_code == 0
-    report = json.loads(_run("inspect", own, "--quiet", "--json").output)
+    assert (
+        run_cli("convert", hf_dir, "--layers", "1", *SMALL, "--no-share", "-o", own).exit_code == 0
+    )
+    report = json.loads(run_cli("inspect", own, "--quiet", "--json").output)
     assert [m["shared_values"] for m in report["memory_layers"]] == [False]
-    assert "shared values" not in _run("inspect", own, "--quiet").output
+    assert "shared values" not in run_cli("inspect", own, "--quiet").output

@@ -12,33 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import SMALL, run_cli
 
-from memcompile.cli import main
 from memcompile.program import save_program
 
 from models import CASES, build
 
 LLAMA = next(c for c in CASES if c.name == "llama")
 EXAMPLE = next(c for c in CASES if c.name == "example")
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="memcompile")
 
 
 def _error_lines(result) -> list[str]:
     assert result.exit_code == 2, result.output
     assert "internal error" not in result.output
     return [line for line in result.output.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    build(LLAMA).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -55,7 +42,7 @@ def test_a_file_that_is_no_model_is_named_as_such(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     for args in (["inspect", path], ["convert", path, "--layers", "1", "-q", "-o", "out"]):
-        errors = _error_lines(_run(*args))
+        errors = _error_lines(run_cli(*args))
         assert len(errors) == 1 and "is not a model file memcompile reads" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
@@ -70,7 +57,7 @@ def test_a_trusted_pickle_whose_code_cannot_be_imported(tmp_path, monkeypatch):
     torch.save(ghost_model.Ghost(), tmp_path / "ghost.pt")
     monkeypatch.delitem(sys.modules, "ghost_model")
     (tmp_path / "ghost_model.py").unlink()
-    errors = _error_lines(_run("inspect", tmp_path / "ghost.pt", "--trust-pickle"))
+    errors = _error_lines(run_cli("inspect", tmp_path / "ghost.pt", "--trust-pickle"))
     assert len(errors) == 1 and "PYTHONPATH" in errors[0] and "ghost_model" in errors[0]
 
 
@@ -91,7 +78,7 @@ def test_unreadable_weights_and_a_config_that_is_no_config_are_one_line(hf_dir, 
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # a header length of 2**64-1
-    errors = _error_lines(_run("inspect", broken))
+    errors = _error_lines(run_cli("inspect", broken))
     assert len(errors) == 1 and "its weights do not load (SafetensorError" in errors[0]
 
     torch.save(build(LLAMA).state_dict(), tmp_path / "weights.pt")
@@ -99,14 +86,14 @@ def test_unreadable_weights_and_a_config_that_is_no_config_are_one_line(hf_dir, 
     for config, says in (("notes.txt", "is not a usable HF config"), ("gone", "does not exist")):
         # Read locally: "notes.txt" must not be looked up as a Hub repository.
         (tmp_path / "gone").mkdir(exist_ok=True)
-        result = _run("inspect", tmp_path / "weights.pt", "--config", tmp_path / config)
+        result = run_cli("inspect", tmp_path / "weights.pt", "--config", tmp_path / config)
         errors = _error_lines(result)
         assert len(errors) == 1 and says in errors[0], errors
 
 
 def test_an_output_below_a_file_is_one_line(hf_dir, tmp_path):
     out = hf_dir / "config.json" / "converted"
-    errors = _error_lines(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    errors = _error_lines(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert errors == [f"error: {out} cannot be written: {hf_dir / 'config.json'} is a file, "
                       "not a directory"]  # fmt: skip
 
@@ -118,7 +105,7 @@ def test_force_never_replaces_the_input_or_the_current_directory(hf_dir, tmp_pat
     monkeypatch.chdir(work)
     for output in (".", "..", str(tmp_path)):
         errors = _error_lines(
-            _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", output, "--force")
+            run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", output, "--force")
         )
         assert "current directory" in errors[0]
     assert sorted(p.name for p in work.iterdir()) == ["precious.txt"]
@@ -128,7 +115,7 @@ def test_force_never_replaces_the_input_or_the_current_directory(hf_dir, tmp_pat
     before = sorted(p.name for p in copy.iterdir())
     for output in (copy, copy / "model.safetensors", copy.parent):
         errors = _error_lines(
-            _run("convert", copy, "--layers", "1", *SMALL, "-o", output, "--force")
+            run_cli("convert", copy, "--layers", "1", *SMALL, "-o", output, "--force")
         )
         assert "current directory" in errors[0] or "would write into the input" in errors[0]
     assert sorted(p.name for p in copy.iterdir()) == before
@@ -140,8 +127,8 @@ def test_outputs_get_the_permissions_of_the_umask(hf_dir, tmp_path, umask, dir_m
     previous = os.umask(umask)
     try:
         ckpt, plan = tmp_path / "ckpt", tmp_path / "plan.json"
-        assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", ckpt).exit_code == 0
-        assert _run("plan", ckpt, "--gpus", "2", "-q", "-o", plan).exit_code == 0
+        assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", ckpt).exit_code == 0
+        assert run_cli("plan", ckpt, "--gpus", "2", "-q", "-o", plan).exit_code == 0
         program = torch.export.export(build(EXAMPLE).eval(), (torch.randint(0, 10, (2, 5)),))
         save_program(program, tmp_path / "example.pt2")
     finally:
@@ -155,7 +142,7 @@ def test_outputs_get_the_permissions_of_the_umask(hf_dir, tmp_path, umask, dir_m
 
 def test_a_missing_extra_is_named_with_its_install_command(hf_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
-    errors = _error_lines(_run("inspect", hf_dir, "-q"))
+    errors = _error_lines(run_cli("inspect", hf_dir, "-q"))
     assert len(errors) == 1 and "pip install 'memcompile[hf]'" in errors[0]
 
 
@@ -165,26 +152,26 @@ def test_errors_name_the_flags_not_the_python_arguments(hf_dir, tmp_path):
         (["--mem-size", "256", "--k-dim", "7", "--knn", "4"], "--k-dim", "k_dim"),
         (["--mem-size", "256"], "--knn=32 is larger", " knn"),
     ]:
-        result = _run("convert", hf_dir, "--layers", "1", "-q", *args, "-o", tmp_path / "o")
+        result = run_cli("convert", hf_dir, "--layers", "1", "-q", *args, "-o", tmp_path / "o")
         (error,) = _error_lines(result)
         assert flag in error and argument not in error
     first = tmp_path / "first"
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", first).exit_code == 0
+    assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", first).exit_code == 0
     larger = ["--layers", "2", "--mem-size", "1024", "--knn", "4", "--heads", "2", "-q"]
-    (error,) = _error_lines(_run("convert", first, *larger, "-o", tmp_path / "second"))
+    (error,) = _error_lines(run_cli("convert", first, *larger, "-o", tmp_path / "second"))
     assert "--no-share" in error and "share_values" not in error
-    (error,) = _error_lines(_run("convert", first, *SMALL[2:], "--layers", "1", "-o", "x"))
+    (error,) = _error_lines(run_cli("convert", first, *SMALL[2:], "--layers", "1", "-o", "x"))
     assert "layer 1 is already a memory layer" in error
 
 
 def test_plan_names_the_input_it_takes_for_a_program(tmp_path):
     program = torch.export.export(build(EXAMPLE).eval(), (torch.randint(0, 10, (2, 5)),))
     path = save_program(program, tmp_path / "example.pt2")
-    (error,) = _error_lines(_run("plan", path, "--gpus", "2", "-o", tmp_path / "plan.json"))
+    (error,) = _error_lines(run_cli("plan", path, "--gpus", "2", "-o", tmp_path / "plan.json"))
     assert "torch.export program" in error and "convert -o DIR" in error
     # The advice names a module as the source: a program converts only to a program.
     assert "from a module" in error and "a .pt2 converts only to .pt2" in error
-    converted = _run("convert", path, *SMALL, "--layers", "1", "-o", tmp_path / "ckpt")
+    converted = run_cli("convert", path, *SMALL, "--layers", "1", "-o", tmp_path / "ckpt")
     (refusal,) = _error_lines(converted)
     assert ".pt2" in refusal
     assert not Path(tmp_path / "plan.json").exists()
@@ -202,12 +189,12 @@ def test_plan_names_the_input_it_takes_for_a_program(tmp_path):
     ],
 )
 def test_usage_errors_are_one_line_naming_the_help_to_read(args, says, command):
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 2
     (line,) = result.output.splitlines()
     assert line.startswith("error: ") and says in line and f"{command} --help'" in line
 
 
 def test_a_bare_memcompile_still_shows_the_commands():
-    result = _run()
+    result = run_cli()
     assert "Commands:" in result.output and "convert" in result.output

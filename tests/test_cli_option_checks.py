@@ -8,40 +8,20 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import SMALL, one_error, run_cli
 
 import memcompile
-from memcompile.cli import main
 from memcompile.cli.common import layer_labels
 
 from models import CASES, build
 
 LLAMA = next(c for c in CASES if c.name == "llama")
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    build(LLAMA).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(hf_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", path).exit_code == 0
+    assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", path).exit_code == 0
     return path
 
 
@@ -49,34 +29,34 @@ def test_force_never_replaces_the_config_an_input_needs(hf_dir, tmp_path):
     state_file, config = tmp_path / "weights.pt", tmp_path / "config.json"
     torch.save(build(LLAMA).state_dict(), state_file)
     config.write_bytes((hf_dir / "config.json").read_bytes())
-    result = _run("convert", state_file, "--config", config, "--layers", "1", *SMALL,
+    result = run_cli("convert", state_file, "--config", config, "--layers", "1", *SMALL,
                   "-o", config, "--force")  # fmt: skip
-    assert "would write into the input" in _one_error_line(result)
+    assert "would write into the input" in one_error(result)
     assert config.read_bytes() == (hf_dir / "config.json").read_bytes()
 
 
 def test_export_to_a_directory_says_so_before_asking_for_force(checkpoint_dir, tmp_path):
     (tmp_path / "out").mkdir()
     for force in ([], ["--force"]):
-        result = _run("export", checkpoint_dir, "--onnx", tmp_path / "out", *force)
-        assert "is a directory" in _one_error_line(result)
+        result = run_cli("export", checkpoint_dir, "--onnx", tmp_path / "out", *force)
+        assert "is a directory" in one_error(result)
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_export_refuses_an_example_longer_than_the_models_positions(checkpoint_dir, tmp_path):
     positions = build(LLAMA).config.max_position_embeddings
     out = tmp_path / "m.onnx"
-    result = _run("export", checkpoint_dir, "--onnx", out, "--seq-len", positions + 1)
-    assert f"at most {positions}" in _one_error_line(result)
+    result = run_cli("export", checkpoint_dir, "--onnx", out, "--seq-len", positions + 1)
+    assert f"at most {positions}" in one_error(result)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("option", [["--knn", "8"], ["--no-share"], ["--heads", "2"]])
 def test_inspect_refuses_memory_options_without_a_memory(hf_dir, option):
-    line = _one_error_line(_run("inspect", hf_dir, *option))
+    line = one_error(run_cli("inspect", hf_dir, *option))
     assert f"{option[0].removeprefix('--no-')}" in line and "add --mem-size" in line
     assert "----" not in line
-    assert _run("inspect", hf_dir, "--mem-size", "4K", *option).exit_code == 0
+    assert run_cli("inspect", hf_dir, "--mem-size", "4K", *option).exit_code == 0
 
 
 def test_calibrate_checks_max_length_and_uses_it_for_synthetic_samples(
@@ -84,10 +64,10 @@ def test_calibrate_checks_max_length_and_uses_it_for_synthetic_samples(
 ):
     out = tmp_path / "cal"
     args = ("calibrate", checkpoint_dir, "--original", hf_dir, "--synthetic", "--steps", "1")
-    result = _run(*args, "--max-length", "0", "-o", out)
-    assert "--max-length must be at least 1" in _one_error_line(result)
-    result = _run(*args, "--seed", 2**64, "-o", out)
-    assert "--seed must fit in 64 bits" in _one_error_line(result)
+    result = run_cli(*args, "--max-length", "0", "-o", out)
+    assert "--max-length must be at least 1" in one_error(result)
+    result = run_cli(*args, "--seed", 2**64, "-o", out)
+    assert "--seed must fit in 64 bits" in one_error(result)
     assert not out.exists()
 
     calibrate = importlib.import_module("memcompile.calibrate")  # the package exports a function
@@ -100,8 +80,8 @@ def test_calibrate_checks_max_length_and_uses_it_for_synthetic_samples(
         return batches
 
     monkeypatch.setattr(calibrate, "synthetic_batches", recorded)
-    assert _run(*args, "--max-length", "5", "-q", "-o", out).exit_code == 0
-    assert _run(*args, "-q", "-o", tmp_path / "cal2").exit_code == 0
+    assert run_cli(*args, "--max-length", "5", "-q", "-o", out).exit_code == 0
+    assert run_cli(*args, "-q", "-o", tmp_path / "cal2").exit_code == 0
     assert lengths == [5, 64]
 
 
@@ -117,8 +97,8 @@ def test_a_config_for_a_model_that_has_its_own_is_refused(hf_dir, checkpoint_dir
     config = hf_dir / "config.json"
     for model in (hf_dir, checkpoint_dir):
         out = tmp_path / "out"
-        result = _run("convert", model, "--config", config, "--layers", "0", *SMALL, "-o", out)
-        assert "drop --config" in _one_error_line(result)
+        result = run_cli("convert", model, "--config", config, "--layers", "0", *SMALL, "-o", out)
+        assert "drop --config" in one_error(result)
         assert not out.exists()
 
 
@@ -155,7 +135,7 @@ def test_a_stack_range_converts_those_blocks(tmp_path):
     t5 = next(case for case in ZOO if case.name == "t5").build()
     t5.save_pretrained(tmp_path / "t5")
     args = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--json", "-q"]
-    result = _run("convert", tmp_path / "t5", "--layers", "encoder.0-1", *args, "-o",
+    result = run_cli("convert", tmp_path / "t5", "--layers", "encoder.0-1", *args, "-o",
                   tmp_path / "out")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["converted"] == ["encoder.0", "encoder.1"]

@@ -78,8 +78,9 @@ def test_plan_bandwidth_overrides_change_the_estimate(ckpt, tmp_path):
         (("--gpus", "2", "--gpu-mem", "0GiB"), "--gpu-mem must be an integer >= 1"),
         (("--gpus", "2", "--tokens-per-step", "0"), "--tokens-per-step must be an integer >= 1"),
         (("--gpus", "2", "--strategy", "host"), "inference only"),
-        (("--gpus", "2", "--hbm", "-1"), "--hbm must be positive"),
-        (("--gpus", "2", "--host-link", "0"), "--host-link must be positive"),
+        (("--gpus", "2", "--hbm", "-1"), "--hbm must be a positive finite number"),
+        (("--gpus", "2", "--host-link", "0"), "--host-link must be a positive finite"),
+        (("--gpus", "2", "--intra-node", "inf"), "--intra-node must be a positive finite"),
     ],
 )
 def test_plan_bad_input_exits_2_with_one_line_and_writes_nothing(ckpt, tmp_path, args, message):

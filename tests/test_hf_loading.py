@@ -13,33 +13,17 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import SMALL, one_error, run_cli
 from safetensors.torch import load_file, save_file
 from zoo import ZOO
 
-from memcompile.cli import main
 from memcompile.model_io import load_model
 from memcompile.runtime import MemcompileError
-
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="memcompile")
-
-
-def _error(result) -> str:
-    """The one `error:` line of a refused command, which must exit 2."""
-    assert result.exit_code == 2, result.output
-    assert "internal error" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def _convert_refused(source, tmp_path) -> str:
     out = tmp_path / "out"
-    error = _error(_run("convert", source, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", source, "--layers", "1", *SMALL, "-o", out))
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     return error
@@ -98,7 +82,7 @@ def test_a_config_without_architectures_does_not_drop_the_head(llama, tmp_path):
     config = json.loads((path / "config.json").read_text())
     del config["architectures"]
     (path / "config.json").write_text(json.dumps(config))
-    error = _error(_run("inspect", path))
+    error = one_error(run_cli("inspect", path))
     assert "1 weight unexpected (lm_head.weight)" in error and '"architectures"' in error
 
 
@@ -147,7 +131,7 @@ def test_a_malformed_config_json_is_bad_input(llama, tmp_path, content):
     assert ("is not valid JSON (Expecting property name" in error) == content.startswith("{")
 
     torch.save(llama[1].state_dict(), tmp_path / "weights.pt")
-    error = _error(_run("inspect", tmp_path / "weights.pt", "--config", path / "config.json"))
+    error = one_error(run_cli("inspect", tmp_path / "weights.pt", "--config", path / "config.json"))
     assert "is not a usable HF config" in error
 
 
@@ -156,13 +140,13 @@ def test_a_bare_state_dict_that_does_not_fit_its_config_is_refused(llama, tmp_pa
     weights = dict(llama[1].state_dict())
     weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
     torch.save(weights, tmp_path / "shape.pt")
-    error = _error(_run("inspect", tmp_path / "shape.pt", "--config", config))
+    error = one_error(run_cli("inspect", tmp_path / "shape.pt", "--config", config))
     assert "1 weight of another shape (model.layers.0.mlp.up_proj.weight is [3, 3]" in error
 
     weights = dict(llama[1].state_dict(), extra=torch.zeros(1))
     del weights["model.norm.weight"]
     torch.save(weights, tmp_path / "keys.pt")
-    error = _error(_run("inspect", tmp_path / "keys.pt", "--config", config))
+    error = one_error(run_cli("inspect", tmp_path / "keys.pt", "--config", config))
     assert "1 weight missing (model.norm.weight); 1 weight unexpected (extra)" in error
 
 
@@ -174,9 +158,9 @@ def test_a_pickle_of_other_objects_is_not_called_a_module(llama, tmp_path):
     assert "pickled module" not in error and "--trust-pickle" in error
 
     # Trusted, it unpickles to a training checkpoint: still no model to convert.
-    result = _run("convert", source, "--layers", "1", *SMALL, "-o", tmp_path / "out",
+    result = run_cli("convert", source, "--layers", "1", *SMALL, "-o", tmp_path / "out",
                   "--trust-pickle")  # fmt: skip
-    assert "holds a training checkpoint: save its 'model' entry" in _error(result)
+    assert "holds a training checkpoint: save its 'model' entry" in one_error(result)
 
 
 def test_a_training_checkpoint_names_the_entry_to_save(llama, tmp_path):

@@ -13,37 +13,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import SMALL, one_error, run_cli
 from safetensors import SafetensorError
 
 from memcompile import checkpoint
-from memcompile.cli import main
 from memcompile.runtime import MemcompileError, outputs
 from memcompile.runtime.outputs import atomic_directory, atomic_file, write_error
 
-from models import CASES, build
+from models import CASES
 
 LLAMA = next(c for c in CASES if c.name == "llama")
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="memcompile")
-
-
-def _one_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "internal error" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    build(LLAMA).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -56,7 +35,7 @@ def out_dir(tmp_path):
 
 def test_a_name_too_long_is_one_line(hf_dir, out_dir):
     out = out_dir / ("x" * 300)
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
         f"error: cannot write {out}: file name too long: give the output a shorter name (-o)"
     )
@@ -101,7 +80,7 @@ def test_a_read_only_directory_is_refused_before_converting(hf_dir, out_dir, mon
     converted = []
     monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: converted.append(a))
     out = out_dir / "new" / "ckpt"
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
         f"error: cannot write {out}: read-only file system: choose another output path (-o)"
     )
@@ -120,7 +99,7 @@ def test_a_refusal_while_staging_is_one_line_and_leaves_no_folders(hf_dir, out_d
         return real_mkdtemp(suffix, prefix, dir)
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == f"error: cannot write {out}: permission denied: choose another output path (-o)"
     assert list(out_dir.iterdir()) == []  # nor the folder "new" made for it
 
@@ -136,7 +115,7 @@ def test_a_full_disk_under_safetensors_is_one_line(hf_dir, out_dir, monkeypatch)
 
     monkeypatch.setattr(checkpoint, "save_file", save_to_a_full_disk)
     out = out_dir / "new" / "ckpt"
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
         f"error: cannot write {out}: no space left on device: free some space or choose "
         "another output path (-o)"
@@ -158,7 +137,7 @@ def test_a_failed_write_of_the_staged_files_is_one_line(hf_dir, out_dir, monkeyp
 
     monkeypatch.setattr(checkpoint, "save_file", refused)
     out = out_dir / "ckpt"
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error.startswith(f"error: cannot write {out}: {says}")
     assert list(out_dir.iterdir()) == []
 
@@ -168,7 +147,7 @@ def test_an_io_error_stays_an_internal_error_and_leaves_nothing(hf_dir, out_dir,
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(checkpoint, "save_file", broken)
-    result = _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", out_dir / "ckpt")
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out_dir / "ckpt")
     assert result.exit_code == 1 and "internal error: OSError" in result.output
     assert list(out_dir.iterdir()) == []
 

@@ -7,37 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import SMALL, one_error, run_cli
 
 import memcompile
-from memcompile.cli import main
 from memcompile.cli.common import human_bytes, in_flags
 from memcompile.runtime import MemcompileError, MemoryConfig, MemoryLayer, config
 
 from models import CASES, build
 
 LLAMA = next(c for c in CASES if c.name == "llama")
-SMALL = ["--mem-size", "256", "--knn", "4", "--heads", "2", "--quiet"]
 GiB = 2**30
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="memcompile")
-
-
-def _one_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "internal error" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    build(LLAMA).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -51,10 +30,10 @@ def test_sub_keys_too_large_for_memory_are_refused_before_allocating(
     hf_dir, tmp_path, memory_16gib, lazy
 ):
     out = tmp_path / "out"
-    result = _run("convert", hf_dir, "--layers", "1", *SMALL[2:], "--mem-size", 10**20, *lazy,
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL[2:], "--mem-size", 10**20, *lazy,
                   "-o", out)  # fmt: skip
     # llama's d_model is 32: k_dim 32, 16 per half; 2 heads; dtype unknown, so 2 bytes.
-    assert _one_error(result) == (
+    assert one_error(result) == (
         "error: --mem-size 100,000,000,000,000,000,000 (= 10,000,000,000**2) is too large: its "
         "sub-keys alone (heads 2 x 2 halves x 10,000,000,000 keys x 16 = --k-dim/2) need at "
         "least 1.2 TiB, more than the 16.0 GiB of memory here: choose a smaller --mem-size"
@@ -92,22 +71,22 @@ def test_a_value_table_no_tensor_can_hold_is_refused_whatever_the_memory(monkeyp
 
 
 def test_a_far_too_large_size_that_is_no_square_says_so(hf_dir, tmp_path, memory_16gib):
-    result = _run("convert", hf_dir, "--layers", "1", "-q", "--mem-size", 10**21, "-o",
+    result = run_cli("convert", hf_dir, "--layers", "1", "-q", "--mem-size", 10**21, "-o",
                   tmp_path / "out")  # fmt: skip
-    error = _one_error(result)
+    error = one_error(result)
     assert "is not a perfect square, and far too large" in error
     assert "more than the 16.0 GiB of memory here" in error and "nearest" not in error
     # A size that is merely no square keeps naming its neighbours.
-    error = _one_error(_run("convert", hf_dir, "--layers", "1", "-q", "--mem-size", 10**12 + 1,
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", "-q", "--mem-size", 10**12 + 1,
                             "-o", tmp_path / "out"))  # fmt: skip
     assert "nearest valid sizes: 976562500K (= 1000000**2) or 1000002000001" in error
 
 
 @pytest.mark.parametrize("size", ["-1", "-64K", " - 4 "])
 def test_a_negative_size_is_called_one(hf_dir, tmp_path, size):
-    result = _run("convert", hf_dir, "--layers", "1", "-q", f"--mem-size={size}", "-o",
+    result = run_cli("convert", hf_dir, "--layers", "1", "-q", f"--mem-size={size}", "-o",
                   tmp_path / "out")  # fmt: skip
-    assert _one_error(result) == (
+    assert one_error(result) == (
         f"error: --mem-size must be positive (a number of value rows), got {size!r}"
     )
 
@@ -129,7 +108,7 @@ def test_byte_counts_past_gib_keep_their_unit(n, text):
 
 
 def test_inspect_writes_a_huge_table_in_tib(hf_dir):
-    result = _run("inspect", hf_dir, "--mem-size", 2**40, "-q")  # 2**20 keys, 1M x 1M rows
+    result = run_cli("inspect", hf_dir, "--mem-size", 2**40, "-q")  # 2**20 keys, 1M x 1M rows
     assert result.exit_code == 0, result.output
     # llama's d_model is 32: 2**40 x 32 values x 4 bytes = 2**47 bytes.
     assert "(float32 128.0 TiB, bfloat16 64.0 TiB, float16 64.0 TiB)" in result.output
@@ -138,7 +117,7 @@ def test_inspect_writes_a_huge_table_in_tib(hf_dir):
 @pytest.fixture(scope="module")
 def checkpoint_dir(hf_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    assert _run("convert", hf_dir, "--layers", "1", *SMALL, "-o", path).exit_code == 0
+    assert run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", path).exit_code == 0
     return path
 
 
@@ -164,7 +143,9 @@ def checkpoint_dir(hf_dir, tmp_path_factory):
 def test_errors_spell_the_options_as_flags(hf_dir, checkpoint_dir, tmp_path, command, expected):
     args = [a.format(hf=hf_dir, ckpt=checkpoint_dir) for a in command]
     out = tmp_path / "out"
-    assert _one_error(_run(*args, "-q", *(["-o", out] if args[0] != "inspect" else []))) == expected
+    assert (
+        one_error(run_cli(*args, "-q", *(["-o", out] if args[0] != "inspect" else []))) == expected
+    )
     assert not out.exists()
 
 
