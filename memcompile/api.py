@@ -111,7 +111,12 @@ def transform(
     if isinstance(layers, (numbers.Integral, str)):
         layers = [layers]
     if layers is not None:  # numpy arrays and tensors of indices too
-        listed = layers.tolist() if hasattr(layers, "tolist") else list(layers)
+        try:
+            listed = layers.tolist() if hasattr(layers, "tolist") else list(layers)
+        except TypeError:  # a float, None-like object: no sequence of blocks
+            raise MemcompileError(
+                f"layers takes block indices or labels like 'encoder.2', got {layers!r}"
+            ) from None
         listed = listed if isinstance(listed, list) else [listed]  # a 0-d array or tensor
         if any(isinstance(x, bool) for x in listed):
             raise MemcompileError(

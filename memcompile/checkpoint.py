@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import RECIPE_ATTRIBUTE, transform
+from .passes.share import POOL_NAME
 from .runtime import MemcompileError, MemoryConfig, materialize_values
 from .runtime.errors import require
 from .runtime.outputs import atomic_directory
@@ -245,10 +246,22 @@ def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
     }
 
 
+def _pool_in_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Give the rebuilt (still unbuilt) shared table the dtype a transform step asks for.
+    The saved model may have changed dtype between two transforms (`model.half()`), which
+    the recipe does not record; the final dtypes come from the saved tensors anyway."""
+    pool = getattr(model, POOL_NAME, None)
+    if pool is None or dtype is None or pool.values.dtype == dtype or not pool.values.is_meta:
+        return
+    meta = torch.empty(pool.values.shape, dtype=dtype, device="meta")
+    pool.values = nn.Parameter(meta, requires_grad=pool.values.requires_grad)
+
+
 def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) -> nn.Module:
     model = build_source(manifest["source"], path, trust_pickle)
     for step in manifest["transforms"]:
         config = MemoryConfig(**step["config"])
+        _pool_in_dtype(model, config.torch_dtype)
         # Values are created lazily: saved ones are copied in, the rest built from recipes.
         transform(model, layers=step["layers"], config=config, lazy_init=True)
     saved = load_file(str(path / WEIGHTS))

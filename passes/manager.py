@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+from torch import fx, nn
 
 from .blocks import TransformState
 from .capture import capture
@@ -22,7 +26,42 @@ TRANSFORM_PASSES: tuple[Pass, ...] = (capture, find_ffn, select, rewrite, share,
 
 
 def run_passes(state: TransformState, passes: Sequence[Pass] = TRANSFORM_PASSES) -> TransformState:
-    for p in passes:
-        log.debug("pass %s", p.__name__)
-        p(state)
+    """Run `passes` in order. If one raises, the model is put back as it was: a table that
+    does not fit in memory, found at the second block, must not leave the first converted
+    (and the model's record of its transforms without it)."""
+    with _unchanged_on_error(state.model):
+        for p in passes:
+            log.debug("pass %s", p.__name__)
+            p(state)
     return state
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    # Passes rebind children, parameters and buffers, and edit fx graphs in place; they do
+    # not write into existing tensors, so the bindings and the graphs are the whole state.
+    bindings = [
+        (
+            m,
+            dict(m._modules),
+            dict(m._parameters),
+            dict(m._buffers),
+            set(m._non_persistent_buffers_set),
+        )
+        for m in model.modules()
+    ]
+    graphs = [(m, copy.deepcopy(m.graph)) for m in model.modules() if isinstance(m, fx.GraphModule)]
+    try:
+        yield
+    except BaseException:
+        for module, modules, parameters, buffers, non_persistent in bindings:
+            module._modules.clear()
+            module._modules.update(modules)
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module._non_persistent_buffers_set = non_persistent
+        for module, graph in graphs:
+            module.graph = graph
+        raise

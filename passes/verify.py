@@ -37,7 +37,9 @@ def verify(state: TransformState) -> None:
         if converted.original is None:
             log.debug("verify: %s was rewritten as a graph: not probed", converted.block.path)
             continue
-        if any(p.is_meta for p in converted.layer.parameters()) or state.lazy_values:
+        # A shared pool is no parameter of the layer: its table may be lazy from before.
+        lazy = converted.layer.value_table.is_meta or state.lazy_values
+        if lazy or any(p.is_meta for p in converted.layer.parameters()):
             log.debug("verify: %s has lazy values: not probed", converted.block.path)
             continue
         weight = next(converted.original.parameters())

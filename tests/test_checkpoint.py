@@ -106,3 +106,17 @@ def test_a_model_cast_before_saving_loads_bit_identical(tmp_path, dtype):
     with torch.no_grad():
         assert torch.equal(LLAMA.logits(loaded, ids), LLAMA.logits(model, ids))
     assert {b.dtype for b in loaded.buffers() if b.is_floating_point()} == {dtype}
+
+
+def test_a_model_cast_between_two_transforms_loads_bit_identical(tmp_path):
+    # The recipe replays both transforms on a float32 model: the second one's float16 must
+    # not clash with the shared table the first one made in float32 there.
+    model = build(LLAMA)
+    memcompile.transform(model, [1], mem_size=256, knn=4, heads=2)
+    model.half()
+    memcompile.transform(model, [2], mem_size=256, knn=4, heads=2, dtype="float16")
+    loaded = memcompile.load(memcompile.save(model, tmp_path / "ckpt"))
+    assert loaded.memcompile_pool.values.dtype == torch.float16
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(LLAMA.logits(loaded, ids), LLAMA.logits(model, ids))

@@ -89,6 +89,8 @@ def test_python_api_errors_name_the_fix():
     model = build(LLAMA)
     with pytest.raises(memcompile.MemcompileError, match=r"layers=\[1, 2\]"):
         memcompile.transform(model, layers="1,2", mem_size="4K")
+    with pytest.raises(memcompile.MemcompileError, match="got 1.0"):
+        memcompile.transform(model, layers=1.0, mem_size="4K")
     with pytest.raises(memcompile.MemcompileError, match="needs a torch.nn.Module, got str"):
         memcompile.find_ffn_blocks("model.pt")
 

@@ -186,3 +186,17 @@ def test_a_stored_recipe_too_large_to_build_does_not_advise_lazy_init():
         ValuesInit(std=1.0, seed=0).materialize((2**50, 8))
     assert "does not fit in memory here" in str(error.value)
     assert "lazy" not in str(error.value)
+
+
+def test_more_layers_on_a_lazy_shared_table_share_it_and_round_trip(tmp_path):
+    # The new layers' table is the pool's, unbuilt: verify must not probe it.
+    model = build(LLAMA)
+    memcompile.transform(model, [1], **OPTIONS, lazy_init=True)
+    memcompile.transform(model, [2], **OPTIONS)
+    assert [step["layers"] for step in model.memcompile_recipe] == [[1], [2]]
+    assert model.memcompile_pool.values.is_meta
+    loaded = memcompile.load(memcompile.save(model, tmp_path / "ckpt"))
+    materialize_values(model)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(LLAMA.logits(loaded, ids), LLAMA.logits(model, ids))

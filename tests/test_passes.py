@@ -524,3 +524,39 @@ def test_a_block_gets_the_same_memory_whether_converted_alone_or_later():
         assert torch.equal(tensor, stepwise.state_dict()[name]), name
     layers = memories(together)
     assert not torch.equal(layers[0].keys, layers[1].keys)  # each block its own stream
+
+
+@pytest.mark.parametrize("whole_graph", [False, True], ids=["modules", "graph"])
+def test_a_transform_that_fails_at_its_second_table_leaves_the_model_as_it_was(
+    monkeypatch, whole_graph
+):
+    from memcompile.runtime import init
+
+    model = build("gelu_module")
+    if whole_graph:
+        model = fx.symbolic_trace(model)
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        expected = model(x)
+    before, code = snapshot(model), getattr(model, "code", None)
+    built = []
+    real = init.ValuesInit.materialize
+
+    def second_fails(self, *args, **kwargs):  # as a table too large for memory would
+        built.append(1)
+        if len(built) == 2:
+            raise MemcompileError("the value table does not fit in memory here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(init.ValuesInit, "materialize", second_fails)
+    with pytest.raises(MemcompileError, match="does not fit"):
+        memcompile.transform(model, [1, 3], share_values=False, **SMALL)
+    assert len(built) == 2  # the first block had been converted when the second failed
+    assert_unchanged(model, before)
+    assert getattr(model, "code", None) == code
+    assert not hasattr(model, "memcompile_recipe")
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    monkeypatch.undo()
+    memcompile.transform(model, [1, 3], share_values=False, **SMALL)  # and converts again
+    assert len(memories(model)) == 2
