@@ -7,6 +7,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from .passes import FIND_PASSES, FFNBlock, TransformState, run_passes
@@ -137,7 +138,11 @@ def transform(
     params_before = count_parameters(model)
     state = TransformState(model, config, layers)
     state.lazy_values = lazy_init
-    run_passes(state)
+    # New modules draw their throwaway default init from torch's global generators: the
+    # user's seeded data order and dropout must not depend on whether a model was converted.
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        run_passes(state)
     params_after = count_parameters(model)
     removed = sum(c.ffn_params for c in state.converted) if config.mode == "replace" else 0
     report = TransformReport(

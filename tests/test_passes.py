@@ -560,3 +560,12 @@ def test_a_transform_that_fails_at_its_second_table_leaves_the_model_as_it_was(
     monkeypatch.undo()
     memcompile.transform(model, [1, 3], share_values=False, **SMALL)  # and converts again
     assert len(memories(model)) == 2
+
+
+def test_transform_leaves_torchs_global_generator_where_it_was():
+    model = build("gelu_module")  # which seeds the generator itself
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    memcompile.transform(model, [1, 3], **SMALL)
+    assert torch.equal(torch.rand(3), expected)
