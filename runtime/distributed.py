@@ -186,7 +186,11 @@ def _replicated_bag(values, indices, weights):
 
 
 def _sum_grads_hook(what: str, group, divide: int):
-    """Post-accumulate hook: all_reduce the gradient over `group`, then divide."""
+    """Post-accumulate hook: all_reduce the gradient over `group`, then divide by its size.
+
+    The hook sees the accumulated `.grad`: what earlier backward passes left there is
+    already equal on every rank, so the reduction multiplies it by `divide` and the division
+    gives it back unchanged. Only an average stays right under gradient accumulation."""
 
     def hook(param: torch.Tensor) -> None:
         if param.grad is None:
@@ -263,12 +267,14 @@ def _place_table(model, table: TablePlan, owner, param, plan: Plan, meshes: _Mes
         index=rank % group_size,
         rows=table.rows,
         v_dim=table.v_dim,
-        grad_scale=1.0 / world if plan.mode == "train" else 1.0,
+        # The mean over the shard group's tokens; replicas average those means in the hook
+        # below (a sum there would count a micro-batch accumulated before once per replica).
+        grad_scale=1.0 / group_size if plan.mode == "train" else 1.0,
     )
     owner.bag_impl = ShardedBag(spec)
     if train and replicas > 1:
         owner.values.register_post_accumulate_grad_hook(
-            _sum_grads_hook(f"table {table.name}", mesh.get_group(0), 1)
+            _sum_grads_hook(f"table {table.name}", mesh.get_group(0), replicas)
         )
 
 

@@ -15,8 +15,9 @@ rowwise, shard (n_r, v_dim) of rows torch.chunk(rows, G)[r]:
 
 Collectives are called as `torch.distributed.<op>(...)` at call time (a test may wrap them);
 a failure becomes one `CollectiveError` line naming the table, the collective and the rank.
-Value gradients are scaled by `grad_scale` (1/world in training: each rank's loss is a mean
-over its own tokens, the gradient of the global mean is 1/world of their sum).
+Value gradients are scaled by `grad_scale` (1/group size in training: each rank's loss is a
+mean over its own tokens, and the group's shard of the gradient of their mean is 1/size of
+their sum; replica groups then average theirs).
 """
 
 from __future__ import annotations

@@ -164,8 +164,12 @@ def log_indices(model, plan, log: list) -> None:
         owner.bag_impl = recorder
 
 
-def train_worker(rank, world, plan_json, steps, ckpt=None, reload=False, uneven=False, lazy=False):
-    """Train `steps` AdamW steps under the plan; everything the test compares."""
+def train_worker(
+    rank, world, plan_json, steps, ckpt=None, reload=False, uneven=False, lazy=False,
+    accumulate=False,
+):  # fmt: skip
+    """Train `steps` AdamW steps under the plan; everything the test compares. With
+    `accumulate`, each step's gradient is accumulated over two half batches."""
     plan = Plan.from_json(plan_json)
     counter = Counter()
     model = apply_plan(build(lazy), plan)
@@ -175,12 +179,19 @@ def train_worker(rank, world, plan_json, steps, ckpt=None, reload=False, uneven=
     out = {"steps": []}
     for step in range(steps):
         ids = batch(step, rank)
-        counter.phase = "forward" if step == 0 else None
-        logits = model(ids)
-        loss = loss_fn(logits, ids)
-        counter.phase = "backward" if step == 0 else None
-        loss.backward()
-        counter.phase = None
+        if accumulate:  # (loss / 2) of each half: the whole batch's gradient
+            for half in ids.chunk(2):
+                (loss_fn(model(half), half) / 2).backward()
+            with torch.no_grad():
+                logits = model(ids)
+            loss = loss_fn(logits, ids)
+        else:
+            counter.phase = "forward" if step == 0 else None
+            logits = model(ids)
+            loss = loss_fn(logits, ids)
+            counter.phase = "backward" if step == 0 else None
+            loss.backward()
+            counter.phase = None
         grads = snapshot(model, grads=True)
         out["steps"].append({"logits": logits.detach(), "loss": loss.item(), "grads": grads})
         opt.step()

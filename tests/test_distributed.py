@@ -212,6 +212,22 @@ def test_replica_groups_two_nodes_of_two(tmp_path):
     check_run(plan, results, reference(4, 2), 2)
 
 
+def test_gradients_accumulated_over_replica_groups_match_one_process():
+    # A sum over replicas counted the first micro-batch, already reduced, once per replica.
+    model = build()
+    choice = {POOL: ("colwise", 2), OWN: ("rowwise", 2), OWN3: ("replicate", 1)}
+    plan = make_plan(model, 4, 2, choice)
+    plan = replace(plan, dense=replace(plan.dense, strategy="replicate", units=("",)))
+    assert plan.table(POOL).replicas == plan.table(OWN).replicas == 2
+    results = run_ranks(train_worker, 4, plan.to_json(), 2, None, False, False, False, True)
+    ref = reference(4, 2)
+    for rank, got in enumerate(results):
+        for step in range(2):
+            grads = got["steps"][step]["grads"]
+            assert_same(plan, rank, grads, ref["steps"][step]["grads"], f"grad step {step}")
+        assert_same(plan, rank, got["params"], ref["params"], "after 2 accumulated steps")
+
+
 def test_checkpoint_of_four_ranks_loads_into_two(four_ranks):
     _, _, ckpt = four_ranks
     model = build()
