@@ -204,6 +204,14 @@ def _sum_grads_hook(what: str, group, divide: int):
     return hook
 
 
+def _refuse_training(param: torch.Tensor) -> None:
+    raise MemcompileError(
+        "this model runs an inference plan: its ranks reduce no gradients and would train "
+        "apart; make a training plan (memcompile.plan(..., mode='train'), or memcompile plan "
+        "without --mode infer)"
+    )
+
+
 class _Meshes:
     """DeviceMeshes by shard-group size: 1-D over the world, or (replicas, group)."""
 
@@ -339,5 +347,9 @@ def apply_plan(model: nn.Module, plan: Plan, mesh=None) -> nn.Module:
                 param.register_post_accumulate_grad_hook(
                     _sum_grads_hook(f"parameter {name}", dense_mesh.get_group(), world)
                 )
+    elif world > 1:  # inference: no gradient is reduced, so ranks would train apart
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(_refuse_training)
     setattr(model, PLAN_ATTRIBUTE, plan)
     return model

@@ -262,6 +262,19 @@ def refuse_worker(rank, world, plans: dict, good_json):
     return out
 
 
+def infer_backward_worker(rank, world, plan_json):
+    """A backward pass under an inference plan: the refusal's message, or None."""
+    model = apply_plan(build(), Plan.from_json(plan_json))
+    ids = batch(0, rank)
+    with torch.no_grad():
+        model(ids)  # inference itself runs
+    try:
+        loss_fn(model(ids), ids).backward()
+        return None
+    except MemcompileError as error:
+        return str(error)
+
+
 def failing_worker(rank, world, plan_json, how: str, hang_s: float = 0.0):
     """Rank 1 raises, exits, or hangs for `hang_s` before the forward; rank 0 reports what
     it got and when."""

@@ -29,6 +29,7 @@ from dist_workers import (
     build,
     build_other,
     failing_worker,
+    infer_backward_worker,
     load_worker,
     loss_fn,
     make_optimizer,
@@ -226,6 +227,15 @@ def test_gradients_accumulated_over_replica_groups_match_one_process():
             grads = got["steps"][step]["grads"]
             assert_same(plan, rank, grads, ref["steps"][step]["grads"], f"grad step {step}")
         assert_same(plan, rank, got["params"], ref["params"], "after 2 accumulated steps")
+
+
+def test_training_under_an_inference_plan_is_refused_at_backward():
+    model = build()
+    choice = {POOL: ("colwise", 2), OWN: ("rowwise", 2), OWN3: ("replicate", 1)}
+    plan = make_plan(model, 2, 2, choice, mode="infer")
+    for message in run_ranks(infer_backward_worker, 2, plan.to_json()):
+        assert message is not None and "runs an inference plan" in message
+        assert "mode='train'" in message
 
 
 def test_checkpoint_of_four_ranks_loads_into_two(four_ranks):
