@@ -174,6 +174,12 @@ def fuse_value_updates(
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")
     for owner in owners:
+        if hasattr(owner.values, "to_local") and not isinstance(owner.bag_impl, ShardedBag):
+            raise MemcompileError(  # a DTensor every rank holds whole: apply_plan's replicate
+                f"fused value updates do not take a replicated table ({type(owner).__name__} "
+                "under a 'replicate' plan): plan it colwise (strategy={name: 'colwise'}) or "
+                "leave it to the optimizer"
+            )
         if owner.bag_impl is not None and not _fusable_shards(owner.bag_impl):
             raise MemcompileError(
                 f"the value table of {type(owner).__name__} already has a bag_impl "

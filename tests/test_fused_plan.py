@@ -76,13 +76,17 @@ def test_fused_updates_on_colwise_shards_match_one_process(optimizer):
                 torch.testing.assert_close(got["dense"][name], param.detach(), **TOL, msg=name)
 
 
-def rowwise_refused(rank, world, plan_json):
+def refused(rank, world, plan_json, message):
     model = apply_plan(build_other(), Plan.from_json(plan_json))
-    with pytest.raises(MemcompileError, match="colwise over all ranks"):
+    with pytest.raises(MemcompileError, match=message):
         memcompile.fuse_value_updates(model, "adam", lr=0.01)
     return True
 
 
-def test_fused_updates_refuse_a_rowwise_table():
-    plan = memcompile.plan(build_other(), WORLD, strategy="rowwise", tokens_per_step=32)
-    assert run_ranks(rowwise_refused, WORLD, plan.to_json()) == [True, True]
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [("rowwise", "colwise over all ranks"), ("replicate", "do not take a replicated table")],
+)
+def test_fused_updates_refuse_a_rowwise_or_replicated_table(strategy, message):
+    plan = memcompile.plan(build_other(), WORLD, strategy=strategy, tokens_per_step=32)
+    assert run_ranks(refused, WORLD, plan.to_json(), message) == [True, True]
