@@ -27,6 +27,7 @@ from torch import nn
 from .api import RECIPE_ATTRIBUTE, transform
 from .passes.share import POOL_NAME
 from .runtime import MemcompileError, MemoryConfig, materialize_values
+from .runtime.distributed import PLAN_ATTRIBUTE
 from .runtime.errors import require
 from .runtime.outputs import atomic_directory
 
@@ -141,6 +142,13 @@ def save(
         raise MemcompileError(f"save takes a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise MemcompileError(f"save takes a directory path, got {path!r}")
+    if getattr(model, PLAN_ATTRIBUTE, None) is not None:
+        raise MemcompileError(
+            "save takes a model on one process; this one is laid out by apply_plan: save it "
+            "with memcompile.runtime.save_distributed, or load "
+            "memcompile.runtime.full_state_dict(model) (rank 0) into memcompile.load(the "
+            "checkpoint it came from) and save that"
+        )
     if pickled_source is not None and not Path(pickled_source).is_file():
         raise MemcompileError(f"pickled_source {pickled_source} is not a file")
     source = {"kind": "pickle"} if pickled_source is not None else model_source(model)

@@ -262,17 +262,25 @@ def refuse_worker(rank, world, plans: dict, good_json):
     return out
 
 
-def infer_backward_worker(rank, world, plan_json):
-    """A backward pass under an inference plan: the refusal's message, or None."""
+def misuse_worker(rank, world, plan_json, out_dir):
+    """A backward pass under an inference plan, and memcompile.save of a planned model:
+    each refusal's message, or None."""
     model = apply_plan(build(), Plan.from_json(plan_json))
     ids = batch(0, rank)
     with torch.no_grad():
         model(ids)  # inference itself runs
+    messages = {}
     try:
         loss_fn(model(ids), ids).backward()
-        return None
+        messages["backward"] = None
     except MemcompileError as error:
-        return str(error)
+        messages["backward"] = str(error)
+    try:
+        memcompile.save(model, f"{out_dir}/rank{rank}")
+        messages["save"] = None
+    except MemcompileError as error:
+        messages["save"] = str(error)
+    return messages
 
 
 def failing_worker(rank, world, plan_json, how: str, hang_s: float = 0.0):

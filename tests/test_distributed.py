@@ -29,11 +29,11 @@ from dist_workers import (
     build,
     build_other,
     failing_worker,
-    infer_backward_worker,
     load_worker,
     loss_fn,
     make_optimizer,
     make_plan,
+    misuse_worker,
     refuse_worker,
     train_worker,
 )
@@ -229,13 +229,15 @@ def test_gradients_accumulated_over_replica_groups_match_one_process():
         assert_same(plan, rank, got["params"], ref["params"], "after 2 accumulated steps")
 
 
-def test_training_under_an_inference_plan_is_refused_at_backward():
+def test_training_under_an_inference_plan_and_saving_a_planned_model_are_refused(tmp_path):
     model = build()
     choice = {POOL: ("colwise", 2), OWN: ("rowwise", 2), OWN3: ("replicate", 1)}
     plan = make_plan(model, 2, 2, choice, mode="infer")
-    for message in run_ranks(infer_backward_worker, 2, plan.to_json()):
-        assert message is not None and "runs an inference plan" in message
-        assert "mode='train'" in message
+    for messages in run_ranks(misuse_worker, 2, plan.to_json(), str(tmp_path)):
+        assert "runs an inference plan" in messages["backward"]
+        assert "mode='train'" in messages["backward"]
+        assert "save_distributed" in messages["save"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_of_four_ranks_loads_into_two(four_ranks):
