@@ -129,7 +129,9 @@ def collectives(
         add("pair_counts", "all_to_all_single", "forward", [(G - 1) * 2 * INT64] * world)
         add("routed_pairs", "all_to_all_single", "forward",
             [t * P * f * PAIR_BYTES for f in off_rank], dependent=True)  # fmt: skip
-        add("partial_sums", "all_to_all_single", "forward", [(G - 1) * t * table.v_dim * e] * world)
+        summed = max(e, FLOAT32)  # partial sums travel in the accumulation dtype
+        add("partial_sums", "all_to_all_single", "forward",
+            [(G - 1) * t * table.v_dim * summed] * world)  # fmt: skip
         if train:
             add("grad_outputs", "all_to_all_single", "backward",
                 [(G - 1) * t * table.v_dim * e] * world)  # fmt: skip

@@ -208,11 +208,13 @@ class _RowwiseBag(torch.autograd.Function):
         acc = accumulation_dtype(shard.dtype)
         partial = torch.zeros(sum(tokens), shard.shape[1], dtype=acc, device=shard.device)
         partial.index_add_(0, src_token, shard[rows].to(acc) * pair_weights.to(acc)[:, None])
-        back = _all_to_all(spec, "partial sums", partial.to(shard.dtype), tokens, [t] * g)
+        # In the accumulation dtype: a bf16 partial sum rounded before the sum over ranks
+        # put a bf16 row-wise result 2 roundings from one process's (column-wise: none).
+        back = _all_to_all(spec, "partial sums", partial, tokens, [t] * g)
         ctx.save_for_backward(shard, rows, src_token, pair_weights, order)
         ctx.spec, ctx.tokens, ctx.pairs = spec, tokens, (send_pairs, recv_pairs)
         ctx.shape, ctx.weights_dtype = (t, picks), weights.dtype
-        return back.view(g, t, -1).to(acc).sum(0).to(shard.dtype)
+        return back.view(g, t, -1).sum(0).to(shard.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
