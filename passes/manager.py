@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from torch import fx, nn
@@ -50,7 +51,12 @@ def _unchanged_on_error(model: nn.Module) -> Iterator[None]:
         )
         for m in model.modules()
     ]
-    graphs = [(m, copy.deepcopy(m.graph)) for m in model.modules() if isinstance(m, fx.GraphModule)]
+    with warnings.catch_warnings():
+        # Copying a graph's pytree codegen trips torch's own LeafSpec deprecation (2.13).
+        warnings.simplefilter("ignore", FutureWarning)
+        graphs = [
+            (m, copy.deepcopy(m.graph)) for m in model.modules() if isinstance(m, fx.GraphModule)
+        ]
     try:
         yield
     except BaseException:
