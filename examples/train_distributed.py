@@ -24,7 +24,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memcompile  # noqa: E402
-from memcompile.runtime import apply_plan, init_distributed, save_plan  # noqa: E402
+from memcompile.runtime import (  # noqa: E402
+    MemcompileError,
+    apply_plan,
+    init_distributed,
+    save_plan,
+)
 
 from tiny_transformer import TinyConfig, build_model  # noqa: E402
 
@@ -65,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)  # fmt: skip
 
     logging.basicConfig(level=logging.WARNING)
-    rank, world = init_distributed()
+    try:
+        rank, world = init_distributed()
+    except MemcompileError as error:  # run without torchrun: say how to start it
+        raise SystemExit(f"error: {error}") from None
     train(args, rank, world)
     # train()'s model, optimizer and activations (FSDP2 and DTensor state that holds the
     # process groups) are freed here, while the groups live. Left to interpreter exit, after

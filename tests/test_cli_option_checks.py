@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,26 @@ def test_a_stack_range_converts_those_blocks(tmp_path):
                   tmp_path / "out")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["converted"] == ["encoder.0", "encoder.1"]
+
+
+def test_a_reader_that_leaves_the_pipe_early_is_no_internal_error():
+    # `memcompile inspect ... --json | head -c 1`: the reader closes the pipe before the
+    # command has written everything (a large output: more than the pipe's buffer).
+    script = (
+        "import sys, click\n"
+        "from memcompile.cli.common import fail_cleanly\n"
+        "@click.command()\n"
+        "@fail_cleanly\n"
+        "def big():\n"
+        "    for _ in range(100000):\n"
+        "        click.echo('x' * 100)\n"
+        "big()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout.read(1) == b"x"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 
@@ -93,6 +94,11 @@ def fail_cleanly(command):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # stdout's reader left (`| head -1`): nothing is wrong with the work. Quiet the
+            # flush at exit, and end as a process stopped by SIGPIPE does (128 + 13).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except click.exceptions.Exit:
             raise
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
