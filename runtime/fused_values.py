@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import _replicated_bag
 from .errors import MemcompileError, is_integer
 from .fused_table import FusedTable, StepCounter, ValueOptimizer
 from .memory_layer import value_owners
@@ -111,9 +112,17 @@ def fused_value_ids(model: nn.Module) -> set[int]:
     return fused
 
 
-def _fusable_shards(bag_impl) -> bool:
+def _fusable_shards(owner: nn.Module) -> bool:
     """A colwise table laid out by apply_plan: every rank of its group sees every pick, so
-    each steps its columns (row-wise Adagrad all-reduces per-row sums over the group)."""
+    each steps its columns (row-wise Adagrad all-reduces per-row sums over the group).
+    apply_plan's other layouts are refused."""
+    bag_impl = owner.bag_impl
+    if bag_impl is _replicated_bag:
+        raise MemcompileError(
+            f"fused value updates do not take a replicated table ({type(owner).__name__} "
+            "under a 'replicate' plan): plan it colwise (strategy={name: 'colwise'}) or "
+            "leave it to the optimizer"
+        )
     if not isinstance(bag_impl, ShardedBag) or bag_impl.fused is not None:
         return False
     spec = bag_impl.spec
@@ -174,13 +183,7 @@ def fuse_value_updates(
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")
     for owner in owners:
-        if hasattr(owner.values, "to_local") and not isinstance(owner.bag_impl, ShardedBag):
-            raise MemcompileError(  # a DTensor every rank holds whole: apply_plan's replicate
-                f"fused value updates do not take a replicated table ({type(owner).__name__} "
-                "under a 'replicate' plan): plan it colwise (strategy={name: 'colwise'}) or "
-                "leave it to the optimizer"
-            )
-        if owner.bag_impl is not None and not _fusable_shards(owner.bag_impl):
+        if owner.bag_impl is not None and not _fusable_shards(owner):
             raise MemcompileError(
                 f"the value table of {type(owner).__name__} already has a bag_impl "
                 f"({type(owner.bag_impl).__name__}): call handle.remove() first"
