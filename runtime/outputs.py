@@ -112,11 +112,12 @@ def _contains(outer: Path, inner: Path) -> bool:
 
 
 def refuse_existing(
-    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()
+    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> None:
     """Bad input unless `path` is free or --force. Even with --force, never the current
-    directory or one holding it, nor a path that holds one of `inputs` or already exists
-    inside one (a new file beside an input's own files is fine); nor a path whose name is
+    directory or one holding it, nor a path that holds one of `inputs` (None for an
+    optional input not given) or already exists inside one (a new file beside an input's
+    own files is fine); nor a path whose name is
     too long or that lies on a read-only file system or in a directory we may not write:
     said before the work whose result would then be lost, not when writing it."""
     with _refusals_as_bad_input(path):
@@ -124,14 +125,14 @@ def refuse_existing(
 
 
 def _refuse_existing(
-    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike]
+    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None]
 ) -> None:
     target = Path(path).resolve()
     if _contains(target, Path.cwd().resolve()):
         raise MemcompileError(
             f"{path} is the current directory or holds it: write the output to a new path"
         )
-    for source in inputs:
+    for source in (s for s in inputs if s):  # None or "": an optional input not given
         source_path = Path(source).resolve()
         if _contains(target, source_path) or (_contains(source_path, target) and target.exists()):
             raise MemcompileError(

@@ -78,9 +78,7 @@ def calibrate(
     from ..calibrate import calibrate as run_calibration
     from ..calibrate import synthetic_batches, text_batches
 
-    refuse_existing(
-        output, force, inputs=[p for p in (model_path, original, data, config_path) if p]
-    )
+    refuse_existing(output, force, inputs=[model_path, original, data, config_path])
     if data is not None and synthetic:
         raise MemcompileError("give --data FILE.txt or --synthetic, not both")
     if data is None and not synthetic:

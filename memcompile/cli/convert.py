@@ -79,7 +79,7 @@ def convert(
     from .. import checkpoint
     from ..api import transform
 
-    refuse_existing(output, force, inputs=[p for p in (model_path, config_path) if p])
+    refuse_existing(output, force, inputs=[model_path, config_path])
     if (Path(model_path).suffix == ".pt2") != (Path(output).suffix == ".pt2"):
         raise MemcompileError(
             "a torch.export program (.pt2) converts to a .pt2 output, and only a .pt2 input "

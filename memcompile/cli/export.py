@@ -120,7 +120,7 @@ def export(
         raise MemcompileError(f"{onnx_path} is a directory: give the path of the .onnx file")
     side_file = external_data_path(onnx_path)
     for output in (onnx_path, side_file):
-        refuse_existing(output, force, inputs=[p for p in (model_path, config_path) if p])
+        refuse_existing(output, force, inputs=[model_path, config_path])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
