@@ -74,17 +74,17 @@ def parse_mem_size(mem_size: int | str) -> int:
     if n < 1:
         raise MemcompileError(f"mem_size must be positive, got {mem_size!r}")
     root = math.isqrt(n)
-    memory = host_memory()
-    # Even at heads=1 and k_dim=2 in 2-byte values, n_keys sub-keys of 2 halves take
-    # 4 bytes each: a size past that is no typo one square away.
-    if root**2 != n and memory is not None and 2 * root * _MIN_ITEMSIZE > memory:
-        raise MemcompileError(
-            f"mem_size {mem_size!r} ({n} rows) is not a perfect square, and far too large: "
-            f"the sub-keys of its {root:,} keys alone, 4 bytes a key or more, need more "
-            f"than the {human_bytes(memory)} of memory here: choose a much smaller mem_size, "
-            "e.g. '1M' (1024**2 rows) or '16M' (4096**2)"
-        )
     if root**2 != n:
+        memory = host_memory()
+        # Even at heads=1 and k_dim=2 in 2-byte values, n_keys sub-keys of 2 halves take
+        # 4 bytes each: a size past that is no typo one square away.
+        if memory is not None and 2 * root * _MIN_ITEMSIZE > memory:
+            raise MemcompileError(
+                f"mem_size {mem_size!r} ({n} rows) is not a perfect square, and far too "
+                f"large: the sub-keys of its {root:,} keys alone, 4 bytes a key or more, need "
+                f"more than the {human_bytes(memory)} of memory here: choose a much smaller "
+                "mem_size, e.g. '1M' (1024**2 rows) or '16M' (4096**2)"
+            )
         raise MemcompileError(
             f"mem_size {mem_size!r} ({n} rows) is not a perfect square (product keys index "
             f"n_keys**2 rows); nearest valid sizes: {_nearest_squares(n)}"

@@ -10,8 +10,9 @@ import torch
 from cli_helpers import SMALL, one_error, run_cli
 
 import memcompile
-from memcompile.cli.common import human_bytes, in_flags
+from memcompile.cli.common import in_flags
 from memcompile.runtime import MemcompileError, MemoryConfig, MemoryLayer, config
+from memcompile.runtime.config import human_bytes
 
 from models import CASES, build
 

@@ -16,7 +16,6 @@ import sys
 import click
 
 from ..runtime import MemcompileError
-from ..runtime.config import human_bytes as in_binary_units
 from ..runtime.errors import first_line
 
 
@@ -228,10 +227,6 @@ def steps_for(quiet: bool, as_json: bool) -> Steps:
 
 def echo_json(result: dict) -> None:
     click.echo(json.dumps(result, indent=2))
-
-
-def human_bytes(n: float) -> str:
-    return in_binary_units(n)
 
 
 def memory_config(mem_size, **options):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from ..runtime import MemcompileError
+from ..runtime.config import human_bytes
 from ..runtime.outputs import refuse_existing
 from .common import (
     echo_json,
     fail_cleanly,
     force_option,
-    human_bytes,
     load,
     model_options,
     result_options,

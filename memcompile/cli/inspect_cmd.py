@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 
 from ..runtime import MemcompileError
+from ..runtime.config import human_bytes
 from .common import (
     echo_json,
     fail_cleanly,
-    human_bytes,
     json_option,
     load,
     memory_config,
