@@ -56,8 +56,9 @@ def model_source(model: nn.Module) -> dict:
 
 
 def load_trusted_pickle(path: Path, trust_pickle: bool, refusal: str):
-    """The one place memcompile unpickles: only with the user's explicit trust flag, else
-    MemcompileError(refusal)."""
+    """Where memcompile unpickles a file: only with the user's explicit trust flag, else
+    MemcompileError(refusal). (A .pt2's pickled payloads are torch.export.load's, under
+    the same flag: program.load_program.)"""
     if not trust_pickle:
         raise MemcompileError(refusal)
     try:

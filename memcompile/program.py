@@ -23,6 +23,10 @@ from .runtime.outputs import atomic_file, deferred_write_errors
 log = logging.getLogger(__name__)
 
 
+# torch.load's environment overrides of its `weights_only` argument
+_WEIGHTS_ONLY_SWITCHES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
 class _PickleRefused(pickle.UnpicklingError):
     pass
 
@@ -34,13 +38,13 @@ def _refuse_pickle(*args, **kwargs):
 @contextlib.contextmanager
 def _unpickling_refused():
     """torch.export.load unpickles what an archive marks as pickled (tensor subclasses,
-    opaque constants) with `weights_only=False` or `pickle.loads`: a crafted .pt2 runs
-    code as it loads. Inside this block torch.load keeps to weights only
+    opaque constants) with torch.load's full unpickler or `pickle.loads`: a crafted .pt2
+    runs code as it loads. Inside this block torch.load keeps to weights only
     (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and pickle.loads raises. Both are process-wide while
     the block runs, which is one load. (TorchScript custom objects go through torch's
     own unpickler, which builds only registered classes.)"""
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)}
-    saved["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_SWITCHES}
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     loads, pickle.loads = pickle.loads, _refuse_pickle
     try:
