@@ -1,7 +1,8 @@
 """The memory-layer ops: `memcompile::pk_topk`, `memcompile::bag` and, for inference,
 `memcompile::pk_lookup` (both in one) and `memcompile::linears` (the layer's projections).
 
-Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed.
+Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed; a C++
+kernel of pk_lookup on the CPU for few tokens (built on first use where there is a compiler).
 """
 
 if __name__ != "memcompile.kernels":
@@ -13,9 +14,11 @@ if __name__ != "memcompile.kernels":
     __all__: list[str] = []
 else:
     from . import fused_update  # noqa: F401  (defines the fused value-update ops)
+    from .cpu import register_cpu_kernels
     from .cuda import register_cuda_kernels
     from .ops import bag, pk_lookup, pk_topk
 
     CUDA_KERNELS = register_cuda_kernels()  # the ops and the fused updates
+    CPU_KERNELS = register_cpu_kernels()  # pk_lookup
 
-    __all__ = ["CUDA_KERNELS", "bag", "pk_lookup", "pk_topk"]
+    __all__ = ["CPU_KERNELS", "CUDA_KERNELS", "bag", "pk_lookup", "pk_topk"]

@@ -10,7 +10,9 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _global_hooks
 
 from ..kernels import ops, reference
 from .config import MemoryConfig
@@ -217,28 +219,30 @@ class MemoryLayer(nn.Module):
 
 
 def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
-    """Each module's output for x. Plain nn.Linear modules with no gradient to record run
-    as one `linears` op on CUDA, whose kernel streams two weights a launch at decode (the
-    query and gate projections); a wrapped, hooked or quantized projection runs as its
-    module, and so do exported graphs."""
-    params = [p for module in modules for p in module.parameters()]
-    if (
-        x.device.type != "cuda"
-        or _needs_separate_ops(x, *params)
-        or not all(_plain_linear(module) for module in modules)
+    """Each module's output for x. Without a gradient to record, plain nn.Linear modules
+    skip nn.Module's call machinery (at one token on a CPU it costs as much as reading a
+    projection's weights): on CUDA they run as one `linears` op, whose kernel streams two
+    weights a launch at decode (the query and gate projections), elsewhere as F.linear. A
+    wrapped, hooked or quantized projection runs as its module, and so do exported graphs."""
+    if not all(_plain_linear(module) for module in modules) or _needs_separate_ops(
+        x, *(p for module in modules for p in (module.weight, module.bias) if p is not None)
     ):
         return [module(x) for module in modules]
-    return ops.linears(x, [m.weight for m in modules], [m.bias for m in modules])
+    if x.device.type == "cuda":
+        return ops.linears(x, [m.weight for m in modules], [m.bias for m in modules])
+    return [F.linear(x, m.weight, m.bias) for m in modules]
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear itself, with plain tensor weights and no hooks: its forward is F.linear."""
+    """An nn.Linear itself, with plain tensor weights and no forward hooks (its own or
+    global ones): its forward is F.linear."""
     plain = (torch.Tensor, nn.Parameter)
     return (
         type(module) is nn.Linear
         and type(module.weight) in plain
         and (module.bias is None or type(module.bias) in plain)
         and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
     )
 
 

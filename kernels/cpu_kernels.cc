@@ -1,11 +1,16 @@
-// Native ONNX Runtime kernels for com.memcompile::PkTopK and com.memcompile::Bag (see
-// passes/lower_onnx.py for their ONNX definition and kernels/reference.py for the math).
+// memcompile's C++ CPU kernels: the ONNX Runtime kernels of com.memcompile::PkTopK and
+// com.memcompile::Bag (passes/lower_onnx.py defines the nodes), and memcompile_lookup, the
+// CPU kernel of memcompile::pk_lookup for a few tokens (kernels/cpu.py). The math is in
+// cpu_kernels.h; kernels/native.py builds this file.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 extern "C" {
 struct OrtStatus; struct OrtValue; struct OrtKernelInfo; struct OrtKernelContext;
@@ -47,6 +52,8 @@ struct OrtCustomOp {
 
 namespace {
 
+using namespace memcompile;
+
 // Slots of the version-1 OrtApi table.
 enum Slot {
   kCreateStatus = 0, kCreateCustomOpDomain = 26, kCustomOpDomainAdd = 27,
@@ -59,7 +66,8 @@ enum DType { kUndefined = 0, kFloat = 1, kInt64 = 7, kFloat16 = 10 };
 enum ErrorCode { kFail = 1, kInvalidArgument = 2 };
 
 const void* const* g_api = nullptr;
-std::atomic<uint64_t> g_calls{0};
+std::atomic<uint64_t> g_calls{0};    // ONNX Runtime kernel calls
+std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup calls
 template <typename F> F api(Slot slot) { return reinterpret_cast<F>(g_api[slot]); }
 
 OrtStatus* error(const std::string& message) {
@@ -116,37 +124,6 @@ const float* as_float(const Tensor& t, int64_t count, std::vector<float>& buffer
   buffer.resize(count);
   for (int64_t i = 0; i < count; ++i) buffer[i] = load(t.data, t.dtype, i);
   return buffer.data();
-}
-
-struct Item {
-  float score;
-  int64_t position;
-};
-// Higher score first; on ties the lower position, as ONNX TopK orders them.
-inline bool better(const Item& a, const Item& b) {
-  return a.score > b.score || (a.score == b.score && a.position < b.position);
-}
-
-// The k best of scores[0..n) into out[0..k), best first (items: a work buffer of n).
-void top_k(const float* scores, int64_t n, int64_t k, Item* out, std::vector<Item>& items) {
-  items.resize(n);
-  for (int64_t i = 0; i < n; ++i) items[i] = {scores[i], i};
-  std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), better);
-  std::sort(items.begin(), items.begin() + k, better);
-  std::copy(items.begin(), items.begin() + k, out);
-}
-
-// The k best sums a[i].score + b[j].score, a and b sorted best first, as (score, i * k + j).
-// (i, j) is dominated by the (i + 1) * (j + 1) pairs (i' <= i, j' <= j), so only pairs with
-// (i + 1) * (j + 1) <= k can be among the k best: about k * ln(k) of the k * k.
-void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out, std::vector<Item>& items) {
-  items.clear();
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k && (i + 1) * (j + 1) <= k; ++j)
-      items.push_back({a[i].score + b[j].score, i * k + j});
-  std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), better);
-  std::sort(items.begin(), items.begin() + k, better);
-  std::copy(items.begin(), items.begin() + k, out);
 }
 
 struct PkTopKKernel { int64_t knn = 0; };
@@ -244,7 +221,7 @@ OrtStatus* pk_compute(void* raw, OrtKernelContext* context) {
 #pragma omp parallel if (n * heads * n_keys * k_dim > (1 << 20))
   {
     std::vector<float> s(2 * kRows * n_pad);
-    std::vector<Item> best(3 * knn), items;
+    TopKWork work(knn);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < heads * blocks; ++task) {
       const int64_t h = task % heads, t0 = task / heads * kRows;
@@ -260,54 +237,13 @@ OrtStatus* pk_compute(void* raw, OrtKernelContext* context) {
                      half, n_pad, out);
       }
       for (int64_t r = 0; r < kRows && t0 + r < n; ++r) {
-        Item* halves = best.data();
-        Item* pairs = best.data() + 2 * knn;
-        top_k(s.data() + r * n_pad, n_keys, knn, halves, items);
-        top_k(s.data() + (kRows + r) * n_pad, n_keys, knn, halves + knn, items);
-        top_k_sums(halves, halves + knn, knn, pairs, items);
         const int64_t row = (t0 + r) * heads + h;
-        for (int64_t c = 0; c < knn; ++c) {
-          const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
-          scores[row * knn + c] = pairs[c].score;
-          indices[row * knn + c] = halves[i].position * n_keys + halves[knn + j].position;
-        }
+        best_products(s.data() + r * n_pad, s.data() + (kRows + r) * n_pad, n_keys, knn, work,
+                      scores + row * knn, indices + row * knn);
       }
     }
   }
   return nullptr;
-}
-
-// y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32, four rows at a time so that
-// their loads overlap; `store(t, acc)` writes a finished row.
-template <typename T, typename Store>
-void bag_rows(const T* values, const int64_t* idx, const float* weights, int64_t n,
-              int64_t picks, int64_t v_dim, Store store) {
-#pragma omp parallel if (n * picks * v_dim > (1 << 18))
-  {
-    std::vector<float> acc(v_dim);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t* ids = idx + t * picks;
-      const float* w = weights + t * picks;
-      int64_t b = 0;
-      for (; b + 4 <= picks; b += 4) {
-        const T *r0 = values + ids[b] * v_dim, *r1 = values + ids[b + 1] * v_dim;
-        const T *r2 = values + ids[b + 2] * v_dim, *r3 = values + ids[b + 3] * v_dim;
-        const float w0 = w[b], w1 = w[b + 1], w2 = w[b + 2], w3 = w[b + 3];
-#pragma omp simd
-        for (int64_t v = 0; v < v_dim; ++v)
-          acc[v] += w0 * static_cast<float>(r0[v]) + w1 * static_cast<float>(r1[v]) +
-                    w2 * static_cast<float>(r2[v]) + w3 * static_cast<float>(r3[v]);
-      }
-      for (; b < picks; ++b) {
-        const T* row = values + ids[b] * v_dim;
-#pragma omp simd
-        for (int64_t v = 0; v < v_dim; ++v) acc[v] += w[b] * static_cast<float>(row[v]);
-      }
-      store(t, acc.data());
-    }
-  }
 }
 
 // values (rows, v_dim), indices int64 and weights float32 (N, B) -> (N, v_dim), values' dtype.
@@ -330,11 +266,11 @@ OrtStatus* bag_compute(void*, OrtKernelContext* context) {
   const auto* w = static_cast<const float*>(weights.data);
   if (values.dtype == kFloat) {
     auto* y = static_cast<float*>(out);
-    bag_rows(static_cast<const float*>(values.data), idx, w, n, picks, v_dim,
+    bag_rows(static_cast<const float*>(values.data), idx, w, n, picks, v_dim, true,
              [&](int64_t t, const float* acc) { std::memcpy(y + t * v_dim, acc, v_dim * 4); });
   } else {
     auto* y = static_cast<_Float16*>(out);
-    bag_rows(static_cast<const _Float16*>(values.data), idx, w, n, picks, v_dim,
+    bag_rows(static_cast<const _Float16*>(values.data), idx, w, n, picks, v_dim, true,
              [&](int64_t t, const float* acc) {
                for (int64_t v = 0; v < v_dim; ++v) y[t * v_dim + v] = (_Float16)acc[v];
              });
@@ -383,6 +319,61 @@ const OrtCustomOp kBag{kVersion, nullptr, bag_name, cpu, bag_input_type, three, 
 
 extern "C" {
 __attribute__((visibility("default"))) uint64_t memcompile_kernel_calls() { return g_calls; }
+__attribute__((visibility("default"))) uint64_t memcompile_lookup_calls() { return g_lookups; }
+
+// memcompile::pk_lookup after its score matmul and per-half top-k (kernels/cpu.py): `best`
+// and `best_ids` (H, 2, N, knn) hold each half's knn best scores, best first, and their
+// sub-key indices; values (n_keys^2, v_dim) are float32, or float16 with `values_half`.
+// out (N, v_dim) float32 gets the bag of every head's knn best products, softmax-weighted
+// per head, times silu(gate) when gate (N, v_dim) is given.
+// One thread: the caller keeps it to few tokens (torch's threads ran the matmul and top-k),
+// and OpenMP threads started here would hang a forked child of the process.
+__attribute__((visibility("default"))) void memcompile_lookup(
+    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
+    int64_t knn, const void* values, int values_half, int64_t v_dim, const float* gate,
+    float* out) {
+  ++g_lookups;
+  const int64_t picks = heads * knn;
+  std::vector<int64_t> rows(n * picks);
+  std::vector<float> weights(n * picks);
+  std::vector<Item> halves(3 * knn);
+  BestK work;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t first = (2 * h * n + t) * knn, second = ((2 * h + 1) * n + t) * knn;
+      for (int64_t c = 0; c < knn; ++c) {
+        halves[c] = {best[first + c], c};
+        halves[knn + c] = {best[second + c], c};
+      }
+      Item* pairs = halves.data() + 2 * knn;
+      top_k_sums(halves.data(), halves.data() + knn, knn, pairs, work);
+      float* w = weights.data() + t * picks + h * knn;
+      int64_t* r = rows.data() + t * picks + h * knn;
+      const float top = pairs[0].score;  // a softmax shifted by its maximum
+      float total = 0.f;
+      for (int64_t c = 0; c < knn; ++c) {
+        const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
+        r[c] = best_ids[first + i] * n_keys + best_ids[second + j];
+        total += (w[c] = std::exp(pairs[c].score - top));
+      }
+      for (int64_t c = 0; c < knn; ++c) w[c] /= total;
+    }
+  auto store = [&](int64_t t, const float* acc) {
+    float* y = out + t * v_dim;
+    if (gate == nullptr) {
+      std::memcpy(y, acc, v_dim * sizeof(float));
+      return;
+    }
+    const float* g = gate + t * v_dim;
+    for (int64_t v = 0; v < v_dim; ++v) y[v] = acc[v] * (g[v] / (1.f + std::exp(-g[v])));
+  };
+  if (values_half)
+    bag_rows(static_cast<const _Float16*>(values), rows.data(), weights.data(), n, picks, v_dim,
+             false, store);
+  else
+    bag_rows(static_cast<const float*>(values), rows.data(), weights.data(), n, picks, v_dim,
+             false, store);
+}
 
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
     OrtSessionOptions* options, const OrtApiBase* base) {

@@ -1,0 +1,137 @@
+// The math of memcompile's CPU kernels (kernels/reference.py has the same in PyTorch):
+// top-k selection over product keys and the weighted bag of value rows. Included by
+// cpu_kernels.cc, which holds the entry points.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace memcompile {
+
+struct Item {
+  float score;
+  int64_t position;
+};
+// Higher score first; on ties the lower position, as ONNX TopK orders them. NaN ranks above
+// every number, as in torch.topk (and keeps the order strict: std::sort needs that).
+inline bool better(const Item& a, const Item& b) {
+  const bool a_nan = std::isnan(a.score), b_nan = std::isnan(b.score);
+  if (a_nan != b_nan) return a_nan;
+  if (!a_nan && a.score != b.score) return a.score > b.score;
+  return a.position < b.position;
+}
+
+// The k best items pushed, kept in a buffer of 2k: an item enters only if it is better than
+// the k-th best so far, and a full buffer is cut back to its k best. Items come in
+// ascending position, so after the first few a push is one comparison whose branch is
+// rarely taken (a partition of every item mispredicts about half its branches).
+class BestK {
+ public:
+  void reset(int64_t k) {
+    k_ = k;
+    size_ = 0;
+    bounded_ = false;
+    items_.resize(2 * k);
+  }
+  void push(const Item& item) {
+    if (bounded_ && !better(item, bound_)) return;
+    items_[size_++] = item;
+    if (size_ == 2 * k_) {
+      std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.end(), better);
+      bound_ = items_[k_ - 1];
+      bounded_ = true;
+      size_ = k_;
+    }
+  }
+  // The k best, best first, into out; at least k items were pushed.
+  void take(Item* out) {
+    const auto end = items_.begin() + size_;
+    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), end, better);
+    std::sort(items_.begin(), items_.begin() + k_, better);
+    std::copy(items_.begin(), items_.begin() + k_, out);
+  }
+
+ private:
+  int64_t k_ = 0, size_ = 0;
+  bool bounded_ = false;
+  Item bound_{};
+  std::vector<Item> items_;
+};
+
+// The k best of scores[0..n) into out[0..k), best first; k <= n.
+inline void top_k(const float* scores, int64_t n, int64_t k, Item* out, BestK& best) {
+  best.reset(k);
+  for (int64_t i = 0; i < n; ++i) best.push({scores[i], i});
+  best.take(out);
+}
+
+// The k best sums a[i].score + b[j].score, a and b sorted best first, as (score, i * k + j).
+// (i, j) is dominated by the (i + 1) * (j + 1) pairs (i' <= i, j' <= j), so only pairs with
+// (i + 1) * (j + 1) <= k can be among the k best: about k * ln(k) of the k * k.
+inline void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out, BestK& best) {
+  best.reset(k);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k && (i + 1) * (j + 1) <= k; ++j)
+      best.push({a[i].score + b[j].score, i * k + j});
+  best.take(out);
+}
+
+// Work buffers of `best_products`, one per thread.
+struct TopKWork {
+  explicit TopKWork(int64_t knn) : halves(3 * knn) {}
+  std::vector<Item> halves;  // both halves' k best, then the k best sums
+  BestK best;
+};
+
+// The knn best product keys of one (token, head), from its two halves' scores s0 and s1
+// (n_keys each): their sums, best first, into scores, and their rows i * n_keys + j.
+inline void best_products(const float* s0, const float* s1, int64_t n_keys, int64_t knn,
+                          TopKWork& work, float* scores, int64_t* rows) {
+  Item* halves = work.halves.data();
+  Item* pairs = halves + 2 * knn;
+  top_k(s0, n_keys, knn, halves, work.best);
+  top_k(s1, n_keys, knn, halves + knn, work.best);
+  top_k_sums(halves, halves + knn, knn, pairs, work.best);
+  for (int64_t c = 0; c < knn; ++c) {
+    const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
+    scores[c] = pairs[c].score;
+    rows[c] = halves[i].position * n_keys + halves[knn + j].position;
+  }
+}
+
+// y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32, four rows at a time so that
+// their loads overlap; `store(t, acc)` writes a finished row. With `threads`, large bags
+// run on OpenMP threads.
+template <typename T, typename Store>
+void bag_rows(const T* values, const int64_t* idx, const float* weights, int64_t n,
+              int64_t picks, int64_t v_dim, bool threads, Store store) {
+#pragma omp parallel if (threads && n * picks * v_dim > (1 << 18))
+  {
+    std::vector<float> acc(v_dim);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t* ids = idx + t * picks;
+      const float* w = weights + t * picks;
+      int64_t b = 0;
+      for (; b + 4 <= picks; b += 4) {
+        const T *r0 = values + ids[b] * v_dim, *r1 = values + ids[b + 1] * v_dim;
+        const T *r2 = values + ids[b + 2] * v_dim, *r3 = values + ids[b + 3] * v_dim;
+        const float w0 = w[b], w1 = w[b + 1], w2 = w[b + 2], w3 = w[b + 3];
+#pragma omp simd
+        for (int64_t v = 0; v < v_dim; ++v)
+          acc[v] += w0 * static_cast<float>(r0[v]) + w1 * static_cast<float>(r1[v]) +
+                    w2 * static_cast<float>(r2[v]) + w3 * static_cast<float>(r3[v]);
+      }
+      for (; b < picks; ++b) {
+        const T* row = values + ids[b] * v_dim;
+#pragma omp simd
+        for (int64_t v = 0; v < v_dim; ++v) acc[v] += w[b] * static_cast<float>(row[v]);
+      }
+      store(t, acc.data());
+    }
+  }
+}
+
+}  // namespace memcompile

@@ -1,0 +1,118 @@
+"""Build and load of memcompile's C++ CPU kernels (`cpu_kernels.cc`, `cpu_kernels.h`).
+
+One shared library holds the ONNX Runtime kernels of the "custom" ONNX form (registered
+by `memcompile.runtime.ort_session`) and the CPU kernel of `memcompile::pk_lookup`
+(`cpu.py`). It needs only a C++17 compiler: the ONNX Runtime part names the slots of the
+version-1 `OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
+It is compiled on first use (about a second) into a cache directory ($MEMCOMPILE_CACHE,
+else ~/.cache/memcompile) and reused; without a compiler, callers fall back to PyTorch or
+to the nodes' ONNX function bodies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_kernels.h"))
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+_LOADED: dict[Path, ctypes.CDLL] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MEMCOMPILE_CACHE"):
+        return Path(os.environ["MEMCOMPILE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memcompile"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), so that a cache shared by machines never hands one
+    a library built with -march=native for another."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile the kernels into `target` (with OpenMP when the compiler has it), atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = SOURCES[0]
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        errors = ""
+        for extra in (("-fopenmp",), ()):
+            command = [compiler, *_FLAGS, *extra, f"-I{source.parent}", str(source)]
+            command += ["-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode == 0:
+                os.replace(built, target)
+                return
+            errors = result.stderr.strip()
+        raise RuntimeError(f"building memcompile's C++ CPU kernels failed: {errors}")
+
+
+def native_library(build: bool = True) -> Path | None:
+    """The path of the kernels' shared library, built (once) if `build`, and loaded.
+
+    None when it is not built and cannot be: no C++ compiler, or the build failed (logged).
+    """
+    compiler = _compiler()
+    if compiler is None:
+        if build:
+            log.warning("no C++ compiler (set CXX): memcompile's C++ CPU kernels are not built")
+        return None
+    sources = [source.read_text() for source in SOURCES]
+    recipe = [*sources, compiler, *_FLAGS, platform.machine(), _cpu_flags()]
+    key = hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu-kernels-{key}.so"
+    with _BUILD_LOCK:
+        if not target.exists() and build:
+            log.info("building memcompile's C++ CPU kernels into %s", target)
+            try:
+                _build(compiler, target)
+            except (OSError, RuntimeError) as error:
+                log.warning("%s", error)
+                return None
+        if not target.exists():
+            return None
+        # Held for the life of the process, so the library (and its call counters)
+        # outlives the sessions and layers that use it.
+        _LOADED.setdefault(target, ctypes.CDLL(str(target)))
+    return target
+
+
+def loaded(build: bool = True) -> ctypes.CDLL | None:
+    """The loaded library (see `native_library`), or None."""
+    path = native_library(build)
+    return None if path is None else _LOADED[path]
+
+
+def call_count(counter: str) -> int:
+    """A counter of the library in this process: "kernel" (ONNX Runtime kernel calls) or
+    "lookup" (pk_lookup CPU kernel calls); 0 when the library is not built."""
+    library = loaded(build=False)
+    if library is None:
+        return 0
+    calls = getattr(library, f"memcompile_{counter}_calls")
+    calls.restype = ctypes.c_uint64
+    return int(calls())

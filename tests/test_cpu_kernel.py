@@ -1,0 +1,142 @@
+"""The C++ CPU kernel of memcompile::pk_lookup (kernels/cpu.py, kernels/cpu_kernels.cc)
+against a float64 brute force: every one of the n_keys**2 full keys scored, a top-k over
+all of them, softmax per head, bag, gating. It also checks that the kernel, not the
+PyTorch reference, ran (the library counts its calls) and where it steps aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memcompile.kernels import cpu, native, ops
+from memcompile.runtime import MemoryConfig, MemoryLayer
+
+F64 = torch.float64
+
+
+def brute_force_lookup(q, keys, values, knn, swilu=None):
+    """(N, v_dim) float64: per head, all n_keys**2 keys [k1_i ; k2_j] scored against q."""
+    heads, _, n_keys, half = keys.shape
+    k = keys.to(F64)
+    first = k[:, 0, :, None, :].expand(heads, n_keys, n_keys, half)
+    second = k[:, 1, None, :, :].expand(heads, n_keys, n_keys, half)
+    full = torch.cat([first, second], dim=-1).reshape(heads, n_keys * n_keys, 2 * half)
+    scores = torch.einsum("nhd,hrd->nhr", q.to(F64), full)
+    top, rows = scores.topk(knn, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    out = (weights[..., None] * values.to(F64)[rows]).sum(dim=(1, 2))
+    return out if swilu is None else out * torch.nn.functional.silu(swilu.to(F64))
+
+
+def _inputs(tokens, heads, n_keys, half, v_dim, seed, values_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tokens, heads, 2 * half, generator=g)
+    keys = torch.randn(heads, 2, n_keys, half, generator=g)
+    values = torch.randn(n_keys * n_keys, v_dim, generator=g).to(values_dtype)
+    swilu = torch.randn(tokens, v_dim, generator=g)
+    return q, keys, values, swilu
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built():
+    assert cpu._native_lookup(), "a C++17 compiler is on the test machine"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, cpu.MAX_TOKENS])
+@pytest.mark.parametrize("heads,knn", [(1, 1), (2, 4), (3, 8)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_lookup_matches_brute_force(tokens, heads, knn, gated):
+    q, keys, values, swilu = _inputs(tokens, heads, 10, 6, 96, seed=tokens * 10 + knn)
+    gate = swilu if gated else None
+    calls = native.call_count("lookup")
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, knn, gate)
+    assert native.call_count("lookup") == calls + 1
+    assert out.dtype == torch.float32 and out.shape == (tokens, 96)
+    torch.testing.assert_close(out.to(F64), brute_force_lookup(q, keys, values, knn, gate),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_float16_values_give_a_float16_bag_rounded_once():
+    q, keys, values, swilu = _inputs(2, 2, 12, 8, 320, seed=7, values_dtype=torch.float16)
+    with torch.inference_mode():
+        bag = ops.pk_lookup(q, keys, values, 8)
+        gated = ops.pk_lookup(q, keys, values, 8, swilu)
+    assert bag.dtype == torch.float16 and gated.dtype == torch.float32
+    expected = brute_force_lookup(q, keys, values, 8)
+    torch.testing.assert_close(bag, expected.to(torch.float16), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gated.to(F64), brute_force_lookup(q, keys, values, 8, swilu),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_one_row_picked_by_every_token_and_head():
+    """Keys that make one product key the best for any query: all tokens and both heads
+    read one row, each head with weight 1."""
+    q, keys, values, _ = _inputs(4, 2, 8, 4, 16, seed=3)
+    q = q.abs()
+    keys[:, :, 5] = 10.0  # sub-key 5 of both halves dominates: row 5 * 8 + 5 for everyone
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, 1)
+    torch.testing.assert_close(out, 2 * values[5 * 8 + 5].expand(4, 16), rtol=0, atol=0)
+
+
+def test_nan_queries_give_nan_like_the_reference():
+    q, keys, values, _ = _inputs(1, 2, 8, 4, 16, seed=5)
+    q[0, 1] = float("nan")
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, 4)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["more tokens", "float64", "bfloat16 values", "non-contiguous values", "too few rows"],
+)
+def test_other_inputs_run_the_reference(change):
+    q, keys, values, swilu = _inputs(2, 2, 8, 4, 16, seed=11)
+    if change == "more tokens":
+        q, swilu = q.repeat(cpu.MAX_TOKENS, 1, 1), swilu.repeat(cpu.MAX_TOKENS, 1)
+    elif change == "float64":
+        q, keys, values, swilu = q.double(), keys.double(), values.double(), swilu.double()
+    elif change == "bfloat16 values":
+        values = values.bfloat16()
+    elif change == "non-contiguous values":
+        values = torch.randn(64, 32)[:, ::2]  # 64 rows of 16, every other column
+    elif change == "too few rows":
+        values = values[:10]
+    calls = native.call_count("lookup")
+    with torch.inference_mode():
+        if change == "too few rows":
+            with pytest.raises((IndexError, RuntimeError)):  # the reference refuses it
+                ops.pk_lookup(q, keys, values, 4, swilu)
+        else:
+            out = ops.pk_lookup(q, keys, values, 4, swilu)
+            expected = brute_force_lookup(q, keys, values, 4, swilu)
+            torch.testing.assert_close(out.to(F64), expected, rtol=2e-2, atol=2e-2)
+    assert native.call_count("lookup") == calls
+
+
+def test_layer_at_decode_uses_the_kernel_and_matches_its_training_path():
+    """A Memory+ layer at one token: inference (the C++ kernel) against the same layer with
+    gradients on (pk_topk, softmax, bag and silu_gate, all PyTorch)."""
+    config = MemoryConfig(mem_size=16**2, heads=4, knn=8, k_dim=32)
+    layer = MemoryLayer(48, 48, config)
+    x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(0))
+    calls = native.call_count("lookup")
+    with torch.no_grad():
+        fast = layer(x)
+    assert native.call_count("lookup") == calls + 1
+    slow = layer(x)  # parameters require grad: the separate, differentiable ops
+    assert native.call_count("lookup") == calls + 1
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_library_the_reference_runs(monkeypatch):
+    monkeypatch.setattr(cpu, "_lookup", False)  # as when no compiler built it
+    q, keys, values, swilu = _inputs(1, 2, 8, 4, 16, seed=2)
+    calls = native.call_count("lookup")
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, 4, swilu)
+    assert native.call_count("lookup") == calls
+    torch.testing.assert_close(out.to(F64), brute_force_lookup(q, keys, values, 4, swilu),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
