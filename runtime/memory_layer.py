@@ -224,25 +224,31 @@ def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     projection's weights): on CUDA they run as one `linears` op, whose kernel streams two
     weights a launch at decode (the query and gate projections), elsewhere as F.linear. A
     wrapped, hooked or quantized projection runs as its module, and so do exported graphs."""
-    if not all(_plain_linear(module) for module in modules) or _needs_separate_ops(
-        x, *(p for module in modules for p in (module.weight, module.bias) if p is not None)
-    ):
+    plain = all(_plain_linear(module) for module in modules)
+    weights = [module.weight for module in modules] if plain else []
+    biases = [module.bias for module in modules] if plain else []
+    if not plain or _needs_separate_ops(x, *weights, *(b for b in biases if b is not None)):
         return [module(x) for module in modules]
     if x.device.type == "cuda":
-        return ops.linears(x, [m.weight for m in modules], [m.bias for m in modules])
-    return [F.linear(x, m.weight, m.bias) for m in modules]
+        return ops.linears(x, weights, biases)
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 def _plain_linear(module: nn.Module) -> bool:
     """An nn.Linear itself, with plain tensor weights and no forward hooks (its own or
     global ones): its forward is F.linear."""
+    if (
+        type(module) is not nn.Linear
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or _global_hooks._global_forward_hooks
+        or _global_hooks._global_forward_pre_hooks
+    ):
+        return False
     plain = (torch.Tensor, nn.Parameter)
-    return (
-        type(module) is nn.Linear
-        and type(module.weight) in plain
-        and (module.bias is None or type(module.bias) in plain)
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
+    params = module._parameters  # not module.weight: nn.Module's __getattr__ is slow
+    return type(params.get("weight")) in plain and (
+        params.get("bias") is None or type(params["bias"]) in plain
     )
 
 

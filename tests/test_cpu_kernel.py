@@ -140,3 +140,32 @@ def test_without_the_library_the_reference_runs(monkeypatch):
     assert native.call_count("lookup") == calls
     torch.testing.assert_close(out.to(F64), brute_force_lookup(q, keys, values, 4, swilu),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_hooked_projections_run_as_modules_at_inference(where):
+    """Inference calls plain projections as F.linear; a forward hook, the projection's own
+    or a global one, must still run (here it doubles the query projection's output)."""
+    layer = MemoryLayer(16, 16, MemoryConfig(mem_size=8**2, heads=2, knn=2, k_dim=8))
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def double(module, args, out):
+        if module is layer.query:
+            seen.append(module)
+            return out * 2
+
+    if where == "module":
+        handle = layer.query.register_forward_hook(double)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(double)
+    try:
+        with torch.no_grad():
+            hooked = layer(x)
+    finally:
+        handle.remove()
+    assert seen == [layer.query]
+    with torch.no_grad():
+        layer.query.weight.mul_(2)
+        layer.query.bias.mul_(2)
+        torch.testing.assert_close(hooked, layer(x))
