@@ -2,10 +2,11 @@
 
 Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
 4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
-fp32, eager), on a GPU when there is one (d_model 2048, 1024^2 values, bf16, eager and
-CUDA graph; host-resident values against device-resident; programmatic dependent launch
-off against on; a decode token's query and gate projections, cuBLAS against the layer's
-one launch). Then decode tokens/s of a small
+fp32, eager; with warm caches and with caches flushed before each call; the lookup's C++
+kernel against its PyTorch reference), on a GPU when there is one (d_model 2048, 1024^2
+values, bf16, eager and CUDA graph; host-resident values against device-resident;
+programmatic dependent launch off against on; a decode token's query and gate
+projections, cuBLAS against the layer's one launch). Then decode tokens/s of a small
 converted causal LM against its dense original. Medians. Writes
 benchmarks/results/inference.json (or --out) and prints a Markdown table.
 
@@ -51,6 +52,7 @@ from timing_layer import memory_layer_for_timing
 from torch import nn
 
 import memcompile
+from memcompile.kernels import cpu
 from memcompile.runtime import MemoryConfig, offload_values
 
 
@@ -65,12 +67,27 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def time_cpu(fn, x, budget_s: float = 2.0) -> float:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs), or 256 MiB where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=256 << 20)
+
+
+def time_cpu(fn, x, budget_s: float = 2.0, flush: torch.Tensor | None = None) -> float:
+    """Median ms of fn(x). With `flush`, a buffer twice the last-level cache, each call
+    starts after writing it: the weights come from memory, as in a model whose layers
+    together outgrow the cache, not from a cache that one layer timed alone keeps warm."""
     with torch.inference_mode():
         for _ in range(3):
             fn(x)
         times, start = [], time.perf_counter()
         while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+            if flush is not None:
+                flush.add_(1)
             t0 = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - t0)
@@ -136,12 +153,14 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
     dense = SwiGLU(d).to(device, dtype).eval()
     rows = []
+    flush = None if gpu else torch.zeros(2 * last_level_cache_bytes() // 4)
     for tokens in token_counts:
         x = torch.randn(tokens, d, device=device, dtype=dtype)
-        modes = ["eager", "cuda graph"] if gpu else ["eager"]
+        modes = ["eager", "cuda graph"] if gpu else ["eager", "eager, cold caches"]
         for mode in modes:
             if not gpu:
-                mem_ms, ffn_ms = time_cpu(memory, x), time_cpu(dense, x)
+                cold = flush if mode.endswith("cold caches") else None
+                mem_ms, ffn_ms = time_cpu(memory, x, flush=cold), time_cpu(dense, x, flush=cold)
             else:
                 graph = mode == "cuda graph"
                 mem_ms, ffn_ms = time_cuda(memory, x, graph), time_cuda(dense, x, graph)
@@ -155,6 +174,8 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
                 f"FFN {ffn_ms:.3f} ms, ratio {mem_ms / ffn_ms:.2f}",
                 file=sys.stderr,
             )
+    if not gpu:
+        rows += native_lookup_rows(memory, d, [t for t in token_counts if t <= cpu.MAX_TOKENS])
     if gpu:
         for tokens in (1, INFERENCE_TOKENS[-1]):
             print(kernel_times(memory, torch.randn(tokens, d, device=device, dtype=dtype)),
@@ -174,6 +195,26 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
                          "mode": mode, "memory_ms": round(host_ms, 4), "ffn_ms": None,
                          "ratio": round(host_ms / device_ms[graph], 3),
                          "note": "ratio against device-resident values, same mode"})  # fmt: skip
+    return rows
+
+
+def native_lookup_rows(memory, d, token_counts):
+    """The CPU layer with its lookup in the C++ kernel against the same layer with the
+    lookup in PyTorch (kernels/reference.py), side by side."""
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, d)
+        native_ms = time_cpu(memory, x)
+        with hooks_restored(cpu, "_lookup"):
+            cpu._lookup = False  # as where no compiler built the kernel
+            reference_ms = time_cpu(memory, x)
+        rows.append({"device": "cpu", "d_model": d, "values": f"{memory.n_keys}^2",
+                     "tokens": tokens, "mode": "eager, lookup in PyTorch",
+                     "memory_ms": round(reference_ms, 4), "ffn_ms": None,
+                     "ratio": round(native_ms / reference_ms, 3),
+                     "note": "ratio: C++ lookup against PyTorch lookup, same run"})  # fmt: skip
+        print(f"  cpu {tokens} tokens: layer with the C++ lookup {native_ms:.3f} ms, with the "
+              f"PyTorch lookup {reference_ms:.3f} ms", file=sys.stderr)  # fmt: skip
     return rows
 
 
