@@ -336,8 +336,7 @@ __attribute__((visibility("default"))) void memcompile_lookup(
   const int64_t picks = heads * knn;
   std::vector<int64_t> rows(n * picks);
   std::vector<float> weights(n * picks);
-  std::vector<Item> halves(3 * knn);
-  BestK work;
+  std::vector<Item> halves(3 * knn), items;
   for (int64_t t = 0; t < n; ++t)
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t first = (2 * h * n + t) * knn, second = ((2 * h + 1) * n + t) * knn;
@@ -346,7 +345,7 @@ __attribute__((visibility("default"))) void memcompile_lookup(
         halves[knn + c] = {best[second + c], c};
       }
       Item* pairs = halves.data() + 2 * knn;
-      top_k_sums(halves.data(), halves.data() + knn, knn, pairs, work);
+      top_k_sums(halves.data(), halves.data() + knn, knn, pairs, items);
       float* w = weights.data() + t * picks + h * knn;
       int64_t* r = rows.data() + t * picks + h * knn;
       const float top = pairs[0].score;  // a softmax shifted by its maximum

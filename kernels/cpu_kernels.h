@@ -22,66 +22,34 @@ inline bool better(const Item& a, const Item& b) {
   return a.position < b.position;
 }
 
-// The k best items pushed, kept in a buffer of 2k: an item enters only if it is better than
-// the k-th best so far, and a full buffer is cut back to its k best. Items come in
-// ascending position, so after the first few a push is one comparison whose branch is
-// rarely taken (a partition of every item mispredicts about half its branches).
-class BestK {
- public:
-  void reset(int64_t k) {
-    k_ = k;
-    size_ = 0;
-    bounded_ = false;
-    items_.resize(2 * k);
-  }
-  void push(const Item& item) {
-    if (bounded_ && !better(item, bound_)) return;
-    items_[size_++] = item;
-    if (size_ == 2 * k_) {
-      std::nth_element(items_.begin(), items_.begin() + (k_ - 1), items_.end(), better);
-      bound_ = items_[k_ - 1];
-      bounded_ = true;
-      size_ = k_;
-    }
-  }
-  // The k best, best first, into out; at least k items were pushed.
-  void take(Item* out) {
-    const auto end = items_.begin() + size_;
-    std::nth_element(items_.begin(), items_.begin() + (k_ - 1), end, better);
-    std::sort(items_.begin(), items_.begin() + k_, better);
-    std::copy(items_.begin(), items_.begin() + k_, out);
-  }
-
- private:
-  int64_t k_ = 0, size_ = 0;
-  bool bounded_ = false;
-  Item bound_{};
-  std::vector<Item> items_;
-};
-
-// The k best of scores[0..n) into out[0..k), best first; k <= n.
-inline void top_k(const float* scores, int64_t n, int64_t k, Item* out, BestK& best) {
-  best.reset(k);
-  for (int64_t i = 0; i < n; ++i) best.push({scores[i], i});
-  best.take(out);
+// The k best of scores[0..n) into out[0..k), best first (items: a work buffer of n).
+inline void top_k(const float* scores, int64_t n, int64_t k, Item* out, std::vector<Item>& items) {
+  items.resize(n);
+  for (int64_t i = 0; i < n; ++i) items[i] = {scores[i], i};
+  std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), better);
+  std::sort(items.begin(), items.begin() + k, better);
+  std::copy(items.begin(), items.begin() + k, out);
 }
 
 // The k best sums a[i].score + b[j].score, a and b sorted best first, as (score, i * k + j).
 // (i, j) is dominated by the (i + 1) * (j + 1) pairs (i' <= i, j' <= j), so only pairs with
 // (i + 1) * (j + 1) <= k can be among the k best: about k * ln(k) of the k * k.
-inline void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out, BestK& best) {
-  best.reset(k);
+inline void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out,
+                       std::vector<Item>& items) {
+  items.clear();
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k && (i + 1) * (j + 1) <= k; ++j)
-      best.push({a[i].score + b[j].score, i * k + j});
-  best.take(out);
+      items.push_back({a[i].score + b[j].score, i * k + j});
+  std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), better);
+  std::sort(items.begin(), items.begin() + k, better);
+  std::copy(items.begin(), items.begin() + k, out);
 }
 
 // Work buffers of `best_products`, one per thread.
 struct TopKWork {
   explicit TopKWork(int64_t knn) : halves(3 * knn) {}
   std::vector<Item> halves;  // both halves' k best, then the k best sums
-  BestK best;
+  std::vector<Item> items;
 };
 
 // The knn best product keys of one (token, head), from its two halves' scores s0 and s1
@@ -90,9 +58,9 @@ inline void best_products(const float* s0, const float* s1, int64_t n_keys, int6
                           TopKWork& work, float* scores, int64_t* rows) {
   Item* halves = work.halves.data();
   Item* pairs = halves + 2 * knn;
-  top_k(s0, n_keys, knn, halves, work.best);
-  top_k(s1, n_keys, knn, halves + knn, work.best);
-  top_k_sums(halves, halves + knn, knn, pairs, work.best);
+  top_k(s0, n_keys, knn, halves, work.items);
+  top_k(s1, n_keys, knn, halves + knn, work.items);
+  top_k_sums(halves, halves + knn, knn, pairs, work.items);
   for (int64_t c = 0; c < knn; ++c) {
     const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
     scores[c] = pairs[c].score;
