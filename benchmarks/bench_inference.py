@@ -2,8 +2,9 @@
 
 Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
 4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
-fp32, eager; with warm caches and with caches flushed before each call; the lookup's C++
-kernel against its PyTorch reference), on a GPU when there is one (d_model 2048, 1024^2
+fp32, eager; one layer called again and again, its weights in the cache, and copies of it
+called in turn, each call's weights read from memory as a model's layers are; the lookup's
+C++ kernel against its PyTorch reference), on a GPU when there is one (d_model 2048, 1024^2
 values, bf16, eager and CUDA graph; host-resident values against device-resident;
 programmatic dependent launch off against on; a decode token's query and gate
 projections, cuBLAS against the layer's one launch). Then decode tokens/s of a small
@@ -16,6 +17,7 @@ benchmarks/results/inference.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -77,21 +79,33 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=256 << 20)
 
 
-def time_cpu(fn, x, budget_s: float = 2.0, flush: torch.Tensor | None = None) -> float:
-    """Median ms of fn(x). With `flush`, a buffer twice the last-level cache, each call
-    starts after writing it: the weights come from memory, as in a model whose layers
-    together outgrow the cache, not from a cache that one layer timed alone keeps warm."""
+def time_cpu(fn, x, budget_s: float = 2.0) -> float:
+    """Median ms of fn(x). `fn` may be a list of modules, called in turn (see
+    `cold_copies`)."""
+    calls = fn if isinstance(fn, list) else [fn]
     with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
+        for call in calls:
+            call(x)
         times, start = [], time.perf_counter()
         while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
-            if flush is not None:
-                flush.add_(1)
+            call = calls[len(times) % len(calls)]
             t0 = time.perf_counter()
-            fn(x)
+            call(x)
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def cold_copies(module: nn.Module, shared: torch.Tensor | None = None) -> list[nn.Module]:
+    """Copies of `module` whose weights together fill twice the last-level cache, so that
+    calling them in turn reads each call's weights from memory, as a model's layers do.
+    A timed layer called alone keeps its weights in the cache (260 MB of L3 on some dev
+    hosts hold a whole FFN). `shared` (the value table) stays one tensor: its rows are
+    read at random either way."""
+    skip = 0 if shared is None else shared.numel() * shared.element_size()
+    size = sum(p.numel() * p.element_size() for p in module.parameters()) - skip
+    count = -(-2 * last_level_cache_bytes() // size)
+    memo = {} if shared is None else {id(shared): shared}
+    return [module] + [copy.deepcopy(module, dict(memo)) for _ in range(count - 1)]
 
 
 def time_cuda(fn, x, graph: bool) -> float:
@@ -153,14 +167,16 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
     memory = memory_layer_for_timing(d, config, device, dtype).eval()
     dense = SwiGLU(d).to(device, dtype).eval()
     rows = []
-    flush = None if gpu else torch.zeros(2 * last_level_cache_bytes() // 4)
+    if not gpu:
+        cold = {"memory": cold_copies(memory, memory.values), "dense": cold_copies(dense)}
     for tokens in token_counts:
         x = torch.randn(tokens, d, device=device, dtype=dtype)
-        modes = ["eager", "cuda graph"] if gpu else ["eager", "eager, cold caches"]
+        modes = ["eager", "cuda graph"] if gpu else ["eager", "eager, weights from memory"]
         for mode in modes:
-            if not gpu:
-                cold = flush if mode.endswith("cold caches") else None
-                mem_ms, ffn_ms = time_cpu(memory, x, flush=cold), time_cpu(dense, x, flush=cold)
+            if mode == "eager, weights from memory":
+                mem_ms, ffn_ms = time_cpu(cold["memory"], x), time_cpu(cold["dense"], x)
+            elif not gpu:
+                mem_ms, ffn_ms = time_cpu(memory, x), time_cpu(dense, x)
             else:
                 graph = mode == "cuda graph"
                 mem_ms, ffn_ms = time_cuda(memory, x, graph), time_cuda(dense, x, graph)

@@ -52,7 +52,6 @@ struct OrtCustomOp {
 
 namespace {
 
-using namespace memcompile;
 
 // Slots of the version-1 OrtApi table.
 enum Slot {
