@@ -136,6 +136,14 @@ def kernel_times(fn, x, calls: int = 20) -> str:
     return f"kernels of {calls} calls, {x.shape[0]} tokens\n{table}"
 
 
+def versus_row(memory, tokens: int, mode: str, ms: float, ratio: float, note: str) -> dict:
+    """A row timing one variant of the layer (`ms`) with `ratio` against another, same run."""
+    return {"device": memory.keys.device.type, "d_model": memory.d_in,
+            "values": f"{memory.n_keys}^2", "tokens": tokens, "mode": mode,
+            "memory_ms": round(ms, 4), "ffn_ms": None, "ratio": round(ratio, 3),
+            "note": note}  # fmt: skip
+
+
 def pdl_rows(memory, d, dtype) -> list[dict]:
     """The layer at few tokens, CUDA graphs, with programmatic dependent launch off (the
     row) against on (its ratio), side by side."""
@@ -150,11 +158,8 @@ def pdl_rows(memory, d, dtype) -> list[dict]:
         finally:
             pdl.ENABLED = True
         on_ms = time_cuda(memory, x, graph=True)
-        rows.append({"device": DEVICE, "d_model": d, "values": f"{memory.n_keys}^2",
-                     "tokens": tokens, "mode": "cuda graph, PDL off",
-                     "memory_ms": round(off_ms, 4), "ffn_ms": None,
-                     "ratio": round(on_ms / off_ms, 3),
-                     "note": "ratio: PDL on against off, same run"})  # fmt: skip
+        rows.append(versus_row(memory, tokens, "cuda graph, PDL off", off_ms, on_ms / off_ms,
+                               "ratio: PDL on against off, same run"))  # fmt: skip
         print(f"  cuda graph, {tokens} tokens: PDL off {off_ms * 1e3:.1f} us, on "
               f"{on_ms * 1e3:.1f} us", file=sys.stderr)  # fmt: skip
     return rows
@@ -207,10 +212,8 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
         for graph in (False, True):
             host_ms = time_cuda(memory, x, graph)
             mode = f"host-resident values, {'cuda graph' if graph else 'eager'}"
-            rows.append({"device": device, "d_model": d, "values": f"{n_keys}^2", "tokens": 1,
-                         "mode": mode, "memory_ms": round(host_ms, 4), "ffn_ms": None,
-                         "ratio": round(host_ms / device_ms[graph], 3),
-                         "note": "ratio against device-resident values, same mode"})  # fmt: skip
+            rows.append(versus_row(memory, 1, mode, host_ms, host_ms / device_ms[graph],
+                                   "ratio against device-resident values, same mode"))  # fmt: skip
     return rows
 
 
@@ -224,11 +227,9 @@ def native_lookup_rows(memory, d, token_counts):
         with hooks_restored(cpu, "_lookup"):
             cpu._lookup = False  # as where no compiler built the kernel
             reference_ms = time_cpu(memory, x)
-        rows.append({"device": "cpu", "d_model": d, "values": f"{memory.n_keys}^2",
-                     "tokens": tokens, "mode": "eager, lookup in PyTorch",
-                     "memory_ms": round(reference_ms, 4), "ffn_ms": None,
-                     "ratio": round(native_ms / reference_ms, 3),
-                     "note": "ratio: C++ lookup against PyTorch lookup, same run"})  # fmt: skip
+        rows.append(versus_row(memory, tokens, "eager, lookup in PyTorch", reference_ms,
+                               native_ms / reference_ms,
+                               "ratio: C++ lookup against PyTorch lookup, same run"))  # fmt: skip
         print(f"  cpu {tokens} tokens: layer with the C++ lookup {native_ms:.3f} ms, with the "
               f"PyTorch lookup {reference_ms:.3f} ms", file=sys.stderr)  # fmt: skip
     return rows
