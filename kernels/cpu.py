@@ -40,8 +40,14 @@ def _native_lookup():
             log.info("memcompile::pk_lookup runs its PyTorch reference on the CPU")
             _lookup = False
         else:
-            _lookup = library.memcompile_lookup
-            _lookup.argtypes, _lookup.restype = _ARGTYPES, None
+            try:
+                function = library.memcompile_lookup
+            except AttributeError:  # a library from an older source under the same name
+                log.warning("memcompile's C++ CPU kernels lack memcompile_lookup: PyTorch runs")
+                _lookup = False
+                return _lookup
+            function.argtypes, function.restype = _ARGTYPES, None
+            _lookup = function  # published once callable: another thread may read it now
     return _lookup
 
 
@@ -82,7 +88,7 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
     best, best_ids = reference.half_scores(q, keys).topk(knn, dim=-1)
     best, best_ids = best.contiguous(), best_ids.contiguous()
     gate = None if swilu is None else swilu.contiguous()
-    out = torch.empty(n, values.shape[1], dtype=torch.float32)
+    out = torch.empty(n, values.shape[1], dtype=torch.float32, device="cpu")
     _lookup(
         best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2], knn, values.data_ptr(),
         int(values.dtype == torch.float16), values.shape[1],

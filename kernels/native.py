@@ -95,9 +95,14 @@ def native_library(build: bool = True) -> Path | None:
                 return None
         if not target.exists():
             return None
-        # Held for the life of the process, so the library (and its call counters)
-        # outlives the sessions and layers that use it.
-        _LOADED.setdefault(target, ctypes.CDLL(str(target)))
+        if target not in _LOADED:
+            try:
+                # Held for the life of the process, so the library (and its call counters)
+                # outlives the sessions and layers that use it.
+                _LOADED[target] = ctypes.CDLL(str(target))
+            except OSError as error:  # a noexec cache, a library from another toolchain
+                log.warning("memcompile's C++ CPU kernels do not load from %s: %s", target, error)
+                return None
     return target
 
 

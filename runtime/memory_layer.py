@@ -235,10 +235,11 @@ def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear itself, with plain tensor weights and no forward hooks (its own or
-    global ones): its forward is F.linear."""
+    """An nn.Linear itself, with plain tensor weights, its class's forward and no forward
+    hooks (its own or global ones): its forward is F.linear."""
     if (
         type(module) is not nn.Linear
+        or "forward" in module.__dict__  # replaced on the instance (accelerate's offload hooks)
         or module._forward_hooks
         or module._forward_pre_hooks
         or _global_hooks._global_forward_hooks

@@ -131,6 +131,28 @@ def test_layer_at_decode_uses_the_kernel_and_matches_its_training_path():
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_library_that_does_not_load_leaves_the_reference(monkeypatch, caplog):
+    """A built library that cannot be loaded (a noexec cache, another toolchain's build):
+    one warning, and the PyTorch lookup runs."""
+
+    def refuse(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    q, keys, values, swilu = _inputs(1, 2, 8, 4, 16, seed=4)
+    calls = native.call_count("lookup")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native.ctypes, "CDLL", refuse)
+    monkeypatch.setattr(cpu, "_lookup", None)
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, 4, swilu)
+    assert cpu._lookup is False
+    assert "do not load" in caplog.text
+    torch.testing.assert_close(out.to(F64), brute_force_lookup(q, keys, values, 4, swilu),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    monkeypatch.undo()
+    assert native.call_count("lookup") == calls
+
+
 def test_without_the_library_the_reference_runs(monkeypatch):
     monkeypatch.setattr(cpu, "_lookup", False)  # as when no compiler built it
     q, keys, values, swilu = _inputs(1, 2, 8, 4, 16, seed=2)
@@ -142,10 +164,11 @@ def test_without_the_library_the_reference_runs(monkeypatch):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("where", ["module", "global"])
+@pytest.mark.parametrize("where", ["module", "global", "forward"])
 def test_hooked_projections_run_as_modules_at_inference(where):
     """Inference calls plain projections as F.linear; a forward hook, the projection's own
-    or a global one, must still run (here it doubles the query projection's output)."""
+    or a global one, or a forward replaced on the instance (as accelerate's offload hooks
+    do) must still run (here it doubles the query projection's output)."""
     layer = MemoryLayer(16, 16, MemoryConfig(mem_size=8**2, heads=2, knn=2, k_dim=8))
     x = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
     seen = []
@@ -156,14 +179,21 @@ def test_hooked_projections_run_as_modules_at_inference(where):
             return out * 2
 
     if where == "module":
-        handle = layer.query.register_forward_hook(double)
+        undo = layer.query.register_forward_hook(double).remove
+    elif where == "global":
+        undo = torch.nn.modules.module.register_module_forward_hook(double).remove
     else:
-        handle = torch.nn.modules.module.register_module_forward_hook(double)
+        plain_forward = layer.query.forward
+        layer.query.forward = lambda x: double(layer.query, (x,), plain_forward(x))
+
+        def undo():
+            del layer.query.forward
+
     try:
         with torch.no_grad():
             hooked = layer(x)
     finally:
-        handle.remove()
+        undo()
     assert seen == [layer.query]
     with torch.no_grad():
         layer.query.weight.mul_(2)
