@@ -196,7 +196,7 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
                 file=sys.stderr,
             )
     if not gpu:
-        rows += native_lookup_rows(memory, d, [t for t in token_counts if t <= cpu.MAX_TOKENS])
+        rows += native_lookup_rows(memory, d, token_counts)
     if gpu:
         for tokens in (1, INFERENCE_TOKENS[-1]):
             print(kernel_times(memory, torch.randn(tokens, d, device=device, dtype=dtype)),

@@ -314,27 +314,13 @@ const OrtCustomOp kBag{kVersion, nullptr, bag_name, cpu, bag_input_type, three, 
                        one_int, one_int, one_int, bag_create, bag_compute, nullptr, one_int,
                        nullptr, no_alias, release_nothing, no_alias, release_nothing};
 
-}  // namespace
-
-extern "C" {
-__attribute__((visibility("default"))) uint64_t memcompile_kernel_calls() { return g_calls; }
-__attribute__((visibility("default"))) uint64_t memcompile_lookup_calls() { return g_lookups; }
-
-// memcompile::pk_lookup after its score matmul and per-half top-k (kernels/cpu.py): `best`
-// and `best_ids` (H, 2, N, knn) hold each half's knn best scores, best first, and their
-// sub-key indices; values (n_keys^2, v_dim) are float32, or float16 with `values_half`.
-// out (N, v_dim) float32 gets the bag of every head's knn best products, softmax-weighted
-// per head, times silu(gate) when gate (N, v_dim) is given.
-// One thread: the caller keeps it to few tokens (torch's threads ran the matmul and top-k),
-// and OpenMP threads started here would hang a forked child of the process.
-__attribute__((visibility("default"))) void memcompile_lookup(
-    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
-    int64_t knn, const void* values, int values_half, int64_t v_dim, const float* gate,
-    float* out) {
-  ++g_lookups;
-  const int64_t picks = heads * knn;
-  std::vector<int64_t> rows(n * picks);
-  std::vector<float> weights(n * picks);
+// Each (token, head)'s knn best product keys from its halves' knn best (kernels/cpu.py):
+// `best` and `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their
+// sub-key indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
+// (n, H * knn), each head's softmax over its knn sums: about k ln k sums a token and head,
+// where the PyTorch reference materialises all k * k.
+void select_products(const float* best, const int64_t* best_ids, int64_t n, int64_t heads,
+                     int64_t n_keys, int64_t knn, int64_t* rows, float* weights) {
   std::vector<Item> halves(3 * knn), items;
   for (int64_t t = 0; t < n; ++t)
     for (int64_t h = 0; h < heads; ++h) {
@@ -345,8 +331,8 @@ __attribute__((visibility("default"))) void memcompile_lookup(
       }
       Item* pairs = halves.data() + 2 * knn;
       top_k_sums(halves.data(), halves.data() + knn, knn, pairs, items);
-      float* w = weights.data() + t * picks + h * knn;
-      int64_t* r = rows.data() + t * picks + h * knn;
+      float* w = weights + (t * heads + h) * knn;
+      int64_t* r = rows + (t * heads + h) * knn;
       const float top = pairs[0].score;  // a softmax shifted by its maximum
       float total = 0.f;
       for (int64_t c = 0; c < knn; ++c) {
@@ -356,6 +342,36 @@ __attribute__((visibility("default"))) void memcompile_lookup(
       }
       for (int64_t c = 0; c < knn; ++c) w[c] /= total;
     }
+}
+
+}  // namespace
+
+extern "C" {
+__attribute__((visibility("default"))) uint64_t memcompile_kernel_calls() { return g_calls; }
+__attribute__((visibility("default"))) uint64_t memcompile_lookup_calls() { return g_lookups; }
+
+// `select_products` alone, for many tokens: torch's threads then sum the bag.
+__attribute__((visibility("default"))) void memcompile_select(
+    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
+    int64_t knn, int64_t* rows, float* weights) {
+  ++g_lookups;
+  select_products(best, best_ids, n, heads, n_keys, knn, rows, weights);
+}
+
+// memcompile::pk_lookup after its score matmul and per-half top-k, for few tokens: the
+// products (`select_products`), then out (n, v_dim) float32 = the weighted bag of their
+// rows of values (n_keys^2, v_dim; float32, or float16 with `values_half`), times
+// silu(gate) when gate (n, v_dim) is given.
+// One thread: OpenMP threads started here would hang a forked child of the process.
+__attribute__((visibility("default"))) void memcompile_lookup(
+    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
+    int64_t knn, const void* values, int values_half, int64_t v_dim, const float* gate,
+    float* out) {
+  ++g_lookups;
+  const int64_t picks = heads * knn;
+  std::vector<int64_t> rows(n * picks);
+  std::vector<float> weights(n * picks);
+  select_products(best, best_ids, n, heads, n_keys, knn, rows.data(), weights.data());
   auto store = [&](int64_t t, const float* acc) {
     float* y = out + t * v_dim;
     if (gate == nullptr) {
