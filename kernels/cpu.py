@@ -1,11 +1,15 @@
-"""The C++ CPU kernel of `memcompile::pk_lookup`, a memory layer's inference lookup, for
-a few tokens (decoding).
+"""The C++ CPU kernel of `memcompile::pk_lookup`, a memory layer's inference lookup.
 
-The plain-PyTorch lookup is a dozen small ops, each with Python and dispatch overhead
-(several microseconds apiece on a small CPU). Here the score matmul and each half's top-k
-stay torch ops (on torch's threads); the product-key candidates, the softmax, the bag and
-the Memory+ gating are one call into `cpu_kernels.cc` (`memcompile_lookup`), which reads
-each picked row once. More tokens, other dtypes and malformed inputs run the reference.
+The score matmul and each half's top-k stay torch ops (on torch's threads). The rest is
+`cpu_kernels.cc`:
+- up to MAX_TOKENS tokens (decoding), one call (`memcompile_lookup`) sums the product keys,
+  takes the softmax, reads each picked row once and applies the Memory+ gating, where the
+  plain-PyTorch lookup makes a dozen small ops (several microseconds apiece of Python and
+  dispatch on a small CPU);
+- for more tokens, `memcompile_select` picks the product keys (about k ln k sums a token
+  and head, where the reference builds k x k candidate tensors: 192 MB at 4096 tokens) and
+  torch's threads sum the bag.
+Other dtypes and malformed inputs run the reference.
 """
 
 from __future__ import annotations
