@@ -1,7 +1,7 @@
 // memcompile's C++ CPU kernels: the ONNX Runtime kernels of com.memcompile::PkTopK and
-// com.memcompile::Bag (passes/lower_onnx.py defines the nodes), and memcompile_lookup, the
-// CPU kernel of memcompile::pk_lookup for a few tokens (kernels/cpu.py). The math is in
-// cpu_kernels.h; kernels/native.py builds this file.
+// com.memcompile::Bag (passes/lower_onnx.py defines the nodes), and memcompile_lookup and
+// memcompile_select, the CPU kernel of memcompile::pk_lookup (kernels/cpu.py). The math is
+// in cpu_kernels.h; kernels/native.py builds this file.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -66,7 +66,7 @@ enum ErrorCode { kFail = 1, kInvalidArgument = 2 };
 
 const void* const* g_api = nullptr;
 std::atomic<uint64_t> g_calls{0};    // ONNX Runtime kernel calls
-std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup calls
+std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup and memcompile_select calls
 template <typename F> F api(Slot slot) { return reinterpret_cast<F>(g_api[slot]); }
 
 OrtStatus* error(const std::string& message) {
@@ -321,25 +321,19 @@ const OrtCustomOp kBag{kVersion, nullptr, bag_name, cpu, bag_input_type, three, 
 // where the PyTorch reference materialises all k * k.
 void select_products(const float* best, const int64_t* best_ids, int64_t n, int64_t heads,
                      int64_t n_keys, int64_t knn, int64_t* rows, float* weights) {
-  std::vector<Item> halves(3 * knn), items;
+  TopKWork work(knn);
   for (int64_t t = 0; t < n; ++t)
     for (int64_t h = 0; h < heads; ++h) {
-      const int64_t first = (2 * h * n + t) * knn, second = ((2 * h + 1) * n + t) * knn;
-      for (int64_t c = 0; c < knn; ++c) {
-        halves[c] = {best[first + c], c};
-        halves[knn + c] = {best[second + c], c};
+      for (int64_t side = 0; side < 2; ++side) {
+        const int64_t from = ((2 * h + side) * n + t) * knn;
+        for (int64_t c = 0; c < knn; ++c)
+          work.halves[side * knn + c] = {best[from + c], best_ids[from + c]};
       }
-      Item* pairs = halves.data() + 2 * knn;
-      top_k_sums(halves.data(), halves.data() + knn, knn, pairs, items);
       float* w = weights + (t * heads + h) * knn;
-      int64_t* r = rows + (t * heads + h) * knn;
-      const float top = pairs[0].score;  // a softmax shifted by its maximum
+      best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
+      const float top = w[0];  // the best sum: a softmax shifted by its maximum
       float total = 0.f;
-      for (int64_t c = 0; c < knn; ++c) {
-        const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
-        r[c] = best_ids[first + i] * n_keys + best_ids[second + j];
-        total += (w[c] = std::exp(pairs[c].score - top));
-      }
+      for (int64_t c = 0; c < knn; ++c) total += (w[c] = std::exp(w[c] - top));
       for (int64_t c = 0; c < knn; ++c) w[c] /= total;
     }
 }

@@ -50,27 +50,34 @@ inline void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out,
   std::copy(items.begin(), items.begin() + k, out);
 }
 
-// Work buffers of `best_products`, one per thread.
+// Work buffers of the product-key selection, one per thread.
 struct TopKWork {
   explicit TopKWork(int64_t knn) : halves(3 * knn) {}
   std::vector<Item> halves;  // both halves' k best, then the k best sums
   std::vector<Item> items;
 };
 
-// The knn best product keys of one (token, head), from its two halves' scores s0 and s1
-// (n_keys each): their sums, best first, into scores, and their rows i * n_keys + j.
-inline void best_products(const float* s0, const float* s1, int64_t n_keys, int64_t knn,
-                          TopKWork& work, float* scores, int64_t* rows) {
+// The knn best product keys of one (token, head) from work.halves: each half's knn best
+// (score, sub-key index), best first, at [0, knn) and [knn, 2 knn). Their sums, best first,
+// go to scores, and their rows i * n_keys + j to rows.
+inline void best_sums(int64_t n_keys, int64_t knn, TopKWork& work, float* scores,
+                      int64_t* rows) {
   Item* halves = work.halves.data();
   Item* pairs = halves + 2 * knn;
-  top_k(s0, n_keys, knn, halves, work.items);
-  top_k(s1, n_keys, knn, halves + knn, work.items);
   top_k_sums(halves, halves + knn, knn, pairs, work.items);
   for (int64_t c = 0; c < knn; ++c) {
     const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
     scores[c] = pairs[c].score;
     rows[c] = halves[i].position * n_keys + halves[knn + j].position;
   }
+}
+
+// The same from the two halves' scores s0 and s1 (n_keys each).
+inline void best_products(const float* s0, const float* s1, int64_t n_keys, int64_t knn,
+                          TopKWork& work, float* scores, int64_t* rows) {
+  top_k(s0, n_keys, knn, work.halves.data(), work.items);
+  top_k(s1, n_keys, knn, work.halves.data() + knn, work.items);
+  best_sums(n_keys, knn, work, scores, rows);
 }
 
 // y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32, four rows at a time so that
