@@ -12,6 +12,7 @@ to the nodes' ONNX function bodies.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -71,6 +72,15 @@ def _build(compiler: str, target: Path) -> None:
         raise RuntimeError(f"building memcompile's C++ CPU kernels failed: {errors}")
 
 
+@functools.cache
+def _library_name(compiler: str) -> str:
+    """The library's file name, keyed by what built it: read once a process (the sources,
+    the CPU's flags), not at every session or counter read."""
+    sources = [source.read_text() for source in SOURCES]
+    recipe = [*sources, compiler, *_FLAGS, platform.machine(), _cpu_flags()]
+    return f"cpu-kernels-{hashlib.sha256(chr(0).join(recipe).encode()).hexdigest()[:16]}.so"
+
+
 def native_library(build: bool = True) -> Path | None:
     """The path of the kernels' shared library, built (once) if `build`, and loaded.
 
@@ -81,10 +91,7 @@ def native_library(build: bool = True) -> Path | None:
         if build:
             log.warning("no C++ compiler (set CXX): memcompile's C++ CPU kernels are not built")
         return None
-    sources = [source.read_text() for source in SOURCES]
-    recipe = [*sources, compiler, *_FLAGS, platform.machine(), _cpu_flags()]
-    key = hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu-kernels-{key}.so"
+    target = cache_dir() / _library_name(compiler)
     with _BUILD_LOCK:
         if not target.exists() and build:
             log.info("building memcompile's C++ CPU kernels into %s", target)
