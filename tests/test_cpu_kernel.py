@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ops import brute_topk, dense_bag
 
 from memcompile.kernels import cpu, native, ops
 from memcompile.runtime import MemoryConfig, MemoryLayer
@@ -15,16 +16,11 @@ F64 = torch.float64
 
 
 def brute_force_lookup(q, keys, values, knn, swilu=None):
-    """(N, v_dim) float64: per head, all n_keys**2 keys [k1_i ; k2_j] scored against q."""
-    heads, _, n_keys, half = keys.shape
-    k = keys.to(F64)
-    first = k[:, 0, :, None, :].expand(heads, n_keys, n_keys, half)
-    second = k[:, 1, None, :, :].expand(heads, n_keys, n_keys, half)
-    full = torch.cat([first, second], dim=-1).reshape(heads, n_keys * n_keys, 2 * half)
-    scores = torch.einsum("nhd,hrd->nhr", q.to(F64), full)
-    top, rows = scores.topk(knn, dim=-1)
+    """(N, v_dim) float64: test_ops' top-k over all n_keys**2 full keys, a softmax per head,
+    its dense bag and the gating."""
+    top, rows = brute_topk(q, keys, knn)
     weights = torch.softmax(top, dim=-1)
-    out = (weights[..., None] * values.to(F64)[rows]).sum(dim=(1, 2))
+    out = dense_bag(values, rows.flatten(1), weights.flatten(1))
     return out if swilu is None else out * torch.nn.functional.silu(swilu.to(F64))
 
 
