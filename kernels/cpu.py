@@ -1,15 +1,22 @@
-"""The C++ CPU kernel of `memcompile::pk_lookup`, a memory layer's inference lookup.
+"""The C++ CPU kernels of a memory layer at inference (`decode_kernels.cc`, through ctypes).
 
-The score matmul and each half's top-k stay torch ops (on torch's threads). The rest is
-`cpu_kernels.cc`:
-- up to MAX_TOKENS tokens (decoding), one call (`memcompile_lookup`) sums the product keys,
-  takes the softmax, reads each picked row once and applies the Memory+ gating, where the
+- `pk_lookup_cpu`, the CPU kernel of `memcompile::pk_lookup`. Up to MAX_TOKENS tokens, one
+  call (`memcompile_lookup`) does it all: the half scores, each half's top-k, the product
+  keys, the softmax, the bag (each picked row read once) and the Memory+ gating, where the
   plain-PyTorch lookup makes a dozen small ops (several microseconds apiece of Python and
-  dispatch on a small CPU);
-- for more tokens, `memcompile_select` picks the product keys (about k ln k sums a token
-  and head, where the reference builds k x k candidate tensors: 192 MB at 4096 tokens) and
+  dispatch on a small CPU). For more tokens the score matmul and each half's top-k are
+  torch ops, `memcompile_select` picks the product keys (about k ln k sums a token and
+  head, where the reference builds k x k candidate tensors: 192 MB at 4096 tokens) and
   torch's threads sum the bag.
-Other dtypes and malformed inputs run the reference.
+- `decode`, a whole `MemoryLayer` forward for up to MAX_TOKENS tokens in one call
+  (`memcompile_decode`): the projections, the lookup and the gating. At one token on a
+  small CPU the layer is a few hundred microseconds of memory traffic, and each Python
+  step between its ops cost several more (a cache-cold interpreter after each streamed
+  weight).
+
+The kernels run on torch's OpenMP threads where the library shares torch's OpenMP runtime
+(`native.shares_torch_openmp`), else on one thread. Other dtypes and malformed inputs run
+the PyTorch ops.
 """
 
 from __future__ import annotations
@@ -23,48 +30,67 @@ from . import native, ops, reference
 
 log = logging.getLogger(__name__)
 
-# Tokens up to which the C++ kernel also sums the bag, on one thread; for more, torch's
-# threads sum it. On 2 cores (d_model 1024, 512^2 values, knn 32, 4 heads) the one-thread
-# bag took 0.66x the reference lookup's time at 1 token, 0.93x at 4, 1.01x at 8.
-MAX_TOKENS = 4
+# Tokens up to which the C++ kernels run the whole lookup (and `decode` the whole layer);
+# beyond, torch's matmuls and top-k are faster. On 2 cores (d_model 1024, 512^2 values,
+# knn 32, 4 heads), at 8 tokens the decode layer took 0.88x the time of the layer's ops
+# (with the C++ lookup), and the C++ lookup 0.88x that of torch's top-k and
+# memcompile_select; at 16 tokens both were slower than the latter.
+MAX_TOKENS = 8
 
-_ARGTYPES = (
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-    ctypes.c_void_p,
-)  # fmt: skip
-_SELECT_ARGTYPES = (
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-)  # fmt: skip
-# The C functions (memcompile_lookup, memcompile_select) once the library is loaded; False
-# where it cannot be.
-_lookup = _select = None
+_P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
+    "memcompile_select": (_P, _P, _I, _I, _I, _I, _P, _P),
+    "memcompile_decode": (
+        _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
+    ),
+}  # fmt: skip
+# The C functions by name once the library is loaded; False where it cannot be.
+_kernels: dict[str, ctypes._CFuncPtr] | bool | None = None
+_registered = False  # whether register_cpu_kernels found a compiler
 
 
-def _native_lookup():
-    global _lookup, _select
-    if _lookup is None:
+def _native() -> dict | bool:
+    global _kernels
+    if _kernels is None:
         library = native.loaded()
         if library is None:
-            log.info("memcompile::pk_lookup runs its PyTorch reference on the CPU")
-            _lookup = False
-            return _lookup
-        try:
-            lookup, select = library.memcompile_lookup, library.memcompile_select
-        except AttributeError:  # a library from an older source under the same name
-            log.warning("memcompile's C++ CPU kernels lack memcompile_lookup: PyTorch runs")
-            _lookup = False
-            return _lookup
-        lookup.argtypes, lookup.restype = _ARGTYPES, None
-        select.argtypes, select.restype = _SELECT_ARGTYPES, None
-        _select = select
-        _lookup = lookup  # published once both are callable: another thread may read it now
-    return _lookup
+            log.info("memcompile's memory layers run their PyTorch ops on the CPU")
+            _kernels = False
+            return _kernels
+        functions = {}
+        for name, argtypes in _SIGNATURES.items():
+            try:
+                function = getattr(library, name)
+            except AttributeError:  # a library from an older source under the same name
+                log.warning("memcompile's C++ CPU kernels lack %s: PyTorch runs", name)
+                _kernels = False
+                return _kernels
+            function.argtypes, function.restype = argtypes, None
+            functions[name] = function
+        _kernels = functions  # published whole: another thread may read it now
+    return _kernels
+
+
+def _threads() -> int:
+    return torch.get_num_threads() if native.shares_torch_openmp() else 1
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether x is a plain CPU tensor outside torch.compile's tracing and outside dispatch
+    modes (FlopCounterMode, fake tensors): calls into the kernels there skip torch's
+    dispatcher, so a trace or a mode must see the ops instead."""
+    return (
+        _registered
+        and type(x) is torch.Tensor
+        and x.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+    )
 
 
 def _fits(q, keys, values, knn, swilu) -> bool:
-    """Whether the C++ kernel takes these inputs: float32 tokens, float32 keys that match
+    """Whether the C++ lookup takes these inputs: float32 tokens, float32 keys that match
     them, a contiguous float32 or float16 table of n_keys**2 rows and a float32 gate of
     the bag's shape, all on the CPU. Anything else (and malformed input, which the
     reference rejects) runs the reference."""
@@ -75,52 +101,119 @@ def _fits(q, keys, values, knn, swilu) -> bool:
     return (
         n >= 1
         and 1 <= knn <= n_keys
-        and tuple(keys.shape) == (heads, 2, n_keys, k_dim // 2)
+        and keys.shape == (heads, 2, n_keys, k_dim // 2)
         and k_dim % 2 == 0
         and q.dtype == keys.dtype == torch.float32
         and values.dtype in (torch.float32, torch.float16)
         and values.shape[0] == n_keys * n_keys
         and values.is_contiguous()
-        and values.device.type == "cpu"
-        and (
-            swilu is None
-            or (
-                swilu.dtype == torch.float32
-                and swilu.device.type == "cpu"
-                and tuple(swilu.shape) == (n, values.shape[1])
-            )
-        )
+        and values.is_cpu
+        and keys.is_cpu
+        and (swilu is None or (swilu.dtype == torch.float32 and swilu.is_cpu))
+        and (swilu is None or swilu.shape == (n, values.shape[1]))
     )
 
 
 def pk_lookup_cpu(q, keys, values, knn, swilu=None):
-    if not _fits(q, keys, values, knn, swilu) or not _native_lookup():
+    kernels = _native() if _fits(q, keys, values, knn, swilu) else None
+    if not kernels:
         return reference.pk_lookup(q, keys, values, knn, swilu)
     n, heads = q.shape[:2]
+    if n <= MAX_TOKENS:
+        # Bound to names: a temporary's memory would be freed before the call reads it.
+        q, keys = q.contiguous(), keys.contiguous()
+        gate = None if swilu is None else swilu.contiguous()
+        out = torch.empty(n, values.shape[1], dtype=torch.float32)
+        kernels["memcompile_lookup"](
+            q.data_ptr(), keys.data_ptr(), n, heads, keys.shape[2], keys.shape[3], knn,
+            values.data_ptr(), values.dtype == torch.float16, values.shape[1],
+            None if gate is None else gate.data_ptr(), out.data_ptr(), _threads(),
+        )  # fmt: skip
+        return out if swilu is not None else out.to(values.dtype)
     best, best_ids = reference.half_scores(q, keys).topk(knn, dim=-1)
     best, best_ids = best.contiguous(), best_ids.contiguous()
-    if n > MAX_TOKENS:  # the products here, the bag on torch's threads
-        rows = torch.empty(n, heads * knn, dtype=torch.int64, device="cpu")
-        weights = torch.empty(n, heads * knn, dtype=torch.float32, device="cpu")
-        _select(best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2], knn,
-                rows.data_ptr(), weights.data_ptr())  # fmt: skip
-        bag = reference.bag(values, rows, weights)
-        return bag if swilu is None else reference.silu_gate(bag, swilu)
-    gate = None if swilu is None else swilu.contiguous()
-    out = torch.empty(n, values.shape[1], dtype=torch.float32, device="cpu")
-    _lookup(
-        best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2], knn, values.data_ptr(),
-        int(values.dtype == torch.float16), values.shape[1],
-        None if gate is None else gate.data_ptr(), out.data_ptr(),
+    rows = torch.empty(n, heads * knn, dtype=torch.int64)
+    weights = torch.empty(n, heads * knn, dtype=torch.float32)
+    kernels["memcompile_select"](best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2],
+                                 knn, rows.data_ptr(), weights.data_ptr())  # fmt: skip
+    bag = reference.bag(values, rows, weights)
+    return bag if swilu is None else reference.silu_gate(bag, swilu)
+
+
+WeightBias = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's
+_NO_PROJECTION = (None, None)
+_PLAIN = {torch.Tensor, torch.nn.Parameter}  # not subclasses (DTensor shards, fake tensors)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def decode(
+    x: torch.Tensor,
+    query: WeightBias,
+    swilu: WeightBias | None,
+    out: WeightBias | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    knn: int,
+) -> torch.Tensor | None:
+    """A memory layer's forward for x (..., d_in), at most MAX_TOKENS tokens, in one C++
+    call: the query projection, the lookup (as pk_lookup, gated by the `swilu` projection
+    when given) and the `out` projection when given. Returns (..., d_out) float32, or
+    (..., v_dim) without `out`. None where the kernel does not take these inputs, and the
+    caller runs the ops: anything but plain contiguous float32 CPU tensors (values float32,
+    or float16 with the gate) of matching shapes in eager mode."""
+    if not _eager_cpu(x) or type(keys) not in _PLAIN or type(values) not in _PLAIN:
+        return None
+    (wq, bq), (ws, bs), (wo, bo) = query, swilu or _NO_PROJECTION, out or _NO_PROJECTION
+    for t in (x, keys, wq, bq, ws, bs, wo, bo):
+        if t is not None and not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
+            return None
+    # float16 values only where the gate's product comes before any rounding, as in
+    # pk_lookup (without the gate, the ops round the bag to float16)
+    if not (values.dtype is torch.float32 or (values.dtype is torch.float16 and ws is not None)):
+        return None
+    if not (values.is_cpu and values.is_contiguous()):
+        return None
+    if x.dim() == 0 or keys.dim() != 4 or values.dim() != 2:
+        return None
+    (heads, two, n_keys, half), (rows, v_dim) = keys.shape, values.shape
+    d_in = x.shape[-1]
+    n = x.numel() // d_in if d_in else 0
+    k_rows = heads * 2 * half
+    d_out = v_dim if wo is None else wo.shape[0]
+    if not (
+        1 <= n <= MAX_TOKENS
+        and two == 2
+        and 1 <= knn <= n_keys
+        and rows == n_keys * n_keys
+        and wq.shape == (k_rows, d_in)
+        and (bq is None or bq.shape == (k_rows,))
+        and (ws is None or (ws.shape == (v_dim, d_in) and (bs is None or bs.shape == (v_dim,))))
+        and (wo is None or (wo.shape == (d_out, v_dim) and (bo is None or bo.shape == (d_out,))))
+    ):
+        return None
+    kernels = _native()
+    if not kernels:
+        return None
+    y = torch.empty((*x.shape[:-1], d_out), dtype=torch.float32)
+    kernels["memcompile_decode"](
+        x.data_ptr(), n, d_in, wq.data_ptr(), _address(bq), _address(ws), _address(bs),
+        _address(wo), _address(bo), d_out, keys.data_ptr(), heads, n_keys, half, knn,
+        values.data_ptr(),
+        values.dtype is torch.float16, v_dim, y.data_ptr(), _threads(),
     )  # fmt: skip
-    return out if swilu is not None else out.to(values.dtype)
+    return y
 
 
 def register_cpu_kernels() -> bool:
     """Install the C++ kernel of pk_lookup for CPU tensors (the library is built at its
     first call); False where no C++ compiler is found."""
+    global _registered
     if native._compiler() is None:
         log.info("no C++ compiler: memcompile::pk_lookup runs its PyTorch reference on the CPU")
         return False
     ops.pk_lookup.register_kernel("cpu")(pk_lookup_cpu)
+    _registered = True
     return True

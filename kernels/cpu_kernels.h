@@ -1,14 +1,15 @@
 // The math of memcompile's CPU kernels (kernels/reference.py has the same in PyTorch):
-// top-k selection over product keys and the weighted bag of value rows. Included by
-// cpu_kernels.cc, which holds the entry points.
+// top-k selection over product keys, dot products and the weighted bag of value rows.
+// Included by ort_kernels.cc (the ONNX Runtime kernels) and decode_kernels.cc (those of
+// torch's ops), which hold the entry points.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-// Internal linkage: cpu_kernels.cc alone includes this, and the compiler then inlines the
-// comparator into the sorts (in a named namespace the top-k ran 15% slower).
+// Internal linkage: each entry-point file has its own copy, and the compiler then inlines
+// the comparator into the sorts (in a named namespace the top-k ran 15% slower).
 namespace {
 
 struct Item {
@@ -80,9 +81,78 @@ inline void best_products(const float* s0, const float* s1, int64_t n_keys, int6
   best_sums(n_keys, knn, work, scores, rows);
 }
 
-// y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32, four rows at a time so that
-// their loads overlap; `store(t, acc)` writes a finished row. With `threads`, large bags
-// run on OpenMP threads.
+// a . b with 16 running sums, which the compiler keeps in one vector register.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[16] = {};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += a[d + l] * b[d + l];
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  for (; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// scores[t * out_stride + j] = q_t . key_j for n query rows q_t = q + t * q_stride (half
+// wide) against keys (n_keys, half): four keys at a time, so that four independent sums keep
+// the FMA units busy and each key is read once for all the rows. (A linear layer's rows are
+// such keys: y = x W^T.)
+inline void score_keys(const float* q, int64_t q_stride, int64_t n, const float* keys,
+                       int64_t n_keys, int64_t half, float* scores, int64_t out_stride) {
+  int64_t j = 0;
+  for (; j + 4 <= n_keys; j += 4) {
+    const float *k0 = keys + j * half, *k1 = k0 + half, *k2 = k1 + half, *k3 = k2 + half;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* x = q + t * q_stride;
+      float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+      int64_t d = 0;
+      for (; d + 16 <= half; d += 16)
+        for (int l = 0; l < 16; ++l) {
+          const float xv = x[d + l];
+          a0[l] += xv * k0[d + l];
+          a1[l] += xv * k1[d + l];
+          a2[l] += xv * k2[d + l];
+          a3[l] += xv * k3[d + l];
+        }
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (int l = 0; l < 16; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
+      for (; d < half; ++d) s0 += x[d] * k0[d], s1 += x[d] * k1[d], s2 += x[d] * k2[d],
+                            s3 += x[d] * k3[d];
+      float* out = scores + t * out_stride + j;
+      out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+    }
+  }
+  for (; j < n_keys; ++j)
+    for (int64_t t = 0; t < n; ++t)
+      scores[t * out_stride + j] = dot(q + t * q_stride, keys + j * half, half);
+}
+
+// acc[0, v1 - v0) = sum_b w[b] * values[ids[b]][v0, v1) in float32, four rows at a time so
+// that their loads overlap.
+template <typename T>
+void bag_columns(const T* values, const int64_t* ids, const float* w, int64_t picks,
+                 int64_t v_dim, int64_t v0, int64_t v1, float* acc) {
+  const int64_t width = v1 - v0;
+  std::fill(acc, acc + width, 0.f);
+  int64_t b = 0;
+  for (; b + 4 <= picks; b += 4) {
+    const T *r0 = values + ids[b] * v_dim + v0, *r1 = values + ids[b + 1] * v_dim + v0;
+    const T *r2 = values + ids[b + 2] * v_dim + v0, *r3 = values + ids[b + 3] * v_dim + v0;
+    const float w0 = w[b], w1 = w[b + 1], w2 = w[b + 2], w3 = w[b + 3];
+#pragma omp simd
+    for (int64_t v = 0; v < width; ++v)
+      acc[v] += w0 * static_cast<float>(r0[v]) + w1 * static_cast<float>(r1[v]) +
+                w2 * static_cast<float>(r2[v]) + w3 * static_cast<float>(r3[v]);
+  }
+  for (; b < picks; ++b) {
+    const T* row = values + ids[b] * v_dim + v0;
+#pragma omp simd
+    for (int64_t v = 0; v < width; ++v) acc[v] += w[b] * static_cast<float>(row[v]);
+  }
+}
+
+// y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32; `store(t, acc)` writes a
+// finished row. With `threads`, large bags run on OpenMP threads, a token each.
 template <typename T, typename Store>
 void bag_rows(const T* values, const int64_t* idx, const float* weights, int64_t n,
               int64_t picks, int64_t v_dim, bool threads, Store store) {
@@ -91,24 +161,8 @@ void bag_rows(const T* values, const int64_t* idx, const float* weights, int64_t
     std::vector<float> acc(v_dim);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t* ids = idx + t * picks;
-      const float* w = weights + t * picks;
-      int64_t b = 0;
-      for (; b + 4 <= picks; b += 4) {
-        const T *r0 = values + ids[b] * v_dim, *r1 = values + ids[b + 1] * v_dim;
-        const T *r2 = values + ids[b + 2] * v_dim, *r3 = values + ids[b + 3] * v_dim;
-        const float w0 = w[b], w1 = w[b + 1], w2 = w[b + 2], w3 = w[b + 3];
-#pragma omp simd
-        for (int64_t v = 0; v < v_dim; ++v)
-          acc[v] += w0 * static_cast<float>(r0[v]) + w1 * static_cast<float>(r1[v]) +
-                    w2 * static_cast<float>(r2[v]) + w3 * static_cast<float>(r3[v]);
-      }
-      for (; b < picks; ++b) {
-        const T* row = values + ids[b] * v_dim;
-#pragma omp simd
-        for (int64_t v = 0; v < v_dim; ++v) acc[v] += w[b] * static_cast<float>(row[v]);
-      }
+      bag_columns(values, idx + t * picks, weights + t * picks, picks, v_dim, 0, v_dim,
+                  acc.data());
       store(t, acc.data());
     }
   }

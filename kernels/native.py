@@ -1,9 +1,10 @@
-"""Build and load of memcompile's C++ CPU kernels (`cpu_kernels.cc`, `cpu_kernels.h`).
+"""Build and load of memcompile's C++ CPU kernels.
 
-One shared library holds the ONNX Runtime kernels of the "custom" ONNX form (registered
-by `memcompile.runtime.ort_session`) and the CPU kernel of `memcompile::pk_lookup`
-(`cpu.py`). It needs only a C++17 compiler: the ONNX Runtime part names the slots of the
-version-1 `OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
+One shared library holds the ONNX Runtime kernels of the "custom" ONNX form
+(`ort_kernels.cc`, registered by `memcompile.runtime.ort_session`) and the CPU kernels of
+torch's ops (`decode_kernels.cc`, called by `cpu.py`), over the math in `cpu_kernels.h`.
+It needs only a C++17 compiler: the ONNX Runtime part names the slots of the version-1
+`OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
 It is compiled on first use (about a second) into a cache directory ($MEMCOMPILE_CACHE,
 else ~/.cache/memcompile) and reused; without a compiler, callers fall back to PyTorch or
 to the nodes' ONNX function bodies.
@@ -25,7 +26,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_kernels.cc"), Path(__file__).with_name("cpu_kernels.h"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("ort_kernels.cc", "decode_kernels.cc", "cpu_kernels.h")
+)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 _LOADED: dict[Path, ctypes.CDLL] = {}
 _BUILD_LOCK = threading.Lock()
@@ -57,12 +61,12 @@ def _compiler() -> str | None:
 def _build(compiler: str, target: Path) -> None:
     """Compile the kernels into `target` (with OpenMP when the compiler has it), atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = SOURCES[0]
+    sources = [str(source) for source in SOURCES if source.suffix == ".cc"]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         errors = ""
         for extra in (("-fopenmp",), ()):
-            command = [compiler, *_FLAGS, *extra, f"-I{source.parent}", str(source)]
+            command = [compiler, *_FLAGS, *extra, f"-I{SOURCES[0].parent}", *sources]
             command += ["-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
@@ -120,11 +124,36 @@ def loaded(build: bool = True) -> ctypes.CDLL | None:
 
 
 def call_count(counter: str) -> int:
-    """A counter of the library in this process: "kernel" (ONNX Runtime kernel calls) or
-    "lookup" (pk_lookup CPU kernel calls); 0 when the library is not built."""
+    """A counter of the library in this process: "kernel" (ONNX Runtime kernel calls),
+    "lookup" (pk_lookup CPU kernel calls) or "decode" (whole-layer calls, `cpu.decode`); 0
+    when the library is not built."""
     library = loaded(build=False)
     if library is None:
         return 0
     calls = getattr(library, f"memcompile_{counter}_calls")
     calls.restype = ctypes.c_uint64
     return int(calls())
+
+
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtimes() -> set[str]:
+    """The paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return set()
+    paths = {line.split(maxsplit=5)[-1] for line in lines if "/" in line}
+    return {path for path in paths if any(name in Path(path).name for name in _OPENMP_RUNTIMES)}
+
+
+@functools.cache
+def shares_torch_openmp() -> bool:
+    """Whether the loaded library's OpenMP threads are torch's: one OpenMP runtime in the
+    process (the library's `libgomp.so.1` resolved to the copy torch loaded). Then a kernel
+    may run on torch.get_num_threads() threads. A second runtime would start a second pool,
+    which fights torch's for the cores and hangs a forked child, so kernels stay on one
+    thread (also where the maps cannot be read)."""
+    return loaded() is not None and len(openmp_runtimes()) == 1

@@ -11,10 +11,10 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules import module as _global_hooks
 
-from ..kernels import ops, reference
+from ..kernels import cpu, ops, reference
 from .config import MemoryConfig
 from .errors import MemcompileError
 from .init import POOL_SEED_TAG, ValuesInit, derive_seed, normal_, uniform_
@@ -147,11 +147,13 @@ class MemoryLayer(nn.Module):
 
     @property
     def value_table(self) -> torch.Tensor:
-        if self._pool:
-            return self._pool[0].values
-        if "values" not in self._parameters:
+        # From _parameters: nn.Module's __getattr__ costs about a microsecond a name, which
+        # a decode step on a small CPU would pay a dozen times in this layer.
+        owner = self._pool[0] if self._pool else self
+        values = owner._parameters.get("values")
+        if values is None:
             raise RuntimeError("this MemoryLayer has no values: call attach_pool(pool) first")
-        return self.values
+        return values
 
     def lookup(self, q: torch.Tensor, swilu: torch.Tensor | None = None) -> torch.Tensor:
         """Steps 2-5 of the forward: the weighted bag of values, (N, v_dim), for the
@@ -160,18 +162,18 @@ class MemoryLayer(nn.Module):
         q = q.view(-1, self.heads, self.k_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        values = self.value_table
+        keys, values = self._parameters["keys"], self.value_table
         if values.is_meta and not q.is_meta:
             raise MemcompileError(
                 "this MemoryLayer's value table is not built yet (lazy init, on the meta "
                 "device): call memcompile.runtime.materialize_values(model) first"
             )
         bag_impl = self.values_owner.bag_impl
-        if bag_impl is None and not _needs_separate_ops(q, self.keys, values):
+        if bag_impl is None and not _needs_separate_ops(q, keys, values):
             # Inference: one op, which a backend fuses (top-k with softmax, the bag and its
             # gating; on CUDA the bag reads host-resident values directly).
-            return ops.pk_lookup(q, self.keys, values, self.knn, swilu)
-        scores, indices = ops.pk_topk(q, self.keys, self.knn)
+            return ops.pk_lookup(q, keys, values, self.knn, swilu)
+        scores, indices = ops.pk_topk(q, keys, self.knn)
         # Softmax in float32 (float64 for a float64 layer). The dtype is chosen in Python so
         # no `promote_types` call is traced into exported graphs.
         probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), -1)
@@ -198,16 +200,51 @@ class MemoryLayer(nn.Module):
                 f"the memory layer takes floating-point inputs of width {self.d_in} in their "
                 f"last dimension, got {x.dtype} {tuple(x.shape)}"
             )
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.d_in).to(self.query.weight.dtype)
-        projections = [self.query] if self.swilu is None else [self.query, self.swilu]
-        q, *swilu = _project(flat, projections)
-        y = self.lookup(q, swilu[0] if swilu else None).to(flat.dtype)
-        if self.out is not None:
-            (y,) = _project(y, [self.out])
-        elif self.gate is not None:
-            y = self.gate * y
-        return y.to(x.dtype).view(*lead, self.d_out)
+        modules = self._modules  # not self.query etc.: see value_table
+        query, swilu, out = modules["query"], modules.get("swilu"), modules.get("out")
+        y = self._decode(x, query, swilu, out)
+        if y is None:
+            y = self._forward_ops(x, query, swilu, out)
+        if self.gate is not None:  # gating "none" with augment: a learned scale, 0 at init
+            y = self.gate * y.to(self.gate.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _forward_ops(self, x, query, swilu, out) -> torch.Tensor:
+        """The forward as torch ops (any device, autograd, export), but the `gate` product:
+        (..., d_out) in the layer's dtype."""
+        dtype = query.weight.dtype
+        flat = x.reshape(-1, self.d_in)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        q, *gate = _project(flat, [query] if swilu is None else [query, swilu])
+        y = self.lookup(q, gate[0] if gate else None).to(dtype)
+        if out is not None:
+            (y,) = _project(y, [out])
+        return y.view(*x.shape[:-1], self.d_out)
+
+    def _decode(self, x, query, swilu, out) -> torch.Tensor | None:
+        """What `_forward_ops` gives, as one C++ call for a few tokens on the CPU without
+        gradients (`kernels.cpu.decode`), in float32; None where that does not apply."""
+        # Tracing first: a trace must not record (nor guard on) the token count.
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return None
+        if (
+            torch.is_grad_enabled()
+            or x.numel() > cpu.MAX_TOKENS * self.d_in
+            or self.query_norm is not None
+        ):
+            return None
+        owner = self._pool[0] if self._pool else self
+        values = owner._parameters.get("values")
+        gated = swilu is not None  # Memory+: swilu and out, else neither (unless hand-made)
+        if owner.bag_impl is not None or values is None or gated != (out is not None):
+            return None
+        pairs = _linear_weights([query, swilu, out] if gated else [query])
+        if pairs is None:
+            return None
+        swilu_pair, out_pair = (pairs[1], pairs[2]) if gated else (None, None)
+        keys = self._parameters["keys"]
+        return cpu.decode(x, pairs[0], swilu_pair, out_pair, keys, values, self.knn)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -224,33 +261,38 @@ def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     projection's weights): on CUDA they run as one `linears` op, whose kernel streams two
     weights a launch at decode (the query and gate projections), elsewhere as F.linear. A
     wrapped, hooked or quantized projection runs as its module, and so do exported graphs."""
-    plain = all(_plain_linear(module) for module in modules)
-    weights = [module.weight for module in modules] if plain else []
-    biases = [module.bias for module in modules] if plain else []
-    if not plain or _needs_separate_ops(x, *weights, *(b for b in biases if b is not None)):
+    pairs = _linear_weights(modules)
+    tensors = [t for pair in pairs or () for t in pair if t is not None]
+    if pairs is None or _needs_separate_ops(x, *tensors):
         return [module(x) for module in modules]
     if x.device.type == "cuda":
-        return ops.linears(x, weights, biases)
-    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        return ops.linears(x, [weight for weight, _ in pairs], [bias for _, bias in pairs])
+    return [F.linear(x, weight, bias) for weight, bias in pairs]
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear itself, with plain tensor weights, its class's forward and no forward
-    hooks (its own or global ones): its forward is F.linear."""
-    if (
-        type(module) is not nn.Linear
-        or "forward" in module.__dict__  # replaced on the instance (accelerate's offload hooks)
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or _global_hooks._global_forward_hooks
-        or _global_hooks._global_forward_pre_hooks
-    ):
-        return False
-    plain = (torch.Tensor, nn.Parameter)
-    params = module._parameters  # not module.weight: nn.Module's __getattr__ is slow
-    return type(params.get("weight")) in plain and (
-        params.get("bias") is None or type(params["bias"]) in plain
-    )
+_PLAIN = (torch.Tensor, nn.Parameter)  # not subclasses (quantized or offloaded weights)
+
+
+def _linear_weights(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor | None]] | None:
+    """(weight, bias) of each module where all are nn.Linear itself, with plain tensor
+    weights, their class's forward and no forward hooks (their own or global ones), so
+    that their forward is F.linear; else None."""
+    if _global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks:
+        return None
+    pairs = []
+    for module in modules:
+        if (
+            type(module) is not nn.Linear
+            or "forward" in module.__dict__  # replaced on the instance (accelerate's offload hooks)
+            or module._forward_hooks
+            or module._forward_pre_hooks
+        ):
+            return None
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+            return None
+        pairs.append((weight, bias))
+    return pairs
 
 
 def _needs_separate_ops(*tensors: torch.Tensor) -> bool:

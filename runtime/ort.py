@@ -1,7 +1,7 @@
 """ONNX Runtime sessions for exported memcompile models, with native kernels for the
 `com.memcompile` nodes of the "custom" ONNX form.
 
-The kernels (`PkTopK`, `Bag`) are memcompile's C++ CPU kernels (kernels/cpu_kernels.cc, built
+The kernels (`PkTopK`, `Bag`) are memcompile's C++ CPU kernels (kernels/ort_kernels.cc, built
 on first use by kernels/native.py): a custom-op library for ONNX Runtime's C API that needs
 no ONNX Runtime headers. Without a compiler the session runs the nodes' ONNX function
 bodies instead, with a warning.

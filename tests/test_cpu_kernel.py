@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of memcompile::pk_lookup (kernels/cpu.py, kernels/cpu_kernels.cc)
+"""The C++ CPU kernel of memcompile::pk_lookup (kernels/cpu.py, kernels/decode_kernels.cc)
 against a float64 brute force: every one of the n_keys**2 full keys scored, a top-k over
 all of them, softmax per head, bag, gating. It also checks that the kernel, not the
 PyTorch reference, ran (the library counts its calls) and where it steps aside."""
@@ -35,7 +35,7 @@ def _inputs(tokens, heads, n_keys, half, v_dim, seed, values_dtype=torch.float32
 
 @pytest.fixture(autouse=True)
 def _kernel_built():
-    assert cpu._native_lookup(), "a C++17 compiler is on the test machine"
+    assert cpu._native(), "a C++17 compiler is on the test machine"
 
 
 # Up to MAX_TOKENS the kernel sums the bag itself; beyond, torch sums it.
@@ -113,17 +113,18 @@ def test_other_inputs_run_the_reference(change):
 
 
 def test_layer_at_decode_uses_the_kernel_and_matches_its_training_path():
-    """A Memory+ layer at one token: inference (the C++ kernel) against the same layer with
-    gradients on (pk_topk, softmax, bag and silu_gate, all PyTorch)."""
+    """A Memory+ layer at one token: inference (the C++ kernels: the whole layer in one
+    call, test_cpu_decode.py) against the same layer with gradients on (pk_topk, softmax,
+    bag and silu_gate, all PyTorch)."""
     config = MemoryConfig(mem_size=16**2, heads=4, knn=8, k_dim=32)
     layer = MemoryLayer(48, 48, config)
     x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(0))
-    calls = native.call_count("lookup")
+    calls = native.call_count("lookup") + native.call_count("decode")
     with torch.no_grad():
         fast = layer(x)
-    assert native.call_count("lookup") == calls + 1
+    assert native.call_count("lookup") + native.call_count("decode") == calls + 1
     slow = layer(x)  # parameters require grad: the separate, differentiable ops
-    assert native.call_count("lookup") == calls + 1
+    assert native.call_count("lookup") + native.call_count("decode") == calls + 1
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -138,10 +139,10 @@ def test_a_library_that_does_not_load_leaves_the_reference(monkeypatch, caplog):
     calls = native.call_count("lookup")
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setattr(native.ctypes, "CDLL", refuse)
-    monkeypatch.setattr(cpu, "_lookup", None)
+    monkeypatch.setattr(cpu, "_kernels", None)
     with torch.inference_mode():
         out = ops.pk_lookup(q, keys, values, 4, swilu)
-    assert cpu._lookup is False
+    assert cpu._kernels is False
     assert "do not load" in caplog.text
     torch.testing.assert_close(out.to(F64), brute_force_lookup(q, keys, values, 4, swilu),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
@@ -150,7 +151,7 @@ def test_a_library_that_does_not_load_leaves_the_reference(monkeypatch, caplog):
 
 
 def test_without_the_library_the_reference_runs(monkeypatch):
-    monkeypatch.setattr(cpu, "_lookup", False)  # as when no compiler built it
+    monkeypatch.setattr(cpu, "_kernels", False)  # as when no compiler built it
     q, keys, values, swilu = _inputs(1, 2, 8, 4, 16, seed=2)
     calls = native.call_count("lookup")
     with torch.inference_mode():

@@ -1,7 +1,6 @@
-// memcompile's C++ CPU kernels: the ONNX Runtime kernels of com.memcompile::PkTopK and
-// com.memcompile::Bag (passes/lower_onnx.py defines the nodes), and memcompile_lookup and
-// memcompile_select, the CPU kernel of memcompile::pk_lookup (kernels/cpu.py). The math is
-// in cpu_kernels.h; kernels/native.py builds this file.
+// The ONNX Runtime kernels of com.memcompile::PkTopK and com.memcompile::Bag
+// (passes/lower_onnx.py defines the nodes; runtime/ort.py registers them). The math is in
+// cpu_kernels.h; kernels/native.py builds this file and decode_kernels.cc into one library.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -66,7 +65,6 @@ enum ErrorCode { kFail = 1, kInvalidArgument = 2 };
 
 const void* const* g_api = nullptr;
 std::atomic<uint64_t> g_calls{0};    // ONNX Runtime kernel calls
-std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup and memcompile_select calls
 template <typename F> F api(Slot slot) { return reinterpret_cast<F>(g_api[slot]); }
 
 OrtStatus* error(const std::string& message) {
@@ -164,18 +162,6 @@ void score_tile(const float* const* q, const float* kt, int64_t half, int64_t n_
     }
     for (int64_t r = 0; r < kRows; ++r) std::memcpy(scores + r * n_pad + j0, acc[r], sizeof acc[r]);
   }
-}
-
-// a . b with 16 running sums, which the compiler keeps in one vector register.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float lanes[16] = {};
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += a[d + l] * b[d + l];
-  float total = 0.f;
-  for (int l = 0; l < 16; ++l) total += lanes[l];
-  for (; d < n; ++d) total += a[d] * b[d];
-  return total;
 }
 
 // The same scores for few rows, straight from the keys (H, 2, n_keys, half): no transpose.
@@ -314,75 +300,10 @@ const OrtCustomOp kBag{kVersion, nullptr, bag_name, cpu, bag_input_type, three, 
                        one_int, one_int, one_int, bag_create, bag_compute, nullptr, one_int,
                        nullptr, no_alias, release_nothing, no_alias, release_nothing};
 
-// Each (token, head)'s knn best product keys from its halves' knn best (kernels/cpu.py):
-// `best` and `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their
-// sub-key indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
-// (n, H * knn), each head's softmax over its knn sums: about k ln k sums a token and head,
-// where the PyTorch reference materialises all k * k.
-void select_products(const float* best, const int64_t* best_ids, int64_t n, int64_t heads,
-                     int64_t n_keys, int64_t knn, int64_t* rows, float* weights) {
-  TopKWork work(knn);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t side = 0; side < 2; ++side) {
-        const int64_t from = ((2 * h + side) * n + t) * knn;
-        for (int64_t c = 0; c < knn; ++c)
-          work.halves[side * knn + c] = {best[from + c], best_ids[from + c]};
-      }
-      float* w = weights + (t * heads + h) * knn;
-      best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
-      const float top = w[0];  // the best sum: a softmax shifted by its maximum
-      float total = 0.f;
-      for (int64_t c = 0; c < knn; ++c) total += (w[c] = std::exp(w[c] - top));
-      for (int64_t c = 0; c < knn; ++c) w[c] /= total;
-    }
-}
-
 }  // namespace
 
 extern "C" {
 __attribute__((visibility("default"))) uint64_t memcompile_kernel_calls() { return g_calls; }
-__attribute__((visibility("default"))) uint64_t memcompile_lookup_calls() { return g_lookups; }
-
-// `select_products` alone, for many tokens: torch's threads then sum the bag.
-__attribute__((visibility("default"))) void memcompile_select(
-    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
-    int64_t knn, int64_t* rows, float* weights) {
-  ++g_lookups;
-  select_products(best, best_ids, n, heads, n_keys, knn, rows, weights);
-}
-
-// memcompile::pk_lookup after its score matmul and per-half top-k, for few tokens: the
-// products (`select_products`), then out (n, v_dim) float32 = the weighted bag of their
-// rows of values (n_keys^2, v_dim; float32, or float16 with `values_half`), times
-// silu(gate) when gate (n, v_dim) is given.
-// One thread: OpenMP threads started here would hang a forked child of the process.
-__attribute__((visibility("default"))) void memcompile_lookup(
-    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
-    int64_t knn, const void* values, int values_half, int64_t v_dim, const float* gate,
-    float* out) {
-  ++g_lookups;
-  const int64_t picks = heads * knn;
-  std::vector<int64_t> rows(n * picks);
-  std::vector<float> weights(n * picks);
-  select_products(best, best_ids, n, heads, n_keys, knn, rows.data(), weights.data());
-  auto store = [&](int64_t t, const float* acc) {
-    float* y = out + t * v_dim;
-    if (gate == nullptr) {
-      std::memcpy(y, acc, v_dim * sizeof(float));
-      return;
-    }
-    const float* g = gate + t * v_dim;
-    for (int64_t v = 0; v < v_dim; ++v) y[v] = acc[v] * (g[v] / (1.f + std::exp(-g[v])));
-  };
-  if (values_half)
-    bag_rows(static_cast<const _Float16*>(values), rows.data(), weights.data(), n, picks, v_dim,
-             false, store);
-  else
-    bag_rows(static_cast<const float*>(values), rows.data(), weights.data(), n, picks, v_dim,
-             false, store);
-}
-
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
     OrtSessionOptions* options, const OrtApiBase* base) {
   g_api = reinterpret_cast<const void* const*>(base->GetApi(1));
