@@ -164,13 +164,6 @@ void score_tile(const float* const* q, const float* kt, int64_t half, int64_t n_
   }
 }
 
-// The same scores for few rows, straight from the keys (H, 2, n_keys, half): no transpose.
-void score_rows(const float* const* q, int64_t rows, const float* keys, int64_t n_keys,
-                int64_t half, int64_t n_pad, float* scores) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n_keys; ++j) scores[r * n_pad + j] = dot(q[r], keys + j * half, half);
-}
-
 // Transposing the keys pays from this many (token, head) rows on.
 constexpr int64_t kTransposeRows = 32;
 
@@ -218,8 +211,9 @@ OrtStatus* pk_compute(void* raw, OrtKernelContext* context) {
         if (tiled)
           score_tile(rows, kt.data() + (h * 2 + side) * half * n_pad, half, n_pad, out);
         else
-          score_rows(rows, std::min(kRows, n - t0), kf + (h * 2 + side) * n_keys * half, n_keys,
-                     half, n_pad, out);
+          score_keys(qf + (t0 * heads + h) * k_dim + side * half, heads * k_dim,
+                     std::min(kRows, n - t0), kf + (h * 2 + side) * n_keys * half, n_keys, half,
+                     out, n_pad);  // few rows: straight from the keys, no transpose
       }
       for (int64_t r = 0; r < kRows && t0 + r < n; ++r) {
         const int64_t row = (t0 + r) * heads + h;
