@@ -229,7 +229,8 @@ class MemoryLayer(nn.Module):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return None
         if (
-            torch.is_grad_enabled()
+            not x.is_cpu
+            or torch.is_grad_enabled()
             or x.numel() > cpu.MAX_TOKENS * self.d_in
             or self.query_norm is not None
         ):

@@ -170,6 +170,18 @@ def test_torchs_threads_run_it_with_the_same_result_on_any_count():
     assert decodes == 1 and torch.equal(one, two)
 
 
+def test_a_second_openmp_runtime_keeps_the_kernels_on_one_thread(monkeypatch):
+    """A library whose libgomp is not torch's (conda's Intel OpenMP beside it, say) would
+    start a pool of its own: then the kernels run on one thread."""
+    check = native.shares_torch_openmp.__wrapped__  # uncached
+    assert check()
+    second = {"/opt/torch/lib/libiomp5.so", "/usr/lib/libgomp.so.1"}
+    monkeypatch.setattr(native, "openmp_runtimes", lambda: second)
+    assert not check()
+    monkeypatch.setattr(native, "shares_torch_openmp", check)
+    assert cpu._threads() == 1
+
+
 def _decode_in_worker(layer, x, results):
     torch.set_num_threads(1)  # as DataLoader workers do: torch's pool does not survive a fork
     out, decodes, _ = _run(layer, x)
