@@ -40,7 +40,7 @@ MAX_TOKENS = 8
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
-    "memcompile_select": (_P, _P, _I, _I, _I, _I, _P, _P),
+    "memcompile_select": (_P, _P, _I, _I, _I, _I, _P, _P, _INT),
     "memcompile_decode": (
         _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
     ),
@@ -135,7 +135,7 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
     rows = torch.empty(n, heads * knn, dtype=torch.int64)
     weights = torch.empty(n, heads * knn, dtype=torch.float32)
     kernels["memcompile_select"](best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2],
-                                 knn, rows.data_ptr(), weights.data_ptr())  # fmt: skip
+                                 knn, rows.data_ptr(), weights.data_ptr(), _threads())  # fmt: skip
     bag = reference.bag(values, rows, weights)
     return bag if swilu is None else reference.silu_gate(bag, swilu)
 

@@ -28,26 +28,28 @@ std::atomic<uint64_t> g_decodes{0};  // memcompile_decode calls
 // `best` and `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their
 // sub-key indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
 // (n, H * knn), each head's softmax over its knn sums: about k ln k sums a token and head,
-// where the PyTorch reference materialises all k * k.
+// where the PyTorch reference materialises all k * k. The (token, head) pairs are split
+// over the calling OpenMP team (one thread outside a parallel region), with a barrier at
+// the end.
 void select_products(const float* best, const int64_t* best_ids, int64_t n, int64_t heads,
                      int64_t n_keys, int64_t knn, int64_t* rows, float* weights) {
   TopKWork work(knn);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t side = 0; side < 2; ++side) {
-        const int64_t from = ((2 * h + side) * n + t) * knn;
-        for (int64_t c = 0; c < knn; ++c)
-          work.halves[side * knn + c] = {best[from + c], best_ids[from + c]};
-      }
-      float* w = weights + (t * heads + h) * knn;
-      best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
-      const float top = w[0];  // the best sum: a softmax shifted by its maximum
-      float total = 0.f;
-      for (int64_t c = 0; c < knn; ++c) total += (w[c] = std::exp(w[c] - top));
-      for (int64_t c = 0; c < knn; ++c) w[c] /= total;
+#pragma omp for schedule(static)
+  for (int64_t th = 0; th < n * heads; ++th) {
+    const int64_t t = th / heads, h = th % heads;
+    for (int64_t side = 0; side < 2; ++side) {
+      const int64_t from = ((2 * h + side) * n + t) * knn;
+      for (int64_t c = 0; c < knn; ++c)
+        work.halves[side * knn + c] = {best[from + c], best_ids[from + c]};
     }
+    float* w = weights + (t * heads + h) * knn;
+    best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
+    const float top = w[0];  // the best sum: a softmax shifted by its maximum
+    float total = 0.f;
+    for (int64_t c = 0; c < knn; ++c) total += (w[c] = std::exp(w[c] - top));
+    for (int64_t c = 0; c < knn; ++c) w[c] /= total;
+  }
 }
-
 
 // What the threads of one lookup share: each half's knn best, then the picked rows and
 // their weights.
@@ -82,7 +84,6 @@ void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int
       }
     }
   }
-#pragma omp single
   select_products(picks.best.data(), picks.best_ids.data(), n, heads, n_keys, knn,
                   picks.rows.data(), picks.weights.data());
   // Each thread sums its own columns of every picked row, so the rows' reads split evenly
@@ -138,8 +139,9 @@ __attribute__((visibility("default"))) uint64_t memcompile_decode_calls() { retu
 // `select_products` alone, for many tokens: torch's threads then sum the bag.
 __attribute__((visibility("default"))) void memcompile_select(
     const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
-    int64_t knn, int64_t* rows, float* weights) {
+    int64_t knn, int64_t* rows, float* weights, int threads) {
   ++g_lookups;
+#pragma omp parallel num_threads(threads) if (threads > 1)
   select_products(best, best_ids, n, heads, n_keys, knn, rows, weights);
 }
 
