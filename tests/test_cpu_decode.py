@@ -13,8 +13,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import memcompile
 from memcompile.kernels import cpu, native
 from memcompile.runtime import MemoryConfig, MemoryLayer
+
+from models import CASES, VOCAB, build
 
 F64 = torch.float64
 
@@ -207,3 +210,27 @@ def test_a_forked_worker_runs_it_after_the_parent_did():
     worker.join(timeout=60)
     assert worker.exitcode == 0 and child_decodes == 1
     assert torch.equal(torch.tensor(out), expected)
+
+
+def test_a_converted_llama_generates_the_tokens_of_pytorch_alone():
+    """Greedy decoding of a converted Llama: its memory layers take the one-call path at
+    every new token (batch 2, so two tokens a call) and give the tokens the same model
+    gives on PyTorch alone."""
+    llama = next(c for c in CASES if c.name == "llama")
+    model = memcompile.transform(build(llama), layers=[0, 2], mem_size="4K", knn=4, heads=2)
+    model = model.float().eval()
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                    do_sample=False, pad_token_id=0)  # fmt: skip
+    decodes = native.call_count("decode")
+    with torch.no_grad():
+        fast = model.generate(ids, **settings)
+    assert native.call_count("decode") - decodes == 2 * 5  # two layers, five decode steps
+    kernels = cpu._native()
+    try:
+        cpu._kernels = False
+        with torch.no_grad():
+            slow = model.generate(ids, **settings)
+    finally:
+        cpu._kernels = kernels
+    assert torch.equal(fast, slow)
