@@ -129,6 +129,29 @@ def _value(name, elem, rank):
     return onnx.helper.make_tensor_value_info(name, elem, [None] * rank)
 
 
+@pytest.mark.parametrize("tokens", [3, 40])  # few rows and tiled scores
+def test_native_pk_topk_breaks_ties_as_onnx_topk(tmp_path, tokens):
+    """Integer-valued queries and keys: scores tie everywhere, also at each top-k's
+    threshold, where the native kernel's pre-filter cuts. Ties go to the lower index, as in
+    ONNX TopK: the native kernel gives the indices of the node's function body."""
+    generator = torch.Generator().manual_seed(tokens)
+    q = torch.randint(-1, 2, (tokens, 2, 8), generator=generator).float()
+    keys = torch.randint(-1, 2, (2, 2, 40, 4), generator=generator).float()
+    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    node = onnx.helper.make_node("PkTopK", ["q", "keys"], ["s", "i"], domain=lower_onnx.DOMAIN,
+                                 knn=8)  # fmt: skip
+    model = _node_model(node, [_value("q", f32, 3), _value("keys", f32, 4)],
+                        [_value("s", f32, 3), _value("i", i64, 3)])  # fmt: skip
+    onnx.save(model, tmp_path / "pk.onnx")
+    feed = {"q": q.numpy(), "keys": keys.numpy()}
+    calls = native_kernel_calls()
+    native_scores, native_indices = ort_session(tmp_path / "pk.onnx", native=True).run(None, feed)
+    assert native_kernel_calls() == calls + 1
+    scores, indices = ort_session(tmp_path / "pk.onnx", native=False).run(None, feed)
+    assert np.array_equal(native_indices, indices) and np.array_equal(native_scores, scores)
+    assert len(np.unique(scores)) < scores.size // 4  # ties indeed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens", [3, 50])  # few rows (dot products) and many (tiled scores)
 def test_native_kernels_match_the_reference_ops(tmp_path, dtype, tokens):
