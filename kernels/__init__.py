@@ -1,8 +1,9 @@
 """The memory-layer ops: `memcompile::pk_topk`, `memcompile::bag` and, for inference,
 `memcompile::pk_lookup` (both in one) and `memcompile::linears` (the layer's projections).
 
-Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed; a C++
-kernel of pk_lookup on the CPU for few tokens (built on first use where there is a compiler).
+Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed; C++
+kernels on the CPU (`cpu.py`: pk_lookup's, and a memory layer's whole forward for a few
+tokens; built on first use where there is a compiler).
 """
 
 if __name__ != "memcompile.kernels":
