@@ -149,8 +149,7 @@ class MemoryLayer(nn.Module):
     def value_table(self) -> torch.Tensor:
         # From _parameters: nn.Module's __getattr__ costs about a microsecond a name, which
         # a decode step on a small CPU would pay a dozen times in this layer.
-        owner = self._pool[0] if self._pool else self
-        values = owner._parameters.get("values")
+        values = self.values_owner._parameters.get("values")
         if values is None:
             raise RuntimeError("this MemoryLayer has no values: call attach_pool(pool) first")
         return values
@@ -235,7 +234,7 @@ class MemoryLayer(nn.Module):
             or self.query_norm is not None
         ):
             return None
-        owner = self._pool[0] if self._pool else self
+        owner = self.values_owner
         values = owner._parameters.get("values")
         gated = swilu is not None  # Memory+: swilu and out, else neither (unless hand-made)
         if owner.bag_impl is not None or values is None or gated != (out is not None):
