@@ -5,7 +5,7 @@ One shared library holds the ONNX Runtime kernels of the "custom" ONNX form
 torch's ops (`decode_kernels.cc`, called by `cpu.py`), over the math in `cpu_kernels.h`.
 It needs only a C++17 compiler: the ONNX Runtime part names the slots of the version-1
 `OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
-It is compiled on first use (about a second) into a cache directory ($MEMCOMPILE_CACHE,
+It is compiled on first use (about two seconds) into a cache directory ($MEMCOMPILE_CACHE,
 else ~/.cache/memcompile) and reused; without a compiler, callers fall back to PyTorch or
 to the nodes' ONNX function bodies.
 """
