@@ -84,9 +84,14 @@ def _call(spec: ShardSpec, op: str, what: str, *args, **kwargs) -> None:
     run_collective(f"table {spec.table}", op, what, *args, group=spec.group, **kwargs)
 
 
+# torch 2.13 deprecates all_gather_into_tensor (a FutureWarning on every first call) for
+# all_gather_single, which takes the same arguments and which torch 2.5-2.12 lack.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
 def _all_gather(spec: ShardSpec, what: str, tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.new_empty((spec.size * tensor.shape[0], *tensor.shape[1:]))
-    _call(spec, "all_gather_into_tensor", what, out, tensor.contiguous())
+    _call(spec, ALL_GATHER, what, out, tensor.contiguous())
     return out
 
 

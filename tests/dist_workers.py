@@ -26,6 +26,7 @@ from memcompile.runtime import (
     save_distributed,
 )
 from memcompile.runtime.plan import Mesh, Plan
+from memcompile.runtime.sharded_bag import ALL_GATHER
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_transformer import TinyConfig, build_model  # noqa: E402
@@ -36,7 +37,7 @@ CFG = TinyConfig(
 SMALL = dict(mem_size="4K", knn=4, heads=2)
 BATCH, SEQ = 2, 8
 POOL, OWN, OWN3 = "memcompile_pool.values", "blocks.1.mlp.values", "blocks.3.mlp.values"
-OPS = ("all_gather_into_tensor", "all_to_all_single", "all_reduce")
+OPS = (ALL_GATHER, "all_to_all_single", "all_reduce")
 
 
 def build(lazy: bool = False) -> torch.nn.Module:
@@ -99,7 +100,7 @@ def sent_bytes(op: str, args, kwargs) -> int:
     chunk; all_reduce 2 (G-1)/G x the tensor (ring)."""
     group = kwargs.get("group")
     size, me = dist.get_world_size(group), dist.get_rank(group)
-    if op == "all_gather_into_tensor":
+    if op == ALL_GATHER:
         return (size - 1) * args[1].nbytes
     if op == "all_reduce":
         return 2 * (size - 1) * args[0].nbytes // size
@@ -131,7 +132,9 @@ class Counter:
                 # or a table's gradient hook) or "parameter <name>" (the dense part)
                 kind, _, table = frame.f_locals["label"].partition(" ")
                 table = table if kind == "table" else "dense"
-                self.records.append((self.phase, table, op, sent_bytes(op, args, kwargs)))
+                # under the plan's name for the op, whichever of torch's two names ran
+                planned = "all_gather_into_tensor" if op == ALL_GATHER else op
+                self.records.append((self.phase, table, planned, sent_bytes(op, args, kwargs)))
             return original(*args, **kwargs)
 
         return wrapper

@@ -39,6 +39,7 @@ from dist_workers import (
 )
 
 from memcompile.runtime.plan import chunk_ranges, load_plan, model_fingerprint
+from memcompile.runtime.sharded_bag import ALL_GATHER
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -308,7 +309,7 @@ def test_a_failing_rank_makes_the_others_fail_fast(how):
         assert "rank 1 fails on purpose" in failed.text
     message = survivor["error"]
     assert message is not None and "\n" not in message
-    assert message.startswith(f"table {POOL}: all_gather_into_tensor of token counts failed")
+    assert message.startswith(f"table {POOL}: {ALL_GATHER} of token counts failed")
     assert "on rank 0" in message
     if how == "hang":
         assert "Timed out" in message and 4 < survivor["elapsed"] < 20
