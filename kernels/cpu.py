@@ -142,7 +142,9 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
 
 WeightBias = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's
 _NO_PROJECTION = (None, None)
-_PLAIN = {torch.Tensor, torch.nn.Parameter}  # not subclasses (DTensor shards, fake tensors)
+# Exactly these types, not subclasses (DTensor shards, fake, quantized or offloaded tensors),
+# whose data_ptr() is the data the kernels read.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -164,7 +166,7 @@ def decode(
     (..., v_dim) without `out`. None where the kernel does not take these inputs, and the
     caller runs the ops: anything but plain contiguous float32 CPU tensors (values float32,
     or float16 with the gate) of matching shapes in eager mode."""
-    if not _eager_cpu(x) or type(keys) not in _PLAIN or type(values) not in _PLAIN:
+    if not _eager_cpu(x) or type(keys) not in PLAIN_TENSORS or type(values) not in PLAIN_TENSORS:
         return None
     (wq, bq), (ws, bs), (wo, bo) = query, swilu or _NO_PROJECTION, out or _NO_PROJECTION
     for t in (x, keys, wq, bq, ws, bs, wo, bo):

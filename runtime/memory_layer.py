@@ -270,9 +270,6 @@ def _project(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     return [F.linear(x, weight, bias) for weight, bias in pairs]
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)  # not subclasses (quantized or offloaded weights)
-
-
 def _linear_weights(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor | None]] | None:
     """(weight, bias) of each module where all are nn.Linear itself, with plain tensor
     weights, their class's forward and no forward hooks (their own or global ones), so
@@ -289,7 +286,9 @@ def _linear_weights(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor | Non
         ):
             return None
         weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-        if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        if type(weight) not in cpu.PLAIN_TENSORS or (
+            bias is not None and type(bias) not in cpu.PLAIN_TENSORS
+        ):
             return None
         pairs.append((weight, bias))
     return pairs
