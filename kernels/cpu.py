@@ -4,10 +4,10 @@
   call (`memcompile_lookup`) does it all: the half scores, each half's top-k, the product
   keys, the softmax, the bag (each picked row read once) and the Memory+ gating, where the
   plain-PyTorch lookup makes a dozen small ops (several microseconds apiece of Python and
-  dispatch on a small CPU). For more tokens the score matmul and each half's top-k are
-  torch ops, `memcompile_select` picks the product keys (about k ln k sums a token and
-  head, where the reference builds k x k candidate tensors: 192 MB at 4096 tokens) and
-  torch's threads sum the bag.
+  dispatch on a small CPU). For more tokens torch's matmul scores the halves and one call
+  (`memcompile_lookup_scored`) does the rest a token at a time on torch's threads: about
+  k ln k sums a token and head where the reference builds k x k candidate tensors (192 MB
+  at 4096 tokens), and the bag and the gating while the token's picks are in cache.
 - `decode`, a whole `MemoryLayer` forward for up to MAX_TOKENS tokens in one call
   (`memcompile_decode`): the projections, the lookup and the gating. At one token on a
   small CPU the layer is a few hundred microseconds of memory traffic, and each Python
@@ -31,16 +31,16 @@ from . import native, ops, reference
 log = logging.getLogger(__name__)
 
 # Tokens up to which the C++ kernels run the whole lookup (and `decode` the whole layer);
-# beyond, torch's matmuls and top-k are faster. On 2 cores (d_model 1024, 512^2 values,
-# knn 32, 4 heads), at 8 tokens the decode layer took 0.88x the time of the layer's ops
-# (with the C++ lookup), and the C++ lookup 0.88x that of torch's top-k and
-# memcompile_select; at 16 tokens both were slower than the latter.
+# beyond, torch's matmul is faster at the scores. On 2 cores (d_model 1024, 512^2 values,
+# knn 32, 4 heads), at 8 tokens the decode layer took 0.88x the time of the layer's ops;
+# the whole C++ lookup took 0.78x the time of the scored one at 4 tokens, 1.09x at 8 and
+# 1.17x at 16.
 MAX_TOKENS = 8
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
-    "memcompile_select": (_P, _P, _I, _I, _I, _I, _P, _P, _INT),
+    "memcompile_lookup_scored": (_P, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_decode": (
         _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
     ),
@@ -119,25 +119,25 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
     if not kernels:
         return reference.pk_lookup(q, keys, values, knn, swilu)
     n, heads = q.shape[:2]
+    # Bound to names: a temporary's memory would be freed before the call reads it.
+    gate = None if swilu is None else swilu.contiguous()
+    gate_address = None if gate is None else gate.data_ptr()
+    out = torch.empty(n, values.shape[1], dtype=torch.float32)
     if n <= MAX_TOKENS:
-        # Bound to names: a temporary's memory would be freed before the call reads it.
         q, keys = q.contiguous(), keys.contiguous()
-        gate = None if swilu is None else swilu.contiguous()
-        out = torch.empty(n, values.shape[1], dtype=torch.float32)
         kernels["memcompile_lookup"](
             q.data_ptr(), keys.data_ptr(), n, heads, keys.shape[2], keys.shape[3], knn,
-            values.data_ptr(), values.dtype == torch.float16, values.shape[1],
-            None if gate is None else gate.data_ptr(), out.data_ptr(), _threads(),
+            values.data_ptr(), values.dtype == torch.float16, values.shape[1], gate_address,
+            out.data_ptr(), _threads(),
         )  # fmt: skip
-        return out if swilu is not None else out.to(values.dtype)
-    best, best_ids = reference.half_scores(q, keys).topk(knn, dim=-1)
-    best, best_ids = best.contiguous(), best_ids.contiguous()
-    rows = torch.empty(n, heads * knn, dtype=torch.int64)
-    weights = torch.empty(n, heads * knn, dtype=torch.float32)
-    kernels["memcompile_select"](best.data_ptr(), best_ids.data_ptr(), n, heads, keys.shape[2],
-                                 knn, rows.data_ptr(), weights.data_ptr(), _threads())  # fmt: skip
-    bag = reference.bag(values, rows, weights)
-    return bag if swilu is None else reference.silu_gate(bag, swilu)
+    else:
+        scores = reference.half_scores(q, keys).contiguous()  # torch's threaded matmul
+        kernels["memcompile_lookup_scored"](
+            scores.data_ptr(), n, heads, keys.shape[2], knn, values.data_ptr(),
+            values.dtype == torch.float16, values.shape[1], gate_address, out.data_ptr(),
+            _threads(),
+        )  # fmt: skip
+    return out if swilu is not None else out.to(values.dtype)
 
 
 WeightBias = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's

@@ -1,7 +1,7 @@
 // The CPU kernels of torch's memcompile ops (kernels/cpu.py calls them through ctypes):
-// memcompile_select and memcompile_lookup, of memcompile::pk_lookup, and memcompile_decode,
-// a whole memory layer's forward for a few tokens. The math is in cpu_kernels.h;
-// kernels/native.py builds this file and ort_kernels.cc into one library.
+// memcompile_lookup and memcompile_lookup_scored, of memcompile::pk_lookup, and
+// memcompile_decode, a whole memory layer's forward for a few tokens. The math is in
+// cpu_kernels.h; kernels/native.py builds this file and ort_kernels.cc into one library.
 //
 // Threads: the entries run on `threads` OpenMP threads, where kernels/cpu.py passes more
 // than one only when this library shares torch's OpenMP runtime, so the threads are torch's
@@ -21,12 +21,25 @@
 
 namespace {
 
-std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup and memcompile_select calls
+std::atomic<uint64_t> g_lookups{0};  // memcompile_lookup and memcompile_lookup_scored calls
 std::atomic<uint64_t> g_decodes{0};  // memcompile_decode calls
 
-// Each (token, head)'s knn best product keys from its halves' knn best (kernels/cpu.py):
-// `best` and `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their
-// sub-key indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
+// w[0, k) = the softmax of the scores w[0, k), best first: shifted by the best, w[0].
+void softmax_sorted(float* w, int64_t k) {
+  const float top = w[0];
+  float total = 0.f;
+  for (int64_t c = 0; c < k; ++c) total += (w[c] = std::exp(w[c] - top));
+  for (int64_t c = 0; c < k; ++c) w[c] /= total;
+}
+
+// y[0, count) = bag[0, count) * silu(gate[0, count)): the Memory+ gating.
+void silu_gate(const float* bag, const float* gate, int64_t count, float* y) {
+  for (int64_t v = 0; v < count; ++v) y[v] = bag[v] * (gate[v] / (1.f + std::exp(-gate[v])));
+}
+
+// Each (token, head)'s knn best product keys from its halves' knn best: `best` and
+// `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their sub-key
+// indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
 // (n, H * knn), each head's softmax over its knn sums: about k ln k sums a token and head,
 // where the PyTorch reference materialises all k * k. The (token, head) pairs are split
 // over the calling OpenMP team (one thread outside a parallel region), with a barrier at
@@ -44,10 +57,34 @@ void select_products(const float* best, const int64_t* best_ids, int64_t n, int6
     }
     float* w = weights + (t * heads + h) * knn;
     best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
-    const float top = w[0];  // the best sum: a softmax shifted by its maximum
-    float total = 0.f;
-    for (int64_t c = 0; c < knn; ++c) total += (w[c] = std::exp(w[c] - top));
-    for (int64_t c = 0; c < knn; ++c) w[c] /= total;
+    softmax_sorted(w, knn);
+  }
+}
+
+// The rest of the lookup for many tokens, from scores (2H, n, n_keys), row 2h + s for head
+// h's half s (torch's batched matmul made them): for each token, each head's knn best
+// product keys and their softmax, then the weighted bag of the heads' picks into out
+// (n, v_dim) float32, times silu(gate) when gate (n, v_dim) is given. The tokens are split
+// over the calling OpenMP team, and each token's picks stay in its thread's cache between
+// the selection and the bag.
+template <typename T>
+void lookup_scored_team(const float* scores, int64_t n, int64_t heads, int64_t n_keys,
+                        int64_t knn, const T* values, int64_t v_dim, const float* gate,
+                        float* out) {
+  TopKWork work(knn);
+  std::vector<float> weights(heads * knn);
+  std::vector<int64_t> rows(heads * knn);
+#pragma omp for schedule(dynamic, 4)
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* s0 = scores + (2 * h * n + t) * n_keys;
+      float* w = weights.data() + h * knn;
+      best_products(s0, s0 + n * n_keys, n_keys, knn, work, w, rows.data() + h * knn);
+      softmax_sorted(w, knn);
+    }
+    float* y = out + t * v_dim;
+    bag_columns(values, rows.data(), weights.data(), heads * knn, v_dim, 0, v_dim, y);
+    if (gate != nullptr) silu_gate(y, gate + t * v_dim, v_dim, y);
   }
 }
 
@@ -94,23 +131,15 @@ void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int
 #endif
   const auto column = [&](int64_t i) { return i == team ? v_dim : v_dim * i / team / 16 * 16; };
   const int64_t v0 = column(thread), v1 = column(thread + 1), count = heads * knn;
-  std::vector<float> acc(v1 - v0);
   for (int64_t t = 0; t < n && v0 < v1; ++t) {
     const int64_t* rows = picks.rows.data() + t * count;
     const float* weights = picks.weights.data() + t * count;
-    if (values_half)
-      bag_columns(static_cast<const _Float16*>(values), rows, weights, count, v_dim, v0, v1,
-                  acc.data());
-    else
-      bag_columns(static_cast<const float*>(values), rows, weights, count, v_dim, v0, v1,
-                  acc.data());
     float* y = out + t * v_dim + v0;
-    if (gate == nullptr) {
-      std::copy(acc.begin(), acc.end(), y);
-      continue;
-    }
-    const float* g = gate + t * v_dim + v0;
-    for (int64_t v = 0; v < v1 - v0; ++v) y[v] = acc[v] * (g[v] / (1.f + std::exp(-g[v])));
+    if (values_half)
+      bag_columns(static_cast<const _Float16*>(values), rows, weights, count, v_dim, v0, v1, y);
+    else
+      bag_columns(static_cast<const float*>(values), rows, weights, count, v_dim, v0, v1, y);
+    if (gate != nullptr) silu_gate(y, gate + t * v_dim + v0, v1 - v0, y);
   }
 }
 
@@ -136,13 +165,20 @@ extern "C" {
 __attribute__((visibility("default"))) uint64_t memcompile_lookup_calls() { return g_lookups; }
 __attribute__((visibility("default"))) uint64_t memcompile_decode_calls() { return g_decodes; }
 
-// `select_products` alone, for many tokens: torch's threads then sum the bag.
-__attribute__((visibility("default"))) void memcompile_select(
-    const float* best, const int64_t* best_ids, int64_t n, int64_t heads, int64_t n_keys,
-    int64_t knn, int64_t* rows, float* weights, int threads) {
+// memcompile::pk_lookup for many tokens, after torch's matmul of the half scores
+// (`lookup_scored_team`).
+__attribute__((visibility("default"))) void memcompile_lookup_scored(
+    const float* scores, int64_t n, int64_t heads, int64_t n_keys, int64_t knn,
+    const void* values, int values_half, int64_t v_dim, const float* gate, float* out,
+    int threads) {
   ++g_lookups;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  select_products(best, best_ids, n, heads, n_keys, knn, rows, weights);
+  if (values_half)
+    lookup_scored_team(scores, n, heads, n_keys, knn, static_cast<const _Float16*>(values),
+                       v_dim, gate, out);
+  else
+    lookup_scored_team(scores, n, heads, n_keys, knn, static_cast<const float*>(values), v_dim,
+                       gate, out);
 }
 
 // memcompile::pk_lookup for few tokens, whole (`lookup_team`).
