@@ -41,6 +41,7 @@ _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_lookup_scored": (_P, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
+    "memcompile_top_k": (_P, _I, _I, _I, _P, _P),
     "memcompile_decode": (
         _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
     ),

@@ -108,13 +108,14 @@ void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int
                  int64_t n_keys, int64_t half, int64_t knn, const void* values, int values_half,
                  int64_t v_dim, const float* gate, float* out) {
   std::vector<float> scores(n * n_keys);
-  std::vector<Item> items, top(knn);
+  TopKScratch scratch;
+  std::vector<Item> top(knn);
 #pragma omp for schedule(static)
   for (int64_t hs = 0; hs < heads * 2; ++hs) {  // (head, half): 2 * half wide slices of q
     score_keys(q + hs * half, heads * 2 * half, n, keys + hs * n_keys * half, n_keys, half,
                scores.data(), n_keys);
     for (int64_t t = 0; t < n; ++t) {
-      top_k(scores.data() + t * n_keys, n_keys, knn, top.data(), items);
+      top_k(scores.data() + t * n_keys, n_keys, knn, top.data(), scratch);
       for (int64_t c = 0; c < knn; ++c) {
         picks.best[(hs * n + t) * knn + c] = top[c].score;
         picks.best_ids[(hs * n + t) * knn + c] = top[c].position;
@@ -179,6 +180,19 @@ __attribute__((visibility("default"))) void memcompile_lookup_scored(
   else
     lookup_scored_team(scores, n, heads, n_keys, knn, static_cast<const float*>(values), v_dim,
                        gate, out);
+}
+
+// The top-k of each of `rows` rows of n scores (`top_k`, which every kernel here and in
+// ort_kernels.cc uses), for tests against a brute force.
+__attribute__((visibility("default"))) void memcompile_top_k(
+    const float* scores, int64_t rows, int64_t n, int64_t k, float* best, int64_t* best_ids) {
+  TopKScratch scratch;
+  std::vector<Item> top(k);
+  for (int64_t r = 0; r < rows; ++r) {
+    top_k(scores + r * n, n, k, top.data(), scratch);
+    for (int64_t c = 0; c < k; ++c)
+      best[r * k + c] = top[c].score, best_ids[r * k + c] = top[c].position;
+  }
 }
 
 // memcompile::pk_lookup for few tokens, whole (`lookup_team`).
