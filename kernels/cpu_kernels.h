@@ -38,6 +38,8 @@ struct TopKScratch {
   std::vector<float> kept;         // the scores at or above a threshold, in index order,
   std::vector<int32_t> positions;  // their indices
   std::vector<int32_t> ranks;      // and how many of them beat each
+  std::vector<float> sums;         // top_k_sums' candidates
+  std::vector<int64_t> pairs;      // and their pairs i * k + j
 };
 
 // The least of the maxima of k strided groups of s[0, n): one score from each group is at
@@ -164,16 +166,18 @@ inline void top_k(const float* scores, int64_t n, int64_t k, Item* out, TopKScra
 
 // The k best sums a[i].score + b[j].score, a and b sorted best first, as (score, i * k + j).
 // (i, j) is dominated by the (i + 1) * (j + 1) pairs (i' <= i, j' <= j), so only pairs with
-// (i + 1) * (j + 1) <= k can be among the k best: about k * ln(k) of the k * k.
+// (i + 1) * (j + 1) <= k can be among the k best: about k * ln(k) of the k * k. They are
+// listed in the order of i * k + j, so `top_k` breaks their ties by it.
 inline void top_k_sums(const Item* a, const Item* b, int64_t k, Item* out,
-                       std::vector<Item>& items) {
-  items.clear();
+                       TopKScratch& scratch) {
+  std::vector<float>& sums = scratch.sums;
+  std::vector<int64_t>& pairs = scratch.pairs;
+  sums.clear(), pairs.clear();
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k && (i + 1) * (j + 1) <= k; ++j)
-      items.push_back({a[i].score + b[j].score, i * k + j});
-  std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), better);
-  std::sort(items.begin(), items.begin() + k, better);
-  std::copy(items.begin(), items.begin() + k, out);
+      sums.push_back(a[i].score + b[j].score), pairs.push_back(i * k + j);
+  top_k(sums.data(), static_cast<int64_t>(sums.size()), k, out, scratch);
+  for (int64_t c = 0; c < k; ++c) out[c].position = pairs[out[c].position];
 }
 
 // Work buffers of the product-key selection, one per thread.
@@ -190,7 +194,7 @@ inline void best_sums(int64_t n_keys, int64_t knn, TopKWork& work, float* scores
                       int64_t* rows) {
   Item* halves = work.halves.data();
   Item* pairs = halves + 2 * knn;
-  top_k_sums(halves, halves + knn, knn, pairs, work.scratch.items);
+  top_k_sums(halves, halves + knn, knn, pairs, work.scratch);
   for (int64_t c = 0; c < knn; ++c) {
     const int64_t i = pairs[c].position / knn, j = pairs[c].position % knn;
     scores[c] = pairs[c].score;
