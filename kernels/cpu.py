@@ -1,6 +1,6 @@
 """The C++ CPU kernels of a memory layer at inference (`decode_kernels.cc`, through ctypes).
 
-- `pk_lookup_cpu`, the CPU kernel of `memcompile::pk_lookup`. Up to MAX_TOKENS tokens, one
+- `pk_lookup_cpu`, the CPU kernel of `memcompile::pk_lookup`. Up to LOOKUP_MAX_TOKENS, one
   call (`memcompile_lookup`) does it all: the half scores, each half's top-k, the product
   keys, the softmax, the bag (each picked row read once) and the Memory+ gating, where the
   plain-PyTorch lookup makes a dozen small ops (several microseconds apiece of Python and
@@ -30,12 +30,13 @@ from . import native, ops, reference
 
 log = logging.getLogger(__name__)
 
-# Tokens up to which the C++ kernels run the whole lookup (and `decode` the whole layer);
-# beyond, torch's matmul is faster at the scores. On 2 cores (d_model 1024, 512^2 values,
-# knn 32, 4 heads), at 8 tokens the decode layer took 0.88x the time of the layer's ops;
-# the whole C++ lookup took 0.78x the time of the scored one at 4 tokens, 1.09x at 8 and
-# 1.17x at 16.
+# Tokens up to which `decode` runs a whole layer in one call, and up to which pk_lookup's
+# kernel scores the halves itself (beyond, torch's matmul is faster at the scores). On 2
+# cores (d_model 1024, 512^2 values, knn 32, 4 heads): at 8 tokens the decode layer took
+# 0.92x the time of the layer's ops; the whole C++ lookup took 0.83x the time of the
+# scored one at 4 tokens, 1.19x at 8.
 MAX_TOKENS = 8
+LOOKUP_MAX_TOKENS = 4
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -124,7 +125,7 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
     gate = None if swilu is None else swilu.contiguous()
     gate_address = None if gate is None else gate.data_ptr()
     out = torch.empty(n, values.shape[1], dtype=torch.float32)
-    if n <= MAX_TOKENS:
+    if n <= LOOKUP_MAX_TOKENS:
         q, keys = q.contiguous(), keys.contiguous()
         kernels["memcompile_lookup"](
             q.data_ptr(), keys.data_ptr(), n, heads, keys.shape[2], keys.shape[3], knn,

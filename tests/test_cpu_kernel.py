@@ -38,8 +38,8 @@ def _kernel_built():
     assert cpu._native(), "a C++17 compiler is on the test machine"
 
 
-# Up to MAX_TOKENS the kernel also scores the halves; beyond, torch's matmul scores them.
-@pytest.mark.parametrize("tokens", [1, 3, cpu.MAX_TOKENS, cpu.MAX_TOKENS + 3])
+# Up to LOOKUP_MAX_TOKENS the kernel also scores the halves; beyond, torch's matmul does.
+@pytest.mark.parametrize("tokens", [1, cpu.LOOKUP_MAX_TOKENS, cpu.LOOKUP_MAX_TOKENS + 1, 11])
 @pytest.mark.parametrize("heads,knn", [(1, 1), (2, 4), (3, 8)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_lookup_matches_brute_force(tokens, heads, knn, gated):
@@ -54,7 +54,7 @@ def test_lookup_matches_brute_force(tokens, heads, knn, gated):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("tokens", [2, cpu.MAX_TOKENS + 3])
+@pytest.mark.parametrize("tokens", [2, cpu.LOOKUP_MAX_TOKENS + 3])
 def test_float16_values_give_a_float16_bag_rounded_once(tokens):
     q, keys, values, swilu = _inputs(tokens, 2, 12, 8, 320, seed=7, values_dtype=torch.float16)
     with torch.inference_mode():
@@ -80,7 +80,7 @@ def test_one_row_picked_by_every_token_and_head():
     torch.testing.assert_close(out, 2 * values[5 * 8 + 5].expand(4, 16), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("tokens", [1, cpu.MAX_TOKENS + 3])
+@pytest.mark.parametrize("tokens", [1, cpu.LOOKUP_MAX_TOKENS + 3])
 def test_nan_queries_give_nan_like_the_reference(tokens):
     """A token with a NaN in one head's query gets a NaN row; the others are unharmed."""
     q, keys, values, _ = _inputs(tokens, 2, 8, 4, 16, seed=5)
@@ -95,8 +95,8 @@ def test_nan_queries_give_nan_like_the_reference(tokens):
 
 
 def test_many_tokens_on_torchs_threads_give_the_same_bits_on_any_count():
-    """Beyond MAX_TOKENS the tokens are split over torch's threads, each token's sums in one
-    order: one thread and two give the same result."""
+    """Beyond LOOKUP_MAX_TOKENS the tokens are split over torch's threads, each token's sums
+    in one order: one thread and two give the same result."""
     q, keys, values, swilu = _inputs(64, 3, 16, 8, 96, seed=8)
     threads = torch.get_num_threads()
     try:
