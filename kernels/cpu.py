@@ -1,4 +1,5 @@
-"""The C++ CPU kernels of a memory layer at inference (`decode_kernels.cc`, through ctypes).
+"""The C++ CPU kernels of a memory layer (`decode_kernels.cc` and `training_kernels.cc`,
+through ctypes).
 
 - `pk_lookup_cpu`, the CPU kernel of `memcompile::pk_lookup`. Up to LOOKUP_MAX_TOKENS, one
   call (`memcompile_lookup`) does it all: the half scores, each half's top-k, the product
@@ -13,6 +14,9 @@
   small CPU the layer is a few hundred microseconds of memory traffic, and each Python
   step between its ops cost several more (a cache-cold interpreter after each streamed
   weight).
+- `pk_topk_cpu` and `bag_backward_cpu`, the CPU kernels of the differentiable ops a layer
+  runs when it needs gradients: the product keys picked as in the lookup, and the bag's
+  gradients without gathering the picked rows or atomics.
 
 The kernels run on torch's OpenMP threads where the library shares torch's OpenMP runtime
 (`native.shares_torch_openmp`), else on one thread. Other dtypes and malformed inputs run
@@ -43,6 +47,8 @@ _SIGNATURES = {
     "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_lookup_scored": (_P, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_top_k": (_P, _I, _I, _I, _P, _P),
+    "memcompile_pk_topk": (_P, _I, _I, _I, _I, _P, _P, _INT),
+    "memcompile_bag_backward": (_P, _P, _P, _P, _I, _I, _I, _P, _P, _INT),
     "memcompile_decode": (
         _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
     ),
@@ -91,28 +97,35 @@ def _eager_cpu(x: torch.Tensor) -> bool:
     )
 
 
-def _fits(q, keys, values, knn, swilu) -> bool:
-    """Whether the C++ lookup takes these inputs: float32 tokens, float32 keys that match
-    them, a contiguous float32 or float16 table of n_keys**2 rows and a float32 gate of
-    the bag's shape, all on the CPU. Anything else (and malformed input, which the
-    reference rejects) runs the reference."""
-    if q.dim() != 3 or keys.dim() != 4 or values.dim() != 2:
+def _query_fits(q, keys, knn) -> bool:
+    """Whether the C++ top-k takes these: float32 tokens (N >= 1, H, k_dim) and float32
+    CPU keys (H, 2, n_keys, k_dim / 2), 1 <= knn <= n_keys. Anything else (and malformed
+    input, which the reference rejects) runs the reference."""
+    if q.dim() != 3 or keys.dim() != 4:
         return False
     n, heads, k_dim = q.shape
-    n_keys = keys.shape[2]
     return (
         n >= 1
-        and 1 <= knn <= n_keys
-        and keys.shape == (heads, 2, n_keys, k_dim // 2)
+        and 1 <= knn <= keys.shape[2]
+        and keys.shape == (heads, 2, keys.shape[2], k_dim // 2)
         and k_dim % 2 == 0
         and q.dtype == keys.dtype == torch.float32
-        and values.dtype in (torch.float32, torch.float16)
-        and values.shape[0] == n_keys * n_keys
+        and keys.is_cpu
+    )
+
+
+def _fits(q, keys, values, knn, swilu) -> bool:
+    """Whether the C++ lookup takes these inputs: `_query_fits`, a contiguous float32 or
+    float16 CPU table of n_keys**2 rows and a float32 gate of the bag's shape."""
+    if not _query_fits(q, keys, knn) or values.dim() != 2:
+        return False
+    return (
+        values.dtype in (torch.float32, torch.float16)
+        and values.shape[0] == keys.shape[2] ** 2
         and values.is_contiguous()
         and values.is_cpu
-        and keys.is_cpu
         and (swilu is None or (swilu.dtype == torch.float32 and swilu.is_cpu))
-        and (swilu is None or swilu.shape == (n, values.shape[1]))
+        and (swilu is None or swilu.shape == (q.shape[0], values.shape[1]))
     )
 
 
@@ -140,6 +153,55 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
             _threads(),
         )  # fmt: skip
     return out if swilu is not None else out.to(values.dtype)
+
+
+def pk_topk_cpu(q, keys, knn):
+    """The CPU kernel of `memcompile::pk_topk`: torch's matmul scores the halves, then
+    `memcompile_pk_topk` picks each (token, head)'s product keys on torch's threads."""
+    kernels = _native() if _query_fits(q, keys, knn) else None
+    if not kernels:
+        return reference.pk_topk(q, keys, knn)
+    n, heads = q.shape[:2]
+    scores = reference.half_scores(q, keys).contiguous()
+    best = torch.empty(n, heads, knn, dtype=torch.float32)
+    rows = torch.empty(n, heads, knn, dtype=torch.int64)
+    kernels["memcompile_pk_topk"](scores.data_ptr(), n, heads, keys.shape[2], knn,
+                                  best.data_ptr(), rows.data_ptr(), _threads())  # fmt: skip
+    return best, rows
+
+
+def bag_backward_cpu(grad_out, values, indices, weights):
+    """The CPU kernel of `memcompile::bag_backward` for float32 tables: both gradients
+    without gathering the picked rows into a tensor (the reference's 268 MB at 2,048 tokens
+    of 128 picks of 256 columns) or atomics. Other dtypes, and indices outside the table
+    (which the reference refuses), run the reference."""
+    plain = all(type(t) in PLAIN_TENSORS and t.is_cpu for t in (grad_out, values, indices, weights))
+    kernels = _native() if plain else None
+    n, picks = indices.shape if indices.dim() == 2 else (0, 0)
+    fits = (
+        kernels
+        and n >= 1
+        and values.dim() == 2
+        and values.dtype == grad_out.dtype == weights.dtype == torch.float32
+        and indices.dtype == torch.int64
+        and weights.shape == indices.shape
+        and grad_out.shape == (n, values.shape[1])
+        and values.is_contiguous()
+        and grad_out.is_contiguous()
+    )
+    if not fits:
+        return reference.bag_backward(grad_out, values, indices, weights)
+    low, high = indices.aminmax()
+    if low < 0 or high >= values.shape[0]:
+        return reference.bag_backward(grad_out, values, indices, weights)
+    indices, weights = indices.contiguous(), weights.contiguous()
+    grad_values = torch.zeros_like(values)
+    grad_weights = torch.empty(n, picks, dtype=torch.float32)
+    kernels["memcompile_bag_backward"](
+        grad_out.data_ptr(), values.data_ptr(), indices.data_ptr(), weights.data_ptr(), n,
+        picks, values.shape[1], grad_values.data_ptr(), grad_weights.data_ptr(), _threads(),
+    )  # fmt: skip
+    return grad_values, grad_weights
 
 
 WeightBias = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's
@@ -212,12 +274,14 @@ def decode(
 
 
 def register_cpu_kernels() -> bool:
-    """Install the C++ kernel of pk_lookup for CPU tensors (the library is built at its
-    first call); False where no C++ compiler is found."""
+    """Install the C++ kernels of pk_lookup, pk_topk and bag_backward for CPU tensors (the
+    library is built at the first call); False where no C++ compiler is found."""
     global _registered
     if native._compiler() is None:
-        log.info("no C++ compiler: memcompile::pk_lookup runs its PyTorch reference on the CPU")
+        log.info("no C++ compiler: memcompile's ops run their PyTorch reference on the CPU")
         return False
     ops.pk_lookup.register_kernel("cpu")(pk_lookup_cpu)
+    ops.pk_topk.register_kernel("cpu")(pk_topk_cpu)
+    ops.bag_backward.register_kernel("cpu")(bag_backward_cpu)
     _registered = True
     return True

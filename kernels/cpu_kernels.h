@@ -11,6 +11,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // Internal linkage: each entry-point file has its own copy, and the compiler then inlines
 // the comparator into the sorts (in a named namespace the top-k ran 15% slower).
@@ -254,6 +257,18 @@ inline void score_keys(const float* q, int64_t q_stride, int64_t n, const float*
   for (; j < n_keys; ++j)
     for (int64_t t = 0; t < n; ++t)
       scores[t * out_stride + j] = dot(q + t * q_stride, keys + j * half, half);
+}
+
+// This thread's columns [v0, v1) of v_dim in the calling OpenMP team (all of them outside
+// a parallel region), 16-aligned: a thread that owns columns owns every row's share of
+// them, so threads never add into the same place.
+inline void thread_columns(int64_t v_dim, int64_t& v0, int64_t& v1) {
+  int thread = 0, team = 1;
+#ifdef _OPENMP
+  thread = omp_get_thread_num(), team = omp_get_num_threads();
+#endif
+  const auto column = [&](int64_t i) { return i == team ? v_dim : v_dim * i / team / 16 * 16; };
+  v0 = column(thread), v1 = column(thread + 1);
 }
 
 // acc[0, v1 - v0) = sum_b w[b] * values[ids[b]][v0, v1) in float32, four rows at a time so

@@ -13,10 +13,6 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "cpu_kernels.h"
 
 namespace {
@@ -126,12 +122,9 @@ void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int
                   picks.rows.data(), picks.weights.data());
   // Each thread sums its own columns of every picked row, so the rows' reads split evenly
   // and no partial sums need adding up.
-  int thread = 0, team = 1;
-#ifdef _OPENMP
-  thread = omp_get_thread_num(), team = omp_get_num_threads();
-#endif
-  const auto column = [&](int64_t i) { return i == team ? v_dim : v_dim * i / team / 16 * 16; };
-  const int64_t v0 = column(thread), v1 = column(thread + 1), count = heads * knn;
+  int64_t v0, v1;
+  thread_columns(v_dim, v0, v1);
+  const int64_t count = heads * knn;
   for (int64_t t = 0; t < n && v0 < v1; ++t) {
     const int64_t* rows = picks.rows.data() + t * count;
     const float* weights = picks.weights.data() + t * count;

@@ -2,12 +2,13 @@
 
 One shared library holds the ONNX Runtime kernels of the "custom" ONNX form
 (`ort_kernels.cc`, registered by `memcompile.runtime.ort_session`) and the CPU kernels of
-torch's ops (`decode_kernels.cc`, called by `cpu.py`), over the math in `cpu_kernels.h`.
+torch's ops (`decode_kernels.cc` for inference, `training_kernels.cc` for the differentiable
+ops; called by `cpu.py`), over the math in `cpu_kernels.h`.
 It needs only a C++17 compiler: the ONNX Runtime part names the slots of the version-1
 `OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
-It is compiled on first use (about two seconds) into a cache directory ($MEMCOMPILE_CACHE,
-else ~/.cache/memcompile) and reused; without a compiler, callers fall back to PyTorch or
-to the nodes' ONNX function bodies.
+It is compiled on first use (about ten seconds on two cores) into a cache directory
+($MEMCOMPILE_CACHE, else ~/.cache/memcompile) and reused; without a compiler, callers fall
+back to PyTorch or to the nodes' ONNX function bodies.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("ort_kernels.cc", "decode_kernels.cc", "cpu_kernels.h")
+    for name in ("ort_kernels.cc", "decode_kernels.cc", "training_kernels.cc", "cpu_kernels.h")
 )
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 _LOADED: dict[Path, ctypes.CDLL] = {}
@@ -125,8 +126,9 @@ def loaded(build: bool = True) -> ctypes.CDLL | None:
 
 def call_count(counter: str) -> int:
     """A counter of the library in this process: "kernel" (ONNX Runtime kernel calls),
-    "lookup" (pk_lookup CPU kernel calls) or "decode" (whole-layer calls, `cpu.decode`); 0
-    when the library is not built."""
+    "lookup" (pk_lookup CPU kernel calls), "decode" (whole-layer calls, `cpu.decode`) or
+    "training" (pk_topk and bag_backward CPU kernel calls); 0 when the library is not
+    built."""
     library = loaded(build=False)
     if library is None:
         return 0
