@@ -106,7 +106,7 @@ inline int64_t keep_at_least(const float* s, int64_t n, float threshold, float* 
   return count;
 }
 
-// The k best of scores[0..n) (no NaN; k <= 64 <= n / 2 or so) without a comparison sort,
+// The k best of scores[0..n) (no NaN; k <= 64, n >= 2 k) without a comparison sort,
 // whose branches mispredict about every other time. From `floor` (k scores at or above it)
 // and the greatest score `top`, a bisection of the threshold by vectorised counts keeps at
 // most k + 8 scores where it can; each kept score's rank is then the number of kept scores
@@ -128,8 +128,8 @@ inline bool top_k_ranked(const float* scores, int64_t n, int64_t k, float floor,
   if (count > kMaxRanked) return false;
   scratch.kept.resize(n), scratch.positions.resize(n), scratch.ranks.assign(count, 0);
   float* kept = scratch.kept.data();
-  const int32_t* positions = scratch.positions.data();
-  keep_at_least(scores, n, low, kept, scratch.positions.data());
+  int32_t* positions = scratch.positions.data();
+  keep_at_least(scores, n, low, kept, positions);
   int32_t* ranks = scratch.ranks.data();
   const int32_t m = static_cast<int32_t>(count);
   for (int32_t j = 0; j < m; ++j) {
