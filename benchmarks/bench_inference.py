@@ -1,14 +1,14 @@
 """Inference latency: a Memory+ layer against the dense SwiGLU FFN it replaces.
 
-Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden
-4*d) measured side by side in one run: on the CPU always (d_model 1024, 512^2 values,
-fp32, eager; one layer called again and again, its weights in the cache, and copies of it
-called in turn, each call's weights read from memory as a model's layers are; the lookup's
-C++ kernel against its PyTorch reference), on a GPU when there is one (d_model 2048, 1024^2
-values, bf16, eager and CUDA graph; host-resident values against device-resident;
-programmatic dependent launch off against on; a decode token's query and gate
-projections, cuBLAS against the layer's one launch). Then decode tokens/s of a small
-converted causal LM against its dense original. Medians. Writes
+Per-layer latency at 1, 8, 64, 512 and 4096 tokens, memory layer and dense FFN (hidden 4*d)
+measured side by side in one run: on the CPU always (d_model 1024, 512^2 values, fp32,
+eager; one layer called again and again, its weights in the cache, and copies of it called
+in turn, each call's weights read from memory as a model's layers are; the lookup's C++
+kernel against its PyTorch reference; the layer and the FFN in bfloat16), on a GPU when
+there is one (d_model 2048, 1024^2 values, bf16, eager and CUDA graph; host-resident values
+against device-resident; programmatic dependent launch off against on; a decode token's
+query and gate projections, cuBLAS against the layer's one launch). Then decode tokens/s of
+a small converted causal LM against its dense original. Medians. Writes
 benchmarks/results/inference.json (or --out) and prints a Markdown table.
 
     python benchmarks/bench_inference.py [--tokens 1,8,64,512,4096] [--threads N]
@@ -221,6 +221,26 @@ def layer_rows(device, d, n_keys, dtype, token_counts, gpu: bool):
     return rows
 
 
+def bfloat16_rows(d, n_keys, token_counts):
+    """The layer and the dense FFN both in bfloat16 on the CPU (a bfloat16 checkpoint served
+    as it is), called in turn; weights warm."""
+    config = MemoryConfig(mem_size=n_keys**2, heads=HEADS, knn=KNN, k_dim=2 * HALF).resolve(d)
+    memory = memory_layer_for_timing(d, config, "cpu", torch.bfloat16).eval()
+    dense = SwiGLU(d).to(torch.bfloat16).eval()
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, d, dtype=torch.bfloat16)
+        mem_ms, ffn_ms = time_cpu([memory, dense], x)
+        rows.append({
+            "device": "cpu", "d_model": d, "values": f"{n_keys}^2", "tokens": tokens,
+            "mode": "eager, bfloat16", "memory_ms": round(mem_ms, 4),
+            "ffn_ms": round(ffn_ms, 4), "ratio": round(mem_ms / ffn_ms, 3),
+        })  # fmt: skip
+        print(f"  cpu bfloat16 {tokens:>5} tokens: memory {mem_ms:.3f} ms, FFN {ffn_ms:.3f} ms",
+              file=sys.stderr)  # fmt: skip
+    return rows
+
+
 def native_lookup_rows(memory, d, token_counts):
     """The CPU layer with its C++ kernels (kernels/cpu.py: the whole layer in one call up to
     cpu.MAX_TOKENS tokens, else the lookup) against the same layer on PyTorch alone
@@ -421,6 +441,7 @@ def main() -> int:
     # A rehearsal's kernels run in Triton's interpreter on CPU tensors: no CPU rows then.
     if not (args.skip_cpu or REHEARSAL):
         layers += layer_rows("cpu", 1024, 512, torch.float32, counts, gpu=False)
+        layers += bfloat16_rows(1024, 512, [t for t in counts if t <= 512])
         decode += decode_rows("cpu", torch.float32)
     if REHEARSAL or torch.cuda.is_available():
         cannot = start()

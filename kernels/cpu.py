@@ -44,15 +44,20 @@ LOOKUP_MAX_TOKENS = 4
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "memcompile_lookup": (_P, _P, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
+    "memcompile_lookup": (_P, _P, _INT, _I, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_lookup_scored": (_P, _I, _I, _I, _I, _P, _INT, _I, _P, _P, _INT),
     "memcompile_top_k": (_P, _I, _I, _I, _P, _P),
     "memcompile_pk_topk": (_P, _I, _I, _I, _I, _P, _P, _INT),
     "memcompile_bag_backward": (_P, _P, _P, _P, _I, _I, _I, _P, _P, _INT),
     "memcompile_decode": (
-        _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _INT, _I, _P, _INT,
+        _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _INT, _I, _I, _I, _I, _P, _INT, _I, _P,
+        _INT,
     ),
 }  # fmt: skip
+# How the kernels name a tensor's element type (`with_values` in cpu_kernels.h); keys and
+# projections are float32 or bfloat16, values any of the three.
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # The C functions by name once the library is loaded; False where it cannot be.
 _kernels: dict[str, ctypes._CFuncPtr] | bool | None = None
 _registered = False  # whether register_cpu_kernels found a compiler
@@ -98,9 +103,9 @@ def _eager_cpu(x: torch.Tensor) -> bool:
 
 
 def _query_fits(q, keys, knn) -> bool:
-    """Whether the C++ top-k takes these: float32 tokens (N >= 1, H, k_dim) and float32
-    CPU keys (H, 2, n_keys, k_dim / 2), 1 <= knn <= n_keys. Anything else (and malformed
-    input, which the reference rejects) runs the reference."""
+    """Whether the C++ top-k takes these: tokens (N >= 1, H, k_dim) and CPU keys (H, 2,
+    n_keys, k_dim / 2), both float32 or both bfloat16, 1 <= knn <= n_keys. Anything else
+    (and malformed input, which the reference rejects) runs the reference."""
     if q.dim() != 3 or keys.dim() != 4:
         return False
     n, heads, k_dim = q.shape
@@ -109,22 +114,24 @@ def _query_fits(q, keys, knn) -> bool:
         and 1 <= knn <= keys.shape[2]
         and keys.shape == (heads, 2, keys.shape[2], k_dim // 2)
         and k_dim % 2 == 0
-        and q.dtype == keys.dtype == torch.float32
+        and q.dtype == keys.dtype
+        and q.dtype in _WEIGHT_DTYPES
         and keys.is_cpu
     )
 
 
 def _fits(q, keys, values, knn, swilu) -> bool:
-    """Whether the C++ lookup takes these inputs: `_query_fits`, a contiguous float32 or
-    float16 CPU table of n_keys**2 rows and a float32 gate of the bag's shape."""
+    """Whether the C++ lookup takes these inputs: `_query_fits`, a contiguous float32,
+    float16 or bfloat16 CPU table of n_keys**2 rows and a gate of the bag's shape in the
+    query's dtype."""
     if not _query_fits(q, keys, knn) or values.dim() != 2:
         return False
     return (
-        values.dtype in (torch.float32, torch.float16)
+        values.dtype in _DTYPE_CODES
         and values.shape[0] == keys.shape[2] ** 2
         and values.is_contiguous()
         and values.is_cpu
-        and (swilu is None or (swilu.dtype == torch.float32 and swilu.is_cpu))
+        and (swilu is None or (swilu.dtype == q.dtype and swilu.is_cpu))
         and (swilu is None or swilu.shape == (q.shape[0], values.shape[1]))
     )
 
@@ -135,24 +142,25 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
         return reference.pk_lookup(q, keys, values, knn, swilu)
     n, heads = q.shape[:2]
     # Bound to names: a temporary's memory would be freed before the call reads it.
-    gate = None if swilu is None else swilu.contiguous()
+    gate = None if swilu is None else swilu.float().contiguous()
     gate_address = None if gate is None else gate.data_ptr()
     out = torch.empty(n, values.shape[1], dtype=torch.float32)
     if n <= LOOKUP_MAX_TOKENS:
-        q, keys = q.contiguous(), keys.contiguous()
+        q, keys = q.float().contiguous(), keys.contiguous()
         kernels["memcompile_lookup"](
-            q.data_ptr(), keys.data_ptr(), n, heads, keys.shape[2], keys.shape[3], knn,
-            values.data_ptr(), values.dtype == torch.float16, values.shape[1], gate_address,
-            out.data_ptr(), _threads(),
+            q.data_ptr(), keys.data_ptr(), _DTYPE_CODES[keys.dtype], n, heads, keys.shape[2],
+            keys.shape[3], knn, values.data_ptr(), _DTYPE_CODES[values.dtype], values.shape[1],
+            gate_address, out.data_ptr(), _threads(),
         )  # fmt: skip
     else:
         scores = reference.half_scores(q, keys).contiguous()  # torch's threaded matmul
         kernels["memcompile_lookup_scored"](
             scores.data_ptr(), n, heads, keys.shape[2], knn, values.data_ptr(),
-            values.dtype == torch.float16, values.shape[1], gate_address, out.data_ptr(),
+            _DTYPE_CODES[values.dtype], values.shape[1], gate_address, out.data_ptr(),
             _threads(),
         )  # fmt: skip
-    return out if swilu is not None else out.to(values.dtype)
+    # As the reference: the gated bag in the gate's dtype, else the bag in the table's
+    return out.to(swilu.dtype if swilu is not None else values.dtype)
 
 
 def pk_topk_cpu(q, keys, knn):
@@ -228,17 +236,25 @@ def decode(
     call: the query projection, the lookup (as pk_lookup, gated by the `swilu` projection
     when given) and the `out` projection when given. Returns (..., d_out) float32, or
     (..., v_dim) without `out`. None where the kernel does not take these inputs, and the
-    caller runs the ops: anything but plain contiguous float32 CPU tensors (values float32,
-    or float16 with the gate) of matching shapes in eager mode."""
+    caller runs the ops: anything but plain contiguous CPU tensors of matching shapes in
+    eager mode, with the projections, their biases and the keys all float32 or all
+    bfloat16, x float32 or their dtype, and values float32, of their dtype, or 16-bit with
+    the gate."""
     if not _eager_cpu(x) or type(keys) not in PLAIN_TENSORS or type(values) not in PLAIN_TENSORS:
         return None
     (wq, bq), (ws, bs), (wo, bo) = query, swilu or _NO_PROJECTION, out or _NO_PROJECTION
+    dtype = wq.dtype
+    if dtype not in _WEIGHT_DTYPES or x.dtype not in (torch.float32, dtype):
+        return None
     for t in (x, keys, wq, bq, ws, bs, wo, bo):
-        if t is not None and not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
+        if t is not None and not (t.is_cpu and t.is_contiguous() and (t is x or t.dtype is dtype)):
             return None
-    # float16 values only where the gate's product comes before any rounding, as in
-    # pk_lookup (without the gate, the ops round the bag to float16)
-    if not (values.dtype is torch.float32 or (values.dtype is torch.float16 and ws is not None)):
+    # 16-bit values other than the weights' dtype only where the gate's product comes before
+    # any rounding, as in pk_lookup (without the gate, the ops round the bag to their dtype)
+    if not (
+        values.dtype in (torch.float32, dtype)
+        or (values.dtype in (torch.float16, torch.bfloat16) and ws is not None)
+    ):
         return None
     if not (values.is_cpu and values.is_contiguous()):
         return None
@@ -264,11 +280,12 @@ def decode(
     if not kernels:
         return None
     y = torch.empty((*x.shape[:-1], d_out), dtype=torch.float32)
+    x = x.float()  # bound to a name: the kernel reads it
     kernels["memcompile_decode"](
         x.data_ptr(), n, d_in, wq.data_ptr(), _address(bq), _address(ws), _address(bs),
-        _address(wo), _address(bo), d_out, keys.data_ptr(), heads, n_keys, half, knn,
-        values.data_ptr(),
-        values.dtype is torch.float16, v_dim, y.data_ptr(), _threads(),
+        _address(wo), _address(bo), d_out, keys.data_ptr(), _DTYPE_CODES[dtype], heads,
+        n_keys, half, knn, values.data_ptr(), _DTYPE_CODES[values.dtype], v_dim, y.data_ptr(),
+        _threads(),
     )  # fmt: skip
     return y
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -23,6 +25,32 @@ struct Item {
   float score;
   int64_t position;
 };
+// A bfloat16 as torch stores it: the high half of a float32's bits.
+struct BFloat16 {
+  uint16_t bits;
+  operator float() const {
+    const uint32_t word = static_cast<uint32_t>(bits) << 16;
+    float value;
+    std::memcpy(&value, &word, sizeof value);
+    return value;
+  }
+};
+
+// f(p as const T*), T the element type that `dtype` names as kernels/cpu.py codes them:
+// 0 float32, 1 float16, 2 bfloat16. `with_weights` takes float32 and bfloat16 only (the
+// projections and keys), to halve the variants compiled.
+template <typename F>
+void with_values(int dtype, const void* p, F&& f) {
+  if (dtype == 1) f(static_cast<const _Float16*>(p));
+  else if (dtype == 2) f(static_cast<const BFloat16*>(p));
+  else f(static_cast<const float*>(p));
+}
+template <typename F>
+void with_weights(int dtype, const void* p, F&& f) {
+  if (dtype == 2) f(static_cast<const BFloat16*>(p));
+  else f(static_cast<const float*>(p));
+}
+
 // Higher score first; on ties the lower position, as ONNX TopK orders them. NaN ranks above
 // every number, as in torch.topk (and keeps the order strict: std::sort needs that). The
 // ordered cases come first: a NaN test on every comparison made the top-k 1.6x slower.
@@ -213,15 +241,17 @@ inline void best_products(const float* s0, const float* s1, int64_t n_keys, int6
   best_sums(n_keys, knn, work, scores, rows);
 }
 
-// a . b with 16 running sums, which the compiler keeps in one vector register.
-inline float dot(const float* a, const float* b, int64_t n) {
+// a . b with 16 running sums, which the compiler keeps in one vector register; b float32
+// or 16-bit, widened as it is read.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float lanes[16] = {};
   int64_t d = 0;
   for (; d + 16 <= n; d += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += a[d + l] * b[d + l];
+    for (int l = 0; l < 16; ++l) lanes[l] += a[d + l] * static_cast<float>(b[d + l]);
   float total = 0.f;
   for (int l = 0; l < 16; ++l) total += lanes[l];
-  for (; d < n; ++d) total += a[d] * b[d];
+  for (; d < n; ++d) total += a[d] * static_cast<float>(b[d]);
   return total;
 }
 
@@ -229,11 +259,24 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // wide) against keys (n_keys, half): four keys at a time, so that four independent sums keep
 // the FMA units busy and each key is read once for all the rows. (A linear layer's rows are
 // such keys: y = x W^T.)
-inline void score_keys(const float* q, int64_t q_stride, int64_t n, const float* keys,
-                       int64_t n_keys, int64_t half, float* scores, int64_t out_stride) {
+template <typename TK>
+void score_keys(const float* q, int64_t q_stride, int64_t n, const TK* keys, int64_t n_keys,
+                int64_t half, float* scores, int64_t out_stride) {
+  if constexpr (!std::is_same_v<TK, float>) {
+    if (n > 1) {  // 16-bit keys for several rows: widen four keys once, not once a row
+      std::vector<float> block(4 * half);
+      for (int64_t j = 0; j < n_keys; j += 4) {
+        const int64_t count = std::min<int64_t>(4, n_keys - j);
+        for (int64_t d = 0; d < count * half; ++d)
+          block[d] = static_cast<float>(keys[j * half + d]);
+        score_keys(q, q_stride, n, block.data(), count, half, scores + j, out_stride);
+      }
+      return;
+    }
+  }
   int64_t j = 0;
   for (; j + 4 <= n_keys; j += 4) {
-    const float *k0 = keys + j * half, *k1 = k0 + half, *k2 = k1 + half, *k3 = k2 + half;
+    const TK *k0 = keys + j * half, *k1 = k0 + half, *k2 = k1 + half, *k3 = k2 + half;
     for (int64_t t = 0; t < n; ++t) {
       const float* x = q + t * q_stride;
       float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
@@ -241,15 +284,18 @@ inline void score_keys(const float* q, int64_t q_stride, int64_t n, const float*
       for (; d + 16 <= half; d += 16)
         for (int l = 0; l < 16; ++l) {
           const float xv = x[d + l];
-          a0[l] += xv * k0[d + l];
-          a1[l] += xv * k1[d + l];
-          a2[l] += xv * k2[d + l];
-          a3[l] += xv * k3[d + l];
+          a0[l] += xv * static_cast<float>(k0[d + l]);
+          a1[l] += xv * static_cast<float>(k1[d + l]);
+          a2[l] += xv * static_cast<float>(k2[d + l]);
+          a3[l] += xv * static_cast<float>(k3[d + l]);
         }
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
       for (int l = 0; l < 16; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
-      for (; d < half; ++d) s0 += x[d] * k0[d], s1 += x[d] * k1[d], s2 += x[d] * k2[d],
-                            s3 += x[d] * k3[d];
+      for (; d < half; ++d) {
+        const float xv = x[d];
+        s0 += xv * static_cast<float>(k0[d]), s1 += xv * static_cast<float>(k1[d]);
+        s2 += xv * static_cast<float>(k2[d]), s3 += xv * static_cast<float>(k3[d]);
+      }
       float* out = scores + t * out_stride + j;
       out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
     }

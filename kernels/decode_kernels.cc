@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -94,15 +95,14 @@ struct Picks {
   std::vector<int64_t> best_ids, rows;
 };
 
-// out (n, v_dim) float32 = the lookup of q (n, H, 2 * half) in keys (H, 2, n_keys, half),
-// both float32: the half scores, each half's knn best, the products, the softmax and the
-// weighted bag of the picked rows of values (n_keys^2, v_dim; float32, or float16 with
-// `values_half`), times silu(gate) when gate (n, v_dim) is given. Run by every thread of
-// the calling OpenMP team (or by one thread outside a parallel region); q and gate must be
-// complete before, and out is complete only after the team's next barrier.
-void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int64_t heads,
-                 int64_t n_keys, int64_t half, int64_t knn, const void* values, int values_half,
-                 int64_t v_dim, const float* gate, float* out) {
+// The lookup of q (n, H, 2 * half) float32 in keys (H, 2, n_keys, half), float32 or
+// bfloat16, up to the picks: the half scores, each half's knn best, the products and their
+// softmax into `picks`. Run by every thread of the calling OpenMP team (or by one thread
+// outside a parallel region), q complete before; `picks` is complete after it returns
+// (`select_products` ends on a barrier).
+template <typename TK>
+void pick_team(Picks& picks, const float* q, const TK* keys, int64_t n, int64_t heads,
+               int64_t n_keys, int64_t half, int64_t knn) {
   std::vector<float> scores(n * n_keys);
   TopKScratch scratch;
   std::vector<Item> top(knn);
@@ -120,28 +120,32 @@ void lookup_team(Picks& picks, const float* q, const float* keys, int64_t n, int
   }
   select_products(picks.best.data(), picks.best_ids.data(), n, heads, n_keys, knn,
                   picks.rows.data(), picks.weights.data());
-  // Each thread sums its own columns of every picked row, so the rows' reads split evenly
-  // and no partial sums need adding up.
+}
+
+// out (n, v_dim) float32 = the weighted bag of the picked rows of values (n_keys^2, v_dim;
+// float32, float16 or bfloat16), times silu(gate) when gate (n, v_dim) is given. Each
+// thread of the team sums its own columns of every picked row, so the rows' reads split
+// evenly and no partial sums need adding up; out is complete after the team's next barrier.
+template <typename TV>
+void bag_team(const Picks& picks, int64_t n, int64_t count, const TV* values, int64_t v_dim,
+              const float* gate, float* out) {
   int64_t v0, v1;
   thread_columns(v_dim, v0, v1);
-  const int64_t count = heads * knn;
   for (int64_t t = 0; t < n && v0 < v1; ++t) {
-    const int64_t* rows = picks.rows.data() + t * count;
-    const float* weights = picks.weights.data() + t * count;
     float* y = out + t * v_dim + v0;
-    if (values_half)
-      bag_columns(static_cast<const _Float16*>(values), rows, weights, count, v_dim, v0, v1, y);
-    else
-      bag_columns(static_cast<const float*>(values), rows, weights, count, v_dim, v0, v1, y);
+    bag_columns(values, picks.rows.data() + t * count, picks.weights.data() + t * count,
+                count, v_dim, v0, v1, y);
     if (gate != nullptr) silu_gate(y, gate + t * v_dim + v0, v1 - v0, y);
   }
 }
 
 constexpr int64_t kLinearBlock = 16;  // rows of a weight a thread takes at a time
 
-// y (n, rows) = x (n, cols) W^T + b for W (rows, cols) float32 and an optional bias b,
-// split over the calling OpenMP team by blocks of rows, with no barrier at the end.
-void linear_team(const float* x, int64_t n, const float* w, const float* b, int64_t rows,
+// y (n, rows) = x (n, cols) W^T + b for W (rows, cols), float32 or bfloat16 like the
+// optional bias b, split over the calling OpenMP team by blocks of rows, with no barrier at
+// the end.
+template <typename TW>
+void linear_team(const float* x, int64_t n, const TW* w, const TW* b, int64_t rows,
                  int64_t cols, float* y) {
 #pragma omp for schedule(static) nowait
   for (int64_t r0 = 0; r0 < rows; r0 += kLinearBlock) {
@@ -149,7 +153,7 @@ void linear_team(const float* x, int64_t n, const float* w, const float* b, int6
     score_keys(x, cols, n, w + r0 * cols, count, cols, y + r0, rows);
     if (b != nullptr)
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t r = r0; r < r0 + count; ++r) y[t * rows + r] += b[r];
+        for (int64_t r = r0; r < r0 + count; ++r) y[t * rows + r] += static_cast<float>(b[r]);
   }
 }
 
@@ -161,18 +165,16 @@ __attribute__((visibility("default"))) uint64_t memcompile_decode_calls() { retu
 
 // memcompile::pk_lookup for many tokens, after torch's matmul of the half scores
 // (`lookup_scored_team`).
+// `values_dtype`: 0 float32, 1 float16, 2 bfloat16 (`with_values`).
 __attribute__((visibility("default"))) void memcompile_lookup_scored(
     const float* scores, int64_t n, int64_t heads, int64_t n_keys, int64_t knn,
-    const void* values, int values_half, int64_t v_dim, const float* gate, float* out,
+    const void* values, int values_dtype, int64_t v_dim, const float* gate, float* out,
     int threads) {
   ++g_lookups;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  if (values_half)
-    lookup_scored_team(scores, n, heads, n_keys, knn, static_cast<const _Float16*>(values),
-                       v_dim, gate, out);
-  else
-    lookup_scored_team(scores, n, heads, n_keys, knn, static_cast<const float*>(values), v_dim,
-                       gate, out);
+  with_values(values_dtype, values, [&](auto table) {
+    lookup_scored_team(scores, n, heads, n_keys, knn, table, v_dim, gate, out);
+  });
 }
 
 // The top-k of each of `rows` rows of n scores (`top_k`, which every kernel here and in
@@ -188,42 +190,54 @@ __attribute__((visibility("default"))) void memcompile_top_k(
   }
 }
 
-// memcompile::pk_lookup for few tokens, whole (`lookup_team`).
+// memcompile::pk_lookup for few tokens, whole (`pick_team`, `bag_team`); keys float32 or
+// bfloat16 (`keys_dtype`), values any of the three (`values_dtype`).
 __attribute__((visibility("default"))) void memcompile_lookup(
-    const float* q, const float* keys, int64_t n, int64_t heads, int64_t n_keys, int64_t half,
-    int64_t knn, const void* values, int values_half, int64_t v_dim, const float* gate,
-    float* out, int threads) {
+    const float* q, const void* keys, int keys_dtype, int64_t n, int64_t heads, int64_t n_keys,
+    int64_t half, int64_t knn, const void* values, int values_dtype, int64_t v_dim,
+    const float* gate, float* out, int threads) {
   ++g_lookups;
   Picks picks(n, heads, knn);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  lookup_team(picks, q, keys, n, heads, n_keys, half, knn, values, values_half, v_dim, gate,
-              out);
+  {
+    with_weights(keys_dtype, keys,
+                 [&](auto k) { pick_team(picks, q, k, n, heads, n_keys, half, knn); });
+    with_values(values_dtype, values,
+                [&](auto v) { bag_team(picks, n, heads * knn, v, v_dim, gate, out); });
+  }
 }
 
-// A memory layer's forward for few tokens x (n, d_in), all float32 but the values: the
-// query projection (wq (H * 2 * half, d_in), bias bq), the Memory+ gate's projection when
-// ws (v_dim, d_in) is given, the lookup (`lookup_team`), and the output projection when wo
-// (d_out, v_dim) is given; y is (n, d_out), or (n, v_dim) without wo. Biases may be null.
+// A memory layer's forward for few tokens x (n, d_in) float32: the query projection (wq
+// (H * 2 * half, d_in), bias bq), the Memory+ gate's projection when ws (v_dim, d_in) is
+// given, the lookup in keys (H, 2, n_keys, half), and the output projection when wo
+// (d_out, v_dim) is given; y is (n, d_out) float32, or (n, v_dim) without wo. The
+// projections, biases (each may be null) and keys are all float32 or all bfloat16
+// (`weights_dtype`), the values any of the three (`values_dtype`).
 __attribute__((visibility("default"))) void memcompile_decode(
-    const float* x, int64_t n, int64_t d_in, const float* wq, const float* bq, const float* ws,
-    const float* bs, const float* wo, const float* bo, int64_t d_out, const float* keys,
-    int64_t heads, int64_t n_keys, int64_t half, int64_t knn, const void* values,
-    int values_half, int64_t v_dim, float* y, int threads) {
+    const float* x, int64_t n, int64_t d_in, const void* wq, const void* bq, const void* ws,
+    const void* bs, const void* wo, const void* bo, int64_t d_out, const void* keys,
+    int weights_dtype, int64_t heads, int64_t n_keys, int64_t half, int64_t knn,
+    const void* values, int values_dtype, int64_t v_dim, float* y, int threads) {
   ++g_decodes;
   Picks picks(n, heads, knn);
   std::vector<float> q(n * heads * 2 * half), gate(ws ? n * v_dim : 0), bag(wo ? n * v_dim : 0);
   float* looked_up = wo ? bag.data() : y;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    linear_team(x, n, wq, bq, heads * 2 * half, d_in, q.data());
-    if (ws != nullptr) linear_team(x, n, ws, bs, v_dim, d_in, gate.data());
+  with_weights(weights_dtype, wq, [&](auto weight) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(weight)>>;
+    const auto as_weights = [](const void* p) { return static_cast<const T*>(p); };
+    linear_team(x, n, weight, as_weights(bq), heads * 2 * half, d_in, q.data());
+    if (ws != nullptr)
+      linear_team(x, n, as_weights(ws), as_weights(bs), v_dim, d_in, gate.data());
 #pragma omp barrier
-    lookup_team(picks, q.data(), keys, n, heads, n_keys, half, knn, values, values_half, v_dim,
-                ws ? gate.data() : nullptr, looked_up);
+    pick_team(picks, q.data(), as_weights(keys), n, heads, n_keys, half, knn);
+    with_values(values_dtype, values, [&](auto table) {
+      bag_team(picks, n, heads * knn, table, v_dim, ws ? gate.data() : nullptr, looked_up);
+    });
     if (wo != nullptr) {
 #pragma omp barrier
-      linear_team(looked_up, n, wo, bo, d_out, v_dim, y);
+      linear_team(looked_up, n, as_weights(wo), as_weights(bo), d_out, v_dim, y);
     }
-  }
+  });
 }
 }

@@ -115,6 +115,19 @@ def test_float16_values_are_summed_and_gated_in_float32():
     torch.testing.assert_close(on_ops.to(F64), expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("tokens", [1, cpu.MAX_TOKENS])
+def test_a_bfloat16_layer_reads_its_weights_as_they_are(tokens):
+    """All bfloat16 (projections, keys, table, input): the call reads the 16-bit weights,
+    computes in float32 and the layer rounds its output once, so float64 on the same
+    bfloat16 numbers is within one bfloat16 step of it."""
+    layer = _layer().to(torch.bfloat16)
+    x = torch.randn(tokens, 48, generator=torch.Generator().manual_seed(7)).bfloat16()
+    out, decodes, _ = _run(layer, x)
+    assert decodes == 1 and out.dtype == torch.bfloat16
+    expected = _in_float64(layer, x)
+    torch.testing.assert_close(out.to(F64), expected, rtol=2**-8, atol=1e-3)
+
+
 def _hooked(layer):
     layer.out.register_forward_hook(lambda module, args, out: out * 2)
     return layer

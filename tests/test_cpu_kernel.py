@@ -69,6 +69,25 @@ def test_float16_values_give_a_float16_bag_rounded_once(tokens):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("tokens", [1, cpu.LOOKUP_MAX_TOKENS + 3])
+@pytest.mark.parametrize("gated", [False, True])
+def test_bfloat16_lookup_rounds_once(tokens, gated):
+    """A bfloat16 layer's lookup (queries, keys, table and gate in bfloat16): the kernels read
+    the 16-bit numbers as they are, compute in float32 and round the result once to
+    bfloat16 (the reference rounds the bag, then the gated product)."""
+    q, keys, values, swilu = (t.bfloat16() for t in _inputs(tokens, 2, 12, 8, 96, seed=9))
+    gate = swilu if gated else None
+    calls = native.call_count("lookup")
+    with torch.inference_mode():
+        out = ops.pk_lookup(q, keys, values, 8, gate)
+    assert native.call_count("lookup") == calls + 1
+    assert out.dtype == torch.bfloat16 and out.shape == (tokens, 96)
+    expected = brute_force_lookup(q, keys, values, 8, gate)
+    # within one bfloat16 step of float64 (2**-8 relative): a float32 result may round to
+    # the neighbour of float64's where the two straddle a rounding boundary
+    torch.testing.assert_close(out.to(F64), expected, rtol=2**-8, atol=1e-6)
+
+
 def test_one_row_picked_by_every_token_and_head():
     """Keys that make one product key the best for any query: all tokens and both heads
     read one row, each head with weight 1."""
@@ -114,14 +133,14 @@ def test_many_tokens_on_torchs_threads_give_the_same_bits_on_any_count():
 
 
 @pytest.mark.parametrize(
-    "change", ["float64", "bfloat16 values", "non-contiguous values", "too few rows"]
+    "change", ["float64", "float16 queries", "non-contiguous values", "too few rows"]
 )
 def test_other_inputs_run_the_reference(change):
     q, keys, values, swilu = _inputs(2, 2, 8, 4, 16, seed=11)
     if change == "float64":
         q, keys, values, swilu = q.double(), keys.double(), values.double(), swilu.double()
-    elif change == "bfloat16 values":
-        values = values.bfloat16()
+    elif change == "float16 queries":
+        q, keys, swilu = q.half(), keys.half(), swilu.half()
     elif change == "non-contiguous values":
         values = torch.randn(64, 32)[:, ::2]  # 64 rows of 16, every other column
     elif change == "too few rows":

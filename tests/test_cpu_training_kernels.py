@@ -26,10 +26,12 @@ def _gen(seed):
 @pytest.mark.parametrize("tokens,heads,n_keys,half,knn", [
     (1, 1, 8, 4, 1), (7, 2, 12, 6, 4), (33, 3, 40, 8, 16), (5, 2, 16, 4, 16),
 ])  # fmt: skip
-def test_pk_topk_matches_a_float64_brute_force(tokens, heads, n_keys, half, knn):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pk_topk_matches_a_float64_brute_force(tokens, heads, n_keys, half, knn, dtype):
+    """Scores in float32 for either dtype (bfloat16 queries and keys read as they are)."""
     g = _gen(tokens + knn)
-    q = torch.randn(tokens, heads, 2 * half, generator=g)
-    keys = torch.randn(heads, 2, n_keys, half, generator=g)
+    q = torch.randn(tokens, heads, 2 * half, generator=g).to(dtype)
+    keys = torch.randn(heads, 2, n_keys, half, generator=g).to(dtype)
     calls = native.call_count("training")
     scores, rows = ops.pk_topk(q, keys, knn)
     assert native.call_count("training") == calls + 1
