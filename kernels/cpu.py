@@ -141,8 +141,11 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
     if not kernels:
         return reference.pk_lookup(q, keys, values, knn, swilu)
     n, heads = q.shape[:2]
+    # A bfloat16 gate: the kernel sums the bag and the gating runs as the reference's, which
+    # rounds the bag, silu(gate) and their product (the sharded lookups run those ops).
+    gate_here = swilu if swilu is not None and swilu.dtype is torch.float32 else None
     # Bound to names: a temporary's memory would be freed before the call reads it.
-    gate = None if swilu is None else swilu.float().contiguous()
+    gate = None if gate_here is None else gate_here.contiguous()
     gate_address = None if gate is None else gate.data_ptr()
     out = torch.empty(n, values.shape[1], dtype=torch.float32)
     if n <= LOOKUP_MAX_TOKENS:
@@ -159,8 +162,9 @@ def pk_lookup_cpu(q, keys, values, knn, swilu=None):
             _DTYPE_CODES[values.dtype], values.shape[1], gate_address, out.data_ptr(),
             _threads(),
         )  # fmt: skip
-    # As the reference: the gated bag in the gate's dtype, else the bag in the table's
-    return out.to(swilu.dtype if swilu is not None else values.dtype)
+    if swilu is None:
+        return out.to(values.dtype)
+    return out if gate_here is not None else reference.silu_gate(out.to(values.dtype), swilu)
 
 
 def pk_topk_cpu(q, keys, knn):
@@ -237,9 +241,9 @@ def decode(
     when given) and the `out` projection when given. Returns (..., d_out) float32, or
     (..., v_dim) without `out`. None where the kernel does not take these inputs, and the
     caller runs the ops: anything but plain contiguous CPU tensors of matching shapes in
-    eager mode, with the projections, their biases and the keys all float32 or all
-    bfloat16, x float32 or their dtype, and values float32, of their dtype, or 16-bit with
-    the gate."""
+    eager mode, with the projections, their biases and the keys all float32 (x float32;
+    values float32, or 16-bit with the gate) or all bfloat16 (x bfloat16; values bfloat16
+    or float32; rounded where the layer's ops round)."""
     if not _eager_cpu(x) or type(keys) not in PLAIN_TENSORS or type(values) not in PLAIN_TENSORS:
         return None
     (wq, bq), (ws, bs), (wo, bo) = query, swilu or _NO_PROJECTION, out or _NO_PROJECTION
@@ -249,12 +253,17 @@ def decode(
     for t in (x, keys, wq, bq, ws, bs, wo, bo):
         if t is not None and not (t.is_cpu and t.is_contiguous() and (t is x or t.dtype is dtype)):
             return None
-    # 16-bit values other than the weights' dtype only where the gate's product comes before
-    # any rounding, as in pk_lookup (without the gate, the ops round the bag to their dtype)
-    if not (
-        values.dtype in (torch.float32, dtype)
-        or (values.dtype in (torch.float16, torch.bfloat16) and ws is not None)
-    ):
+    # A float32 layer: 16-bit values only where the gate's product comes before any
+    # rounding, as in pk_lookup (without the gate, the ops round the bag to their dtype). A
+    # bfloat16 layer rounds where its ops do (decode_kernels.cc), with bfloat16 or float32
+    # values, which round alike.
+    if dtype is torch.bfloat16:
+        fits = values.dtype in (torch.float32, torch.bfloat16) and x.dtype is dtype
+    else:
+        fits = values.dtype is torch.float32 or (
+            values.dtype in (torch.float16, torch.bfloat16) and ws is not None
+        )
+    if not fits:
         return None
     if not (values.is_cpu and values.is_contiguous()):
         return None

@@ -36,6 +36,16 @@ struct BFloat16 {
   }
 };
 
+// v rounded to the nearest bfloat16 (ties to even), as torch converts; NaN stays NaN.
+inline float round_bf16(float v) {
+  uint32_t word;
+  std::memcpy(&word, &v, sizeof word);
+  if ((word & 0x7fffffffu) > 0x7f800000u) return v;
+  word = (word + 0x7fffu + ((word >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&v, &word, sizeof v);
+  return v;
+}
+
 // f(p as const T*), T the element type that `dtype` names as kernels/cpu.py codes them:
 // 0 float32, 1 float16, 2 bfloat16. `with_weights` takes float32 and bfloat16 only (the
 // projections and keys), to halve the variants compiled.

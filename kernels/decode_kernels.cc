@@ -34,6 +34,13 @@ void silu_gate(const float* bag, const float* gate, int64_t count, float* y) {
   for (int64_t v = 0; v < count; ++v) y[v] = bag[v] * (gate[v] / (1.f + std::exp(-gate[v])));
 }
 
+// The same where the layer is bfloat16, rounded where its ops round: the bag (in the
+// table's dtype), silu(gate) and the product, each to bfloat16.
+void silu_gate_bf16(const float* bag, const float* gate, int64_t count, float* y) {
+  for (int64_t v = 0; v < count; ++v)
+    y[v] = round_bf16(round_bf16(bag[v]) * round_bf16(gate[v] / (1.f + std::exp(-gate[v]))));
+}
+
 // Each (token, head)'s knn best product keys from its halves' knn best: `best` and
 // `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their sub-key
 // indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
@@ -126,16 +133,19 @@ void pick_team(Picks& picks, const float* q, const TK* keys, int64_t n, int64_t 
 // float32, float16 or bfloat16), times silu(gate) when gate (n, v_dim) is given. Each
 // thread of the team sums its own columns of every picked row, so the rows' reads split
 // evenly and no partial sums need adding up; out is complete after the team's next barrier.
+// With `bf16`, rounded where a bfloat16 layer's ops round (`silu_gate_bf16`, or the bag).
 template <typename TV>
 void bag_team(const Picks& picks, int64_t n, int64_t count, const TV* values, int64_t v_dim,
-              const float* gate, float* out) {
+              const float* gate, float* out, bool bf16 = false) {
   int64_t v0, v1;
   thread_columns(v_dim, v0, v1);
   for (int64_t t = 0; t < n && v0 < v1; ++t) {
     float* y = out + t * v_dim + v0;
     bag_columns(values, picks.rows.data() + t * count, picks.weights.data() + t * count,
                 count, v_dim, v0, v1, y);
-    if (gate != nullptr) silu_gate(y, gate + t * v_dim + v0, v1 - v0, y);
+    if (gate != nullptr && bf16) silu_gate_bf16(y, gate + t * v_dim + v0, v1 - v0, y);
+    else if (gate != nullptr) silu_gate(y, gate + t * v_dim + v0, v1 - v0, y);
+    else if (bf16) std::transform(y, y + (v1 - v0), y, round_bf16);
   }
 }
 
@@ -144,6 +154,7 @@ constexpr int64_t kLinearBlock = 16;  // rows of a weight a thread takes at a ti
 // y (n, rows) = x (n, cols) W^T + b for W (rows, cols), float32 or bfloat16 like the
 // optional bias b, split over the calling OpenMP team by blocks of rows, with no barrier at
 // the end.
+// A bfloat16 projection's outputs are rounded to bfloat16, as its ops give them.
 template <typename TW>
 void linear_team(const float* x, int64_t n, const TW* w, const TW* b, int64_t rows,
                  int64_t cols, float* y) {
@@ -151,9 +162,12 @@ void linear_team(const float* x, int64_t n, const TW* w, const TW* b, int64_t ro
   for (int64_t r0 = 0; r0 < rows; r0 += kLinearBlock) {
     const int64_t count = std::min(kLinearBlock, rows - r0);
     score_keys(x, cols, n, w + r0 * cols, count, cols, y + r0, rows);
-    if (b != nullptr)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t r = r0; r < r0 + count; ++r) y[t * rows + r] += static_cast<float>(b[r]);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t r = r0; r < r0 + count; ++r) {
+        float& out = y[t * rows + r];
+        if (b != nullptr) out += static_cast<float>(b[r]);
+        if constexpr (std::is_same_v<TW, BFloat16>) out = round_bf16(out);
+      }
   }
 }
 
@@ -232,7 +246,8 @@ __attribute__((visibility("default"))) void memcompile_decode(
 #pragma omp barrier
     pick_team(picks, q.data(), as_weights(keys), n, heads, n_keys, half, knn);
     with_values(values_dtype, values, [&](auto table) {
-      bag_team(picks, n, heads * knn, table, v_dim, ws ? gate.data() : nullptr, looked_up);
+      bag_team(picks, n, heads * knn, table, v_dim, ws ? gate.data() : nullptr, looked_up,
+               std::is_same_v<T, BFloat16>);
     });
     if (wo != nullptr) {
 #pragma omp barrier

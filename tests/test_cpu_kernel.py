@@ -71,20 +71,24 @@ def test_float16_values_give_a_float16_bag_rounded_once(tokens):
 
 @pytest.mark.parametrize("tokens", [1, cpu.LOOKUP_MAX_TOKENS + 3])
 @pytest.mark.parametrize("gated", [False, True])
-def test_bfloat16_lookup_rounds_once(tokens, gated):
-    """A bfloat16 layer's lookup (queries, keys, table and gate in bfloat16): the kernels read
-    the 16-bit numbers as they are, compute in float32 and round the result once to
-    bfloat16 (the reference rounds the bag, then the gated product)."""
+def test_bfloat16_lookup_rounds_where_the_reference_does(tokens, gated):
+    """A bfloat16 layer's lookup (queries, keys, table and gate in bfloat16): the kernels
+    read the 16-bit numbers as they are and sum in float32; the bag is rounded to bfloat16,
+    and with the gate so are silu(gate) and the product, as the reference's ops (and the
+    sharded lookups, which run them) round."""
     q, keys, values, swilu = (t.bfloat16() for t in _inputs(tokens, 2, 12, 8, 96, seed=9))
-    gate = swilu if gated else None
     calls = native.call_count("lookup")
     with torch.inference_mode():
-        out = ops.pk_lookup(q, keys, values, 8, gate)
+        out = ops.pk_lookup(q, keys, values, 8, swilu if gated else None)
     assert native.call_count("lookup") == calls + 1
     assert out.dtype == torch.bfloat16 and out.shape == (tokens, 96)
-    expected = brute_force_lookup(q, keys, values, 8, gate)
-    # within one bfloat16 step of float64 (2**-8 relative): a float32 result may round to
-    # the neighbour of float64's where the two straddle a rounding boundary
+    bf16 = torch.bfloat16
+    expected = brute_force_lookup(q, keys, values, 8).to(bf16).to(F64)
+    if gated:
+        silu = torch.nn.functional.silu(swilu.to(F64)).to(bf16).to(F64)
+        expected = (expected * silu).to(bf16).to(F64)
+    # within one bfloat16 step (2**-8 relative): a float32 bag may round to the neighbour of
+    # float64's where the two straddle a rounding boundary
     torch.testing.assert_close(out.to(F64), expected, rtol=2**-8, atol=1e-6)
 
 
