@@ -251,6 +251,21 @@ inline void best_products(const float* s0, const float* s1, int64_t n_keys, int6
   best_sums(n_keys, knn, work, scores, rows);
 }
 
+// Each (token, head)'s knn best product keys from scores (2H, n, n_keys), row 2h + s for
+// head h's half s (`best_products`): their sums, best first, into best (n, H, knn) and their
+// rows i * n_keys + j into rows (n, H, knn). The (token, head) pairs are split over the
+// calling OpenMP team (one thread outside a parallel region), with a barrier at the end.
+inline void best_products_team(const float* scores, int64_t n, int64_t heads, int64_t n_keys,
+                               int64_t knn, float* best, int64_t* rows) {
+  TopKWork work(knn);
+#pragma omp for schedule(dynamic, 16)
+  for (int64_t th = 0; th < n * heads; ++th) {
+    const int64_t t = th / heads, h = th % heads;
+    const float* s0 = scores + (2 * h * n + t) * n_keys;
+    best_products(s0, s0 + n * n_keys, n_keys, knn, work, best + th * knn, rows + th * knn);
+  }
+}
+
 // a . b with 16 running sums, which the compiler keeps in one vector register; b float32
 // or 16-bit, widened as it is read.
 template <typename T>

@@ -1,7 +1,8 @@
 // The CPU kernels of torch's memcompile ops (kernels/cpu.py calls them through ctypes):
 // memcompile_lookup and memcompile_lookup_scored, of memcompile::pk_lookup, and
 // memcompile_decode, a whole memory layer's forward for a few tokens. The math is in
-// cpu_kernels.h; kernels/native.py builds this file and ort_kernels.cc into one library.
+// cpu_kernels.h; kernels/native.py builds this file, training_kernels.cc and ort_kernels.cc
+// into one library.
 //
 // Threads: the entries run on `threads` OpenMP threads, where kernels/cpu.py passes more
 // than one only when this library shares torch's OpenMP runtime, so the threads are torch's
@@ -41,30 +42,6 @@ void silu_gate_bf16(const float* bag, const float* gate, int64_t count, float* y
     y[v] = round_bf16(round_bf16(bag[v]) * round_bf16(gate[v] / (1.f + std::exp(-gate[v]))));
 }
 
-// Each (token, head)'s knn best product keys from its halves' knn best: `best` and
-// `best_ids` (H, 2, n, knn) hold each half's best scores, best first, and their sub-key
-// indices. Writes rows (n, H * knn), the value rows i * n_keys + j, and weights
-// (n, H * knn), each head's softmax over its knn sums: about k ln k sums a token and head,
-// where the PyTorch reference materialises all k * k. The (token, head) pairs are split
-// over the calling OpenMP team (one thread outside a parallel region), with a barrier at
-// the end.
-void select_products(const float* best, const int64_t* best_ids, int64_t n, int64_t heads,
-                     int64_t n_keys, int64_t knn, int64_t* rows, float* weights) {
-  TopKWork work(knn);
-#pragma omp for schedule(static)
-  for (int64_t th = 0; th < n * heads; ++th) {
-    const int64_t t = th / heads, h = th % heads;
-    for (int64_t side = 0; side < 2; ++side) {
-      const int64_t from = ((2 * h + side) * n + t) * knn;
-      for (int64_t c = 0; c < knn; ++c)
-        work.halves[side * knn + c] = {best[from + c], best_ids[from + c]};
-    }
-    float* w = weights + (t * heads + h) * knn;
-    best_sums(n_keys, knn, work, w, rows + (t * heads + h) * knn);
-    softmax_sorted(w, knn);
-  }
-}
-
 // The rest of the lookup for many tokens, from scores (2H, n, n_keys), row 2h + s for head
 // h's half s (torch's batched matmul made them): for each token, each head's knn best
 // product keys and their softmax, then the weighted bag of the heads' picks into out
@@ -92,41 +69,30 @@ void lookup_scored_team(const float* scores, int64_t n, int64_t heads, int64_t n
   }
 }
 
-// What the threads of one lookup share: each half's knn best, then the picked rows and
-// their weights.
+// What the threads of one lookup share: the half scores, then the picked rows and their
+// weights.
 struct Picks {
-  Picks(int64_t n, int64_t heads, int64_t knn)
-      : best(heads * 2 * n * knn), weights(n * heads * knn), best_ids(best.size()),
-        rows(weights.size()) {}
-  std::vector<float> best, weights;
-  std::vector<int64_t> best_ids, rows;
+  Picks(int64_t n, int64_t heads, int64_t n_keys, int64_t knn)
+      : scores(heads * 2 * n * n_keys), weights(n * heads * knn), rows(weights.size()) {}
+  std::vector<float> scores, weights;
+  std::vector<int64_t> rows;
 };
 
 // The lookup of q (n, H, 2 * half) float32 in keys (H, 2, n_keys, half), float32 or
-// bfloat16, up to the picks: the half scores, each half's knn best, the products and their
+// bfloat16, up to the picks: the half scores, each (token, head)'s product keys and their
 // softmax into `picks`. Run by every thread of the calling OpenMP team (or by one thread
-// outside a parallel region), q complete before; `picks` is complete after it returns
-// (`select_products` ends on a barrier).
+// outside a parallel region), q complete before; `picks` is complete after it returns.
 template <typename TK>
 void pick_team(Picks& picks, const float* q, const TK* keys, int64_t n, int64_t heads,
                int64_t n_keys, int64_t half, int64_t knn) {
-  std::vector<float> scores(n * n_keys);
-  TopKScratch scratch;
-  std::vector<Item> top(knn);
 #pragma omp for schedule(static)
-  for (int64_t hs = 0; hs < heads * 2; ++hs) {  // (head, half): 2 * half wide slices of q
+  for (int64_t hs = 0; hs < heads * 2; ++hs)  // (head, half): 2 * half wide slices of q
     score_keys(q + hs * half, heads * 2 * half, n, keys + hs * n_keys * half, n_keys, half,
-               scores.data(), n_keys);
-    for (int64_t t = 0; t < n; ++t) {
-      top_k(scores.data() + t * n_keys, n_keys, knn, top.data(), scratch);
-      for (int64_t c = 0; c < knn; ++c) {
-        picks.best[(hs * n + t) * knn + c] = top[c].score;
-        picks.best_ids[(hs * n + t) * knn + c] = top[c].position;
-      }
-    }
-  }
-  select_products(picks.best.data(), picks.best_ids.data(), n, heads, n_keys, knn,
-                  picks.rows.data(), picks.weights.data());
+               picks.scores.data() + hs * n * n_keys, n_keys);
+  best_products_team(picks.scores.data(), n, heads, n_keys, knn, picks.weights.data(),
+                     picks.rows.data());
+#pragma omp for schedule(static)
+  for (int64_t th = 0; th < n * heads; ++th) softmax_sorted(picks.weights.data() + th * knn, knn);
 }
 
 // out (n, v_dim) float32 = the weighted bag of the picked rows of values (n_keys^2, v_dim;
@@ -211,7 +177,7 @@ __attribute__((visibility("default"))) void memcompile_lookup(
     int64_t half, int64_t knn, const void* values, int values_dtype, int64_t v_dim,
     const float* gate, float* out, int threads) {
   ++g_lookups;
-  Picks picks(n, heads, knn);
+  Picks picks(n, heads, n_keys, knn);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     with_weights(keys_dtype, keys,
@@ -233,7 +199,7 @@ __attribute__((visibility("default"))) void memcompile_decode(
     int weights_dtype, int64_t heads, int64_t n_keys, int64_t half, int64_t knn,
     const void* values, int values_dtype, int64_t v_dim, float* y, int threads) {
   ++g_decodes;
-  Picks picks(n, heads, knn);
+  Picks picks(n, heads, n_keys, knn);
   std::vector<float> q(n * heads * 2 * half), gate(ws ? n * v_dim : 0), bag(wo ? n * v_dim : 0);
   float* looked_up = wo ? bag.data() : y;
 #pragma omp parallel num_threads(threads) if (threads > 1)

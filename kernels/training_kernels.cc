@@ -17,24 +17,14 @@ std::atomic<uint64_t> g_training{0};  // memcompile_pk_topk and memcompile_bag_b
 extern "C" {
 __attribute__((visibility("default"))) uint64_t memcompile_training_calls() { return g_training; }
 
-// Each (token, head)'s knn best product keys from scores (2H, n, n_keys), row 2h + s for
-// head h's half s: their sums, best first, into best (n, H, knn) and their rows
-// i * n_keys + j into rows (n, H, knn) (`best_products`: ties go as in the other CPU
-// kernels). The (token, head) pairs are split over the threads.
+// memcompile::pk_topk's product keys (`best_products_team`), after torch's matmul of the
+// half scores.
 __attribute__((visibility("default"))) void memcompile_pk_topk(
     const float* scores, int64_t n, int64_t heads, int64_t n_keys, int64_t knn, float* best,
     int64_t* rows, int threads) {
   ++g_training;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    TopKWork work(knn);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t th = 0; th < n * heads; ++th) {
-      const int64_t t = th / heads, h = th % heads;
-      const float* s0 = scores + (2 * h * n + t) * n_keys;
-      best_products(s0, s0 + n * n_keys, n_keys, knn, work, best + th * knn, rows + th * knn);
-    }
-  }
+  best_products_team(scores, n, heads, n_keys, knn, best, rows);
 }
 
 // The gradients of y[t] = sum_b w[t, b] values[ids[t, b]] for g = dL/dy (n, v_dim), all
