@@ -2,8 +2,8 @@
 `memcompile::pk_lookup` (both in one) and `memcompile::linears` (the layer's projections).
 
 Plain PyTorch on every device; the Triton kernels on CUDA when Triton is installed; C++
-kernels on the CPU (`cpu.py`: pk_lookup's, and a memory layer's whole forward for a few
-tokens; built on first use where there is a compiler).
+kernels on the CPU (`cpu.py`: pk_lookup's, pk_topk's and bag_backward's, and a memory
+layer's whole forward for a few tokens; built on first use where there is a compiler).
 """
 
 if __name__ != "memcompile.kernels":
