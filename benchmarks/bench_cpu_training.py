@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_onnx import medians_ms  # round-robin medians: host drift hits all alike
 
 from memcompile.kernels import cpu
 from memcompile.runtime import MemoryConfig, MemoryLayer
@@ -41,20 +41,6 @@ def on_pytorch_alone(fn):
             cpu._kernels = kernels
 
     return run
-
-
-def medians_ms(fns: dict, budget_s: float) -> dict:
-    """Median ms of each fn, called in turn (a drift of the host moves them all alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in times.values()) < 5 or time.perf_counter() - start < budget_s:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def training_step(layer, optimizer, x):
@@ -84,7 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="512,2048")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
