@@ -34,11 +34,8 @@ def on_pytorch_alone(fn):
     """fn with the C++ kernels switched off, as where no compiler built them."""
 
     def run():
-        kernels, cpu._kernels = cpu._kernels, False
-        try:
+        with cpu.pytorch_only():
             return fn()
-        finally:
-            cpu._kernels = kernels
 
     return run
 

@@ -245,14 +245,9 @@ def native_lookup_rows(memory, d, token_counts):
     """The CPU layer with its C++ kernels (kernels/cpu.py: the whole layer in one call up to
     cpu.MAX_TOKENS tokens, else the lookup) against the same layer on PyTorch alone
     (kernels/reference.py), called in turn."""
-    kernels = cpu._native()
-
     def on_pytorch(x):
-        cpu._kernels = False  # as where no compiler built the kernels
-        try:
+        with cpu.pytorch_only():
             return memory(x)
-        finally:
-            cpu._kernels = kernels
 
     rows = []
     for tokens in token_counts:

@@ -25,8 +25,10 @@ the PyTorch ops.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -83,6 +85,18 @@ def _native() -> dict | bool:
             functions[name] = function
         _kernels = functions  # published whole: another thread may read it now
     return _kernels
+
+
+@contextlib.contextmanager
+def pytorch_only() -> Iterator[None]:
+    """Inside, memory layers on the CPU run their PyTorch ops, as where no compiler built
+    the kernels: for tests and benchmarks that compare the two."""
+    global _kernels
+    kernels, _kernels = _native(), False
+    try:
+        yield
+    finally:
+        _kernels = kernels
 
 
 def _threads() -> int:

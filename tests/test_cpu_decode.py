@@ -106,12 +106,8 @@ def test_float16_values_are_summed_and_gated_in_float32():
     assert decodes == 1
     expected = _in_float64(layer, x)
     torch.testing.assert_close(out.to(F64), expected, rtol=1e-5, atol=1e-5)
-    kernels = cpu._native()
-    try:
-        cpu._kernels = False  # the PyTorch ops, in float32 with the same float16 table
+    with cpu.pytorch_only():  # the PyTorch ops, in float32 with the same float16 table
         on_ops, *_ = _run(layer, x)
-    finally:
-        cpu._kernels = kernels
     torch.testing.assert_close(on_ops.to(F64), expected, rtol=2e-3, atol=2e-3)
 
 
@@ -126,12 +122,8 @@ def test_a_bfloat16_layer_rounds_where_its_ops_round(tokens, gating):
     x = torch.randn(tokens, 48, generator=torch.Generator().manual_seed(7)).bfloat16()
     out, decodes, _ = _run(layer, x)
     assert decodes == 1 and out.dtype == torch.bfloat16
-    kernels = cpu._native()
-    try:
-        cpu._kernels = False  # the PyTorch ops (kernels/reference.py) in bfloat16
+    with cpu.pytorch_only():  # the PyTorch ops (kernels/reference.py) in bfloat16
         on_ops, *_ = _run(layer, x)
-    finally:
-        cpu._kernels = kernels
     torch.testing.assert_close(out.to(F64), on_ops.to(F64), rtol=2**-7, atol=1e-3)
     assert (out != on_ops).float().mean() < 0.05  # almost all identical
 
@@ -247,11 +239,6 @@ def test_a_converted_llama_generates_the_tokens_of_pytorch_alone():
     with torch.no_grad():
         fast = model.generate(ids, **settings)
     assert native.call_count("decode") - decodes == 2 * 5  # two layers, five decode steps
-    kernels = cpu._native()
-    try:
-        cpu._kernels = False
-        with torch.no_grad():
-            slow = model.generate(ids, **settings)
-    finally:
-        cpu._kernels = kernels
+    with cpu.pytorch_only(), torch.no_grad():
+        slow = model.generate(ids, **settings)
     assert torch.equal(fast, slow)
