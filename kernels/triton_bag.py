@@ -15,6 +15,7 @@ import triton.language as tl
 from . import pdl
 from .pdl import wait_for_previous_kernel
 from .row_lists import reverse_index
+from .triton_options import COMPILE_OPTIONS
 from .triton_rows import row_pass
 
 _FORWARD_MIN_PROGRAMS = 128  # about one per SM of an H100
@@ -86,7 +87,7 @@ def bag_forward(
     _bag_forward_kernel[grid](
         values, indices, weights, swilu.contiguous() if gated else out, out, picks, v_dim,
         BLOCK_B=block_b, BLOCK_V=block_v, GATED=gated, PDL=dependent, num_warps=warps,
-        launch_pdl=dependent,
+        launch_pdl=dependent, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 

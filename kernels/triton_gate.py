@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_options import COMPILE_OPTIONS
+
 _BLOCK = 2048  # elements a program; 8 a thread at 8 warps (16-byte loads of bf16)
 
 
@@ -43,7 +45,9 @@ def silu_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _silu_gate_kernel[(triton.cdiv(n, _BLOCK),)](x, gate, out, n, BLOCK=_BLOCK, num_warps=8)
+        _silu_gate_kernel[(triton.cdiv(n, _BLOCK),)](
+            x, gate, out, n, BLOCK=_BLOCK, num_warps=8, **COMPILE_OPTIONS
+        )
     return out
 
 
@@ -58,6 +62,6 @@ def silu_gate_backward(
     n = gate.numel()
     if n:
         _silu_gate_backward_kernel[(triton.cdiv(n, _BLOCK),)](
-            grad, x, gate, grad_x, grad_gate, n, BLOCK=_BLOCK, num_warps=8
+            grad, x, gate, grad_x, grad_gate, n, BLOCK=_BLOCK, num_warps=8, **COMPILE_OPTIONS
         )
     return grad_x, grad_gate

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import wait_for_previous_kernel
+from .triton_options import COMPILE_OPTIONS
 
 # tl.dot's fewest rows: the input tile holds this many tokens, the extra ones masked.
 MAX_TOKENS = 16
@@ -93,6 +94,6 @@ def linears(
             n, d_in, w_a.shape[0], w_b.shape[0], blocks_a, int(b_a is not None),
             int(b_b is not None), BLOCK_N=MAX_TOKENS, BLOCK_O=block_o, BLOCK_I=block_i,
             STAGES=stages, PRECISION=precision, PDL=dependent, num_warps=warps,
-            launch_pdl=dependent,
+            launch_pdl=dependent, **COMPILE_OPTIONS,
         )  # fmt: skip
     return outs

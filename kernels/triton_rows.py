@@ -48,6 +48,7 @@ import triton.language as tl
 
 from . import l2_residency
 from .row_lists import MAX_BLOCK_P, chunks, rows_between, rows_by_first_token
+from .triton_options import COMPILE_OPTIONS
 
 _MAX_BLOCK_V = 1024  # columns a program holds
 _ROWS_PER_PROGRAM = 256
@@ -436,13 +437,14 @@ def row_pass(
                                      // n_blocks) if shape.l2_window else nullcontext()  # fmt: skip
     with window:
         _short_rows_kernel[(triton.cdiv(n_out, shape.rows_a_program), n_blocks)](
-            *everything, *tensors.values(), *scalars, **meta
+            *everything, *tensors.values(), *scalars, **meta, **COMPILE_OPTIONS
         )
         listed, n_listed, capacity = rows_between(starts, stops, block_p, split or None, n_pairs)
         if capacity:
             _long_rows_kernel[(min(capacity, _LONG_PROGRAMS), n_blocks)](
-                *everything, listed, n_listed, *tensors.values(), *scalars, **meta
-            )
+                *everything, listed, n_listed, *tensors.values(), *scalars, **meta,
+                **COMPILE_OPTIONS,
+            )  # fmt: skip
         split_rows = chunks(starts, stops, split, n_pairs) if split else None
         if split_rows:
             listed, n_listed, begin, count, chunk_slots, first, last, n_chunks = split_rows
@@ -451,7 +453,7 @@ def row_pass(
                 grad_out, weights, order, row_ids, chunk_slots, first, last, n_chunks, values,
                 partial, shares, n_pairs, weights.shape[-1], v_dim, SPARSE=listed_rows,
                 WEIGHT_GRAD=weight_grad, BLOCK_P=block_p, BLOCK_V=block_v, STAGES=stages,
-                num_warps=warps, **hints,
+                num_warps=warps, **hints, **COMPILE_OPTIONS,
             )  # fmt: skip
             _combine_rows_kernel[(min(listed.shape[0], _LONG_PROGRAMS), n_blocks)](
                 starts, stops, row_ids, listed, n_listed, begin, count, partial, values,
@@ -459,7 +461,7 @@ def row_pass(
                 *scalars[4:], MODE=mode, SPARSE=listed_rows, ADAM=opt["adam"],
                 HAS_SCALE=opt["has_scale"], STOCHASTIC=opt["stochastic"],
                 LOCAL_NORM=opt["local_norm"], BLOCK_V=block_v, STREAM=hints["STREAM"],
-                OUT_BY_ROW=by_token, num_warps=warps,
+                OUT_BY_ROW=by_token, num_warps=warps, **COMPILE_OPTIONS,
             )  # fmt: skip
     return _pass_result(mode, out, shares, weight_grad, n_blocks, weights)
 

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import wait_for_previous_kernel
+from .triton_options import COMPILE_OPTIONS
 
 
 @triton.jit
@@ -262,12 +263,12 @@ def pk_topk(
         q, keys, partial, n, heads, n_keys, keys_per_split, HALF=half, HALF_P=half_p,
         BLOCK_N=block_n, BLOCK_K=block_k, K=k, LOG_K=log_k, SPLITS=splits,
         PRECISION=precision, PDL=dependent, num_warps=warps, num_stages=stages,
-        launch_pdl=dependent,
+        launch_pdl=dependent, **COMPILE_OPTIONS,
     )  # fmt: skip
     dependent = pdl.use_pdl(q.device, n * heads)
     _merge_splits_kernel[(n, heads)](
         partial, scores, indices, heads, n_keys, knn, K=k, LOG_K=log_k, SPLITS=splits,
         CANDIDATES=triton.next_power_of_2(k * log_k + 1), SOFTMAX=softmax, PDL=dependent,
-        num_warps=merge_warps, launch_pdl=dependent,
+        num_warps=merge_warps, launch_pdl=dependent, **COMPILE_OPTIONS,
     )  # fmt: skip
     return scores, indices

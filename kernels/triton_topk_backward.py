@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .triton_options import COMPILE_OPTIONS
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def pk_topk_backward(
         _sub_key_grad_kernel[(triton.cdiv(n, block_n), heads, 2)](
             grad_scores, indices, grad_sub, n, n_keys, knn, *grad_scores.stride(),
             *indices.stride(), BLOCK_N=block_n, K=max(2, triton.next_power_of_2(knn)),
-            num_warps=4,
+            num_warps=4, **COMPILE_OPTIONS,
         )  # fmt: skip
     sub_keys = keys.to(mm).reshape(heads * 2, n_keys, half)
     grad_halves = torch.bmm(grad_sub, sub_keys)  # (heads x 2, N, half)

@@ -27,6 +27,7 @@ from .fused_update import (
     weight_grad_reference,
 )
 from .row_lists import reverse_index
+from .triton_options import COMPILE_OPTIONS
 from .triton_rows import row_pass
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,7 +67,7 @@ def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch
         block_v = min(triton.next_power_of_2(max(values.shape[1], 1)), 256)
         block_b = min(triton.next_power_of_2(picks), 32)
         _weight_grad_kernel[(n,)](grad_out, values, indices, out, picks, values.shape[1],
-                                  BLOCK_B=block_b, BLOCK_V=block_v)  # fmt: skip
+                                  BLOCK_B=block_b, BLOCK_V=block_v, **COMPILE_OPTIONS)  # fmt: skip
     return out
 
 
