@@ -49,6 +49,7 @@ def test_a_variant_over_the_shared_memory_limit_fails_the_check():
         import compile_check
 
         from memcompile.kernels import triton_topk
+        from memcompile.kernels.triton_options import COMPILE_OPTIONS
     finally:
         sys.path.remove(str(BENCHMARKS))
     # fp32 sub-keys 512 wide in steps of 128 rows: 256 KB a step, pipelined. The launcher
@@ -56,7 +57,7 @@ def test_a_variant_over_the_shared_memory_limit_fails_the_check():
     q, keys = torch.empty(64, 4, 1024, device="meta"), torch.empty(4, 2, 1024, 512, device="meta")
     partial = torch.empty(64, 4, 2, 1, 32, dtype=torch.int64, device="meta")
     constexprs = dict(HALF=512, HALF_P=512, BLOCK_N=16, BLOCK_K=128, K=32, LOG_K=5, SPLITS=1,
-                      PRECISION="ieee", PDL=False)  # fmt: skip
+                      PRECISION="ieee", PDL=False, **COMPILE_OPTIONS)  # fmt: skip
     args = (q, keys, partial, 64, 4, 1024, 1024)
     kernel = triton_topk._split_topk_kernel
     row = compile_check.check_variant(kernel, *compile_check.bind(kernel, args, constexprs))
