@@ -235,16 +235,58 @@ def _unaccounted_keys(
 
 
 def _model_class(config) -> type:
+    return _named_class(config) or _transformers().AutoModel
+
+
+def _named_class(config) -> type | None:
+    """The model class config.json's "architectures" names, if transformers has it."""
     transformers = _transformers()
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
-    return transformers.AutoModel
+    return None
 
 
-def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
-    """A randomly initialised transformers model from a config.json (file or directory)."""
+# The heads tried, in this order, for a config that names no architecture (as
+# `LlamaConfig(...).save_pretrained` writes it).
+_AUTO_CLASSES = (
+    "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+)  # fmt: skip
+
+
+def _class_for_weights(config, keys: set[str]) -> type:
+    """The model class config.json names or, where it names none, the one of its auto
+    classes whose parameter names fit `keys` (a state_dict's) best; built on the meta
+    device to compare, so nothing is allocated."""
+    named = _named_class(config)
+    if named is not None:
+        return named
+    transformers, best = _transformers(), None
+    for name in _AUTO_CLASSES:
+        try:
+            with torch.device("meta"), quieted_loggers(["transformers"]):
+                model = getattr(transformers, name).from_config(config)
+        except (AttributeError, KeyError, ValueError):  # no such head for this model type
+            continue
+        misfit = len(set(model.state_dict()) ^ keys)
+        if best is None or misfit < best[0]:
+            best = (misfit, type(model))
+    if best is None:
+        raise MemcompileError(
+            f'no transformers model class takes this config ({type(config).__name__}): add '
+            '"architectures" with the model class the weights are from to config.json'
+        )
+    return best[1]
+
+
+def model_from_hf_config(
+    config_path: str | os.PathLike, state_dict_keys: set[str] | None = None
+) -> nn.Module:
+    """A randomly initialised transformers model from a config.json (file or directory):
+    the class it names, else the one that fits `state_dict_keys` best (else the base model)."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -253,8 +295,9 @@ def model_from_hf_config(config_path: str | os.PathLike) -> nn.Module:
             f"{config_path} does not exist: --config takes an HF config.json or its directory"
         )
     config = _read_config(config_path)
+    cls = _class_for_weights(config, state_dict_keys or set())
     with quieted_loggers(["transformers"]):
-        return _model_class(config)._from_config(config)
+        return cls._from_config(config)
 
 
 def _is_torch_save_file(path: Path) -> bool:
@@ -371,7 +414,7 @@ def _load_file(path: Path, trust_pickle: bool, config: str | None) -> LoadedMode
                 f"{path} is a bare state_dict: it holds weights but no architecture; pass "
                 "--config with the model's HF config.json"
             )
-        model = model_from_hf_config(config)
+        model = model_from_hf_config(config, set(obj))
         expected = model.state_dict()
         mismatched = [
             (key, tuple(value.shape), tuple(expected[key].shape))

@@ -135,6 +135,24 @@ def test_a_malformed_config_json_is_bad_input(llama, tmp_path, content):
     assert "is not a usable HF config" in error
 
 
+def test_a_config_without_architectures_takes_the_head_that_fits_the_weights(llama, tmp_path):
+    """`LlamaConfig(...).save_pretrained` writes no "architectures": the class comes from
+    the state_dict's names, the causal LM's or the headless base model's, each weight kept."""
+    import transformers
+
+    config_dir = _copy(llama, tmp_path, "config-only")
+    _edit_config(config_dir, architectures=None)
+    base = transformers.LlamaModel(llama[1].config).eval()
+    for original in (llama[1], base):
+        source = tmp_path / f"{type(original).__name__}.pt"
+        torch.save(original.state_dict(), source)
+        loaded = load_model(source, config=config_dir / "config.json").model
+        assert type(loaded) is type(original)
+        expected = original.state_dict()
+        assert loaded.state_dict().keys() == expected.keys()
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
 def test_a_bare_state_dict_that_does_not_fit_its_config_is_refused(llama, tmp_path):
     config = llama[0] / "config.json"
     weights = dict(llama[1].state_dict())
