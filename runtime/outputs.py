@@ -25,17 +25,19 @@ from .errors import MemcompileError
 
 # What the user can do about each way the file system refuses a write; any other errno
 # (EIO, ...) stays an internal error: it is no choice of theirs.
-_ELSEWHERE = "choose another output path (-o)"
+_ELSEWHERE = "choose another output path"
 _REFUSALS = {
     code: refusal
     for name, refusal in [
         ("EROFS", ("read-only file system", _ELSEWHERE)),
         ("EACCES", ("permission denied", _ELSEWHERE)),
         ("EPERM", ("operation not permitted", _ELSEWHERE)),
-        ("ENAMETOOLONG", ("file name too long", "give the output a shorter name (-o)")),
+        ("ENAMETOOLONG", ("file name too long", "give the output a shorter name")),
         ("ENOSPC", ("no space left on device", f"free some space or {_ELSEWHERE}")),
         ("EDQUOT", ("disk quota exceeded", f"free some space or {_ELSEWHERE}")),
         ("EFBIG", ("file too large for its file system", _ELSEWHERE)),
+        # Creating a file in a directory that exists: a pseudo file system (/proc).
+        ("ENOENT", ("the file system creates no files there", _ELSEWHERE)),
     ]
     if (code := getattr(errno, name, None)) is not None  # Windows lacks some
 }

@@ -37,7 +37,7 @@ def test_a_name_too_long_is_one_line(hf_dir, out_dir):
     out = out_dir / ("x" * 300)
     error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
-        f"error: cannot write {out}: file name too long: give the output a shorter name (-o)"
+        f"error: cannot write {out}: file name too long: give the output a shorter name"
     )
     assert list(out_dir.iterdir()) == []
 
@@ -82,7 +82,7 @@ def test_a_read_only_directory_is_refused_before_converting(hf_dir, out_dir, mon
     out = out_dir / "new" / "ckpt"
     error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
-        f"error: cannot write {out}: read-only file system: choose another output path (-o)"
+        f"error: cannot write {out}: read-only file system: choose another output path"
     )
     assert converted == [] and list(out_dir.iterdir()) == []
 
@@ -100,7 +100,7 @@ def test_a_refusal_while_staging_is_one_line_and_leaves_no_folders(hf_dir, out_d
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
-    assert error == f"error: cannot write {out}: permission denied: choose another output path (-o)"
+    assert error == f"error: cannot write {out}: permission denied: choose another output path"
     assert list(out_dir.iterdir()) == []  # nor the folder "new" made for it
 
 
@@ -118,7 +118,7 @@ def test_a_full_disk_under_safetensors_is_one_line(hf_dir, out_dir, monkeypatch)
     error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error == (
         f"error: cannot write {out}: no space left on device: free some space or choose "
-        "another output path (-o)"
+        "another output path"
     )
     assert list(out_dir.iterdir()) == []
 
@@ -140,6 +140,18 @@ def test_a_failed_write_of_the_staged_files_is_one_line(hf_dir, out_dir, monkeyp
     error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
     assert error.startswith(f"error: cannot write {out}: {says}")
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc file system here")
+def test_an_output_on_a_pseudo_file_system_is_one_line(hf_dir):
+    """/proc creates no files: root gets ENOENT for a new name in it, others EACCES."""
+    out = Path("/proc") / f"memcompile-test-{os.getpid()}"
+    error = one_error(run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out))
+    assert error.startswith(f"error: cannot write {out}: ")
+    assert error.endswith("choose another output path")
+    with pytest.raises(MemcompileError, match="choose another output path"):
+        with atomic_file(out.with_suffix(".onnx")) as staged:
+            staged.write_text("{}")
 
 
 def test_an_io_error_stays_an_internal_error_and_leaves_nothing(hf_dir, out_dir, monkeypatch):
@@ -198,7 +210,7 @@ def test_a_full_disk_under_save_program_is_one_line_and_leaves_nothing(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == (
         f"cannot write {tmp_path}/out.pt2: no space left on device: free some space or "
-        "choose another output path (-o)"
+        "choose another output path"
     )
     assert list(tmp_path.iterdir()) == []
 
