@@ -113,10 +113,12 @@ def calibrate(
 
             tokenizer = AutoTokenizer.from_pretrained(original)
         except (OSError, ValueError, TypeError) as error:
+            # transformers' first line may only announce a list ("... from one of: ").
+            reason = first_line(error).strip()
+            detail = f" ({reason})" if reason and not reason.endswith(":") else ""
             raise MemcompileError(
-                f"--data needs a tokenizer and --original {original} has none that loads "
-                f"({first_line(error)}): give --original with its tokenizer files, or use "
-                "--synthetic"
+                f"--data needs a tokenizer and --original {original} has none that "
+                f"loads{detail}: give --original with its tokenizer files, or use --synthetic"
             ) from None
         batches = text_batches(tokenizer, texts, max_length=max_length)
     else:
