@@ -47,6 +47,12 @@ class TransformReport:
         )
 
 
+def _described(block: FFNBlock) -> FFNBlock:
+    """The block without its traced graph and module: a report kept on the model must not
+    hold the FFN that replace mode removed (its weights would stay in memory)."""
+    return replace(block, capture=None, match=None)
+
+
 def find_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     """Every FFN block of `model`, in model order, with its index, path, kind and widths."""
     if not isinstance(model, nn.Module):
@@ -146,8 +152,8 @@ def transform(
     params_after = count_parameters(model)
     removed = sum(c.ffn_params for c in state.converted) if config.mode == "replace" else 0
     report = TransformReport(
-        blocks_found=tuple(state.blocks),
-        converted=tuple(c.block for c in state.converted),
+        blocks_found=tuple(map(_described, state.blocks)),
+        converted=tuple(_described(c.block) for c in state.converted),
         config=config,
         params_before=params_before,
         params_after=params_after,

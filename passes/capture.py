@@ -54,7 +54,9 @@ class LeafTracer(fx.Tracer):
     then holds for that dtype only, and `assumed_dtype` records it.
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        # No dtype (as when pickle rebuilds a traced graph, calling the class with no
+        # arguments): dtype branches are not taken, as in plain fx.
         super().__init__()
         self.dtype = dtype
         self.assumed_dtype: torch.dtype | None = None
@@ -73,7 +75,7 @@ class LeafTracer(fx.Tracer):
                 and other.target is getattr
                 and other.args[1:] == ("dtype",)
             )
-            if isinstance(dtype, torch.dtype) and reads_dtype:
+            if self.dtype is not None and isinstance(dtype, torch.dtype) and reads_dtype:
                 self.assumed_dtype = self.dtype
                 return (self.dtype == dtype) == (node.target is operator.eq)
         return super().to_bool(obj)
