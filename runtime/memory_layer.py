@@ -230,6 +230,7 @@ class MemoryLayer(nn.Module):
         if (
             not x.is_cpu
             or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")  # the ops run in its dtype, the call in float32
             or x.numel() > cpu.MAX_TOKENS * self.d_in
             or self.query_norm is not None
         ):

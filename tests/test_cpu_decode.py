@@ -128,6 +128,21 @@ def test_a_bfloat16_layer_rounds_where_its_ops_round(tokens, gating):
     assert (out != on_ops).float().mean() < 0.05  # almost all identical
 
 
+@pytest.mark.parametrize("tokens", [1, cpu.MAX_TOKENS])
+def test_autocast_runs_the_ops_in_its_dtype(tokens):
+    """Under CPU autocast the one-call path (float32) stands aside: the layer computes as its
+    ops do under autocast with gradients on, not as in float32."""
+    layer = _layer()
+    x = torch.randn(tokens, 48, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, decodes, _ = _run(layer, x)
+        with_grad, *_ = _run(layer, x, grad=True)
+    assert decodes == 0
+    torch.testing.assert_close(out, with_grad.detach(), rtol=1e-2, atol=5e-3)
+    in_float32, *_ = _run(layer, x)
+    assert not torch.allclose(out, in_float32, rtol=1e-2, atol=5e-3)
+
+
 def _hooked(layer):
     layer.out.register_forward_hook(lambda module, args, out: out * 2)
     return layer
