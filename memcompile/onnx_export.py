@@ -26,7 +26,7 @@ from torch import nn
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
-from .runtime.outputs import created_parents
+from .runtime.outputs import created_parents, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,8 @@ def export_onnx(
     form: str = "decomposed",
     opset: int | None = None,
     dynamic: bool = True,
+    *,
+    force: bool = False,
 ) -> Path:
     """Export a model with memory layers to the ONNX file `path`; returns the path.
 
@@ -324,11 +326,12 @@ def export_onnx(
     opset, 18 to 23 (default 20). `dynamic`: the batch (dim 0) of every input and the
     sequence (dim 1) of token inputs (integer tensors and `*_embeds`) are dynamic. Inputs
     are named as the forward's parameters, outputs as the model's (`logits`,
-    `last_hidden_state`, ...). An existing file is replaced.
+    `last_hidden_state`, ...). An existing file is refused, unless `force`, which replaces it.
     """
     opset = _check_options(form, opset)
     if Path(path).is_dir():
         raise MemcompileError(f"{path} is a directory: give the path of the .onnx file to write")
+    refuse_existing(path, force)  # before the export, whose work would then be lost
     _check_model(model)
     named = _named_inputs(model, example_inputs)
     if dynamic:

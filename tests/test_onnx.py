@@ -388,7 +388,10 @@ def test_large_weights_go_to_a_data_file_and_static_shapes(tmp_path, monkeypatch
     assert np.abs(ort_session(path).run(None, {"x": x.numpy()})[0] - expected).max() <= 1e-5
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1 << 30)
-    memcompile.export_onnx(layer, x, path)  # replaced by a model without a side file
+    before = path.read_bytes()
+    _one_line_error(lambda: memcompile.export_onnx(layer, x, path), "already exists")
+    assert path.read_bytes() == before
+    memcompile.export_onnx(layer, x, path, force=True)  # replaced by a model without a side file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]  # no stale weights
     fixed = memcompile.export_onnx(layer, x, tmp_path / "fixed.onnx", dynamic=False)
     shape = onnx.load(fixed).graph.input[0].type.tensor_type.shape.dim

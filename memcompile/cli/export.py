@@ -126,7 +126,9 @@ def export(
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
     inputs = _token_inputs(model, batch, seq_len)
     with steps(f"exporting {onnx_path}"):
-        export_onnx(model, inputs, onnx_path, form=form, opset=opset, dynamic=not static)
+        export_onnx(
+            model, inputs, onnx_path, form=form, opset=opset, dynamic=not static, force=force
+        )
     import onnx  # export_onnx has checked that it is installed
 
     exported = onnx.load(onnx_path, load_external_data=False)
