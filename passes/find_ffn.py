@@ -287,7 +287,8 @@ def _split_blocks(captures: list[Capture], taken: set[str]) -> list[tuple[str, F
 
 def block_indices(paths: list[str]) -> list[int | str]:
     """Block indices from module paths (DESIGN.md): `model.layers.12.mlp` -> 12; with several
-    stacks, `encoder.block.2...` -> "encoder.2"; a path with no number is its own index."""
+    stacks, `encoder.block.2...` -> "encoder.2"; a path with no number is its own index, and
+    FFNs in the root's own graph (path "": a flat nn.Sequential) count 0, 1, 2..."""
     parsed = []
     for path in paths:
         parts = path.split(".") if path else []
@@ -306,9 +307,13 @@ def block_indices(paths: list[str]) -> list[int | str]:
             pos = next(differs, len(stack) - 1)
             labels[stack] = stack[pos] if stack else "root"
     indices: list[int | str] = []
+    root_blocks = 0
     for path, p in zip(paths, parsed):
-        if p is None:
-            indices.append(path or 0)
+        if not path:
+            indices.append(root_blocks)
+            root_blocks += 1
+        elif p is None:
+            indices.append(path)
         else:
             indices.append(f"{labels[p[0]]}.{p[1]}" if labels else p[1])
     seen: dict[str, int] = {}

@@ -461,6 +461,23 @@ def test_augment_keeps_outputs_bit_identical(name):
         assert not torch.equal(before, model(x))
 
 
+def test_ffns_in_the_roots_own_graph_count_from_0():
+    """A flat nn.Sequential holds two FFNs in its own graph (no module path): blocks 0, 1."""
+    model = nn.Sequential(
+        nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D), nn.LayerNorm(D),
+        nn.Linear(D, H), nn.GELU(), nn.Linear(H, D),
+    )  # fmt: skip
+    blocks = memcompile.find_ffn_blocks(model)
+    assert [(b.index, b.path, b.activation) for b in blocks] == [(0, "", "relu"), (1, "", "gelu")]
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        before = model(x)
+    memcompile.transform(model, layers=[1], mode="augment", **SMALL)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert model.memcompile_report.converted[0].activation == "gelu"
+
+
 # symbolic_trace traces into transformers' Conv1D (not a torch.nn leaf): no projection node
 WHOLE_GRAPH = [name for name in PATTERNS if name != "gpt2_conv1d"]
 
