@@ -103,6 +103,11 @@ class _FusedBag(torch.autograd.Function):
         return None, None, None if grad_w is None else grad_w.to(weights.dtype), None
 
 
+def _in_backward_pass() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class FusedTable:
     """The fused optimizer of one value table (or one column shard of it).
 
@@ -148,6 +153,7 @@ class FusedTable:
         self.step_counter: StepCounter | None = None
         self._counter_mark: int | None = None
         self._forwards = 0  # grad-enabled lookups since the last update
+        self._recomputed = False  # a lookup was recomputed inside this backward pass
         self._pending: list[tuple[torch.Tensor, ...]] = []  # this backward pass
         self._accumulated: list[tuple[torch.Tensor, ...]] = []  # earlier micro-batches
         self._micro_batches = 0
@@ -175,6 +181,13 @@ class FusedTable:
         """Count a lookup that will reach `backward_step` (how readers share one step)."""
         if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
             self._forwards += 1
+            if _in_backward_pass():
+                # Recomputed by activation checkpointing. Reentrant checkpointing runs each
+                # segment's backward as a pass of its own, whose end is not the step's: the
+                # update waits for the end of the pass running now (the outer one), after
+                # every segment has recomputed its lookups from the rows as they were.
+                self._recomputed = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def backward_step(self, values, indices, weights, grad_out, want_weights: bool):
         """The backward of a lookup done elsewhere (a sharded bag): steps the rows, returns
@@ -204,15 +217,17 @@ class FusedTable:
         if not update:  # frozen values: the weight gradient only
             return fused_ops.bag_weight_grad(grad_out, values, indices) if want_weights else None
         alone = self._forwards == 1 and not (self._pending or self._accumulated)
-        if alone and self.optimizer.accumulation_steps == 1:
+        if alone and not self._recomputed and self.optimizer.accumulation_steps == 1:
             # The only reader of this step: weight gradient and update in one kernel.
             return self._update(indices, weights.detach(), grad_out, want_weights)
         grad_w = fused_ops.bag_weight_grad(grad_out, values, indices) if want_weights else None
         self._pending.append((indices, weights.detach(), grad_out))
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if not self._recomputed:  # else the outer pass's callback is queued (note_lookup)
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return grad_w
 
     def _end_of_backward(self) -> None:
+        self._recomputed = False
         if not self._pending:  # another reader's callback already took this pass
             return
         counter = self.step_counter

@@ -127,7 +127,14 @@ def _fusable_shards(owner: nn.Module) -> bool:
         return False
     spec = bag_impl.spec
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if spec.strategy != "colwise" or spec.size != world:
+    if spec.strategy == "colwise" and spec.size != world:
+        raise MemcompileError(
+            f"fused value updates take tables split colwise over all ranks; {spec.table} is "
+            f"colwise over {spec.size} of {world} ranks, in {world // spec.size} replicas that "
+            "would each step on their own tokens: plan it colwise over the whole mesh, or "
+            "leave it to the optimizer"
+        )
+    if spec.strategy != "colwise":
         raise MemcompileError(
             f"fused value updates take tables that are whole or split colwise over all "
             f"ranks; {spec.table} is {spec.strategy} over {spec.size} of {world} ranks: plan "
@@ -182,11 +189,17 @@ def fuse_value_updates(
     owners = value_owners(model)
     if not owners:
         raise MemcompileError("the model has no memory value tables to fuse updates into")
+    fused = fused_value_ids(model)
     for owner in owners:
+        if id(owner.values) in fused:
+            raise MemcompileError(
+                f"the updates of the value table of {type(owner).__name__} are fused already: "
+                "call remove() on the handle fuse_value_updates returned first"
+            )
         if owner.bag_impl is not None and not _fusable_shards(owner):
             raise MemcompileError(
                 f"the value table of {type(owner).__name__} already has a bag_impl "
-                f"({type(owner.bag_impl).__name__}): call handle.remove() first"
+                f"({type(owner.bag_impl).__name__}) that fused updates cannot take"
             )
     tables = []
     for i, owner in enumerate(owners):

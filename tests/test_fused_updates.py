@@ -177,6 +177,26 @@ def _pool_model():
     return model
 
 
+def test_a_colwise_table_in_replica_groups_is_refused_with_why(monkeypatch):
+    """Colwise over a node of 2 ranks, 2 nodes: each replica would step on its own tokens."""
+    from memcompile.runtime import fused_values
+    from memcompile.runtime.sharded_bag import ShardedBag, ShardSpec
+
+    model = _pool_model()
+    pool = model.memcompile_pool
+    rows, v_dim = pool.values.shape
+    spec = ShardSpec("memcompile_pool.values", "colwise", None, 2, 0, rows, v_dim)
+    pool.bag_impl = ShardedBag(spec)
+    monkeypatch.setattr(fused_values.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(fused_values.dist, "get_world_size", lambda group=None: 4)
+    with pytest.raises(MemcompileError) as error:
+        memcompile.fuse_value_updates(model, "adam", 0.05)
+    assert "colwise over 2 of 4 ranks, in 2 replicas that would each step on their own" in str(
+        error.value
+    )
+    assert "plan it colwise over the whole mesh" in str(error.value)
+
+
 def _ids(seed):
     return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
 
@@ -205,6 +225,51 @@ def test_shared_pool_gets_one_step_with_the_summed_gradient():
     for (name, p), q in zip(model.named_parameters(), dense.parameters()):
         if name != "memcompile_pool.values":  # every other gradient as without fusion
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+class _TwoReaders(nn.Module):
+    """Two memory layers reading one pool, each in its own residual block, optionally under
+    activation checkpointing (`reentrant`: None for none, else torch's use_reentrant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = memcompile.MemoryConfig(mem_size=256, heads=2, knn=4, k_dim=8)
+        self.pool = memcompile.runtime.MemoryPool(256, 16, seed=3)
+        self.blocks = nn.ModuleList(memcompile.MemoryLayer(16, 16, config) for _ in range(2))
+        for block in self.blocks:
+            block.attach_pool(self.pool)
+        self.reentrant: bool | None = None
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.reentrant is None:
+                x = x + block(x)
+            else:
+                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_activation_checkpointing_gives_one_step_as_without_it(reentrant, accumulation_steps):
+    """Reentrant checkpointing runs a backward pass per segment, each recomputing its
+    lookup: the update still waits for the whole backward (one step, on rows as read)."""
+    torch.manual_seed(0)
+    plain = _TwoReaders()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.reentrant = reentrant
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    for model in (plain, checkpointed):
+        handle = memcompile.fuse_value_updates(
+            model, "rowwise_adagrad", 0.1, accumulation_steps=accumulation_steps
+        )
+        for micro_batch in range(accumulation_steps):
+            model(x).square().sum().backward()
+            assert handle.step == (micro_batch + 1) // accumulation_steps
+    torch.testing.assert_close(plain.pool.values, checkpointed.pool.values, rtol=0, atol=1e-6)
+    assert not torch.equal(plain.pool.values, _TwoReaders().pool.values)  # a step was taken
+    for p, q in zip(plain.blocks.parameters(), checkpointed.blocks.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_discarded_lookup_takes_the_buffered_path_with_the_same_result():
@@ -424,7 +489,7 @@ def test_param_groups_leave_fused_tables_out_and_remove_undoes_the_fusion():
     assert [g["name"] for g in groups] == ["default"]
     assert all(p is not pool.values for p in groups[0]["params"])
     assert len(groups[0]["params"]) == len(list(model.parameters())) - 1
-    with pytest.raises(MemcompileError, match="already has a bag_impl"):
+    with pytest.raises(MemcompileError, match="are fused already: call remove"):
         memcompile.fuse_value_updates(model, "adam", 0.05)
     handle.remove()
     assert pool.bag_impl is None
