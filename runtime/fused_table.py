@@ -96,7 +96,16 @@ class _FusedBag(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        values, indices, weights = ctx.saved_tensors
+        try:
+            values, indices, weights = ctx.saved_tensors
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise MemcompileError(
+                "this lookup's value rows were updated in place after it ran (fused value "
+                "updates step inside the backward): a second backward through one forward "
+                "(retain_graph=True) is not supported; run the forward again"
+            ) from None
         update, want_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_w = ctx.table._backward(values, indices, weights, grad_out.contiguous(), update,
                                      want_weights)  # fmt: skip

@@ -272,6 +272,16 @@ def test_activation_checkpointing_gives_one_step_as_without_it(reentrant, accumu
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_second_backward_through_one_step_is_one_line():
+    model = _pool_model()
+    memcompile.fuse_value_updates(model, "rowwise_adagrad", 0.05)
+    loss = EXAMPLE.loss(model, _ids(0))
+    loss.backward(retain_graph=True)
+    with pytest.raises(MemcompileError, match="a second backward through one forward") as error:
+        loss.backward()
+    assert "\n" not in str(error.value)
+
+
 def test_a_discarded_lookup_takes_the_buffered_path_with_the_same_result():
     twins = [nn.Parameter(torch.randn(30, 8)) for _ in range(2)]
     twins[1].data.copy_(twins[0].data)
