@@ -9,6 +9,7 @@ example inputs and its dynamic dimensions.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import pickle
@@ -86,11 +87,11 @@ def load_program(
         raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
 
 
-def _dynamic_shapes(program: torch.export.ExportedProgram):
-    """The program's dynamic dimensions, as `dynamic_shapes` for re-exporting it."""
+def _dynamic_shapes(program: torch.export.ExportedProgram, module: torch.nn.Module):
+    """The program's dynamic dimensions, as `dynamic_shapes` for re-exporting it as
+    `module`: by argument name, so that keyword inputs keep theirs too. None where an input
+    is not a plain tensor (a nested one), whose spec this does not build."""
     args, kwargs = program.example_inputs
-    if kwargs:
-        return None
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     specs = []
     for name in program.graph_signature.user_inputs:
@@ -104,13 +105,24 @@ def _dynamic_shapes(program: torch.export.ExportedProgram):
             }
             or None
         )
-    return tuple(specs) if len(specs) == len(args) else None
+    inputs = [*args, *kwargs.values()]
+    if len(specs) != len(inputs) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        return None
+    positional = [
+        p.name
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) < len(args):
+        return None
+    return dict(zip([*positional[: len(args)], *kwargs], specs))
 
 
 def reexport(program: torch.export.ExportedProgram, module: torch.nn.Module):
     """Export `module` (the converted program module) with `program`'s inputs and dims."""
     args, kwargs = program.example_inputs
-    return torch.export.export(module, args, kwargs, dynamic_shapes=_dynamic_shapes(program))
+    dynamic = _dynamic_shapes(program, module)
+    return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
 
 
 def save_program(

@@ -95,6 +95,33 @@ def test_program_augment_is_exact_on_new_shapes_and_replace_swaps_ops(tmp_path):
     assert lazy.output.count("\n") == 1 and "drop --lazy-init" in lazy.output
 
 
+class _Scaled(nn.Module):
+    """A program called with a keyword input as well: forward(x, scale=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = GatedStack()
+
+    def forward(self, x, scale=None):
+        return self.stack(x) * scale
+
+
+def test_keyword_inputs_keep_their_dynamic_dims(tmp_path):
+    x, scale = torch.randn(2, 5, 16), torch.randn(2, 1, 1)
+    batch, seq = torch.export.Dim("batch", max=32), torch.export.Dim("seq", max=64)
+    dims = {"x": {0: batch, 1: seq}, "scale": {0: batch}}
+    program = torch.export.export(_Scaled().eval(), (x,), {"scale": scale}, dynamic_shapes=dims)
+    torch.export.save(program, tmp_path / "kw.pt2")
+    result = _convert(tmp_path / "kw.pt2", tmp_path / "out.pt2", "--layers", "stack", "--mode",
+                      "augment")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    converted = torch.export.load(tmp_path / "out.pt2")
+    probe = torch.randn(3, 11, 16), torch.randn(3, 1, 1)  # a new batch and length
+    with torch.no_grad():
+        expected = program.module()(probe[0], scale=probe[1])
+        assert torch.equal(converted.module()(probe[0], scale=probe[1]), expected)
+
+
 def test_gated_and_fused_programs(tmp_path):
     torch.manual_seed(0)
     model = GatedStack()
