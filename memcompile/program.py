@@ -9,16 +9,20 @@ example inputs and its dynamic dimensions.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import inspect
 import logging
 import os
 import pickle
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .runtime import MemcompileError
-from .runtime.errors import quieted_loggers
 from .runtime.outputs import atomic_file, deferred_write_errors
 
 log = logging.getLogger(__name__)
@@ -67,24 +71,86 @@ def _unpickling_in(error: BaseException | None) -> bool:
     return False
 
 
+class _KeptLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(self.format(record))  # with the traceback it carries
+
+
+@contextlib.contextmanager
+def _kept_log(name: str) -> Iterator[list[str]]:
+    """The logger's warnings in a list, kept from the console: torch.export.load logs a
+    traceback before it raises, and only the log says why."""
+    logger, kept = logging.getLogger(name), _KeptLog()
+    level, propagate, handlers = logger.level, logger.propagate, logger.handlers
+    logger.handlers = [kept]  # torch's logging gives torch.export a console handler of its own
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield kept.messages
+    finally:
+        logger.handlers = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+# transformers registers its output classes (ModelOutput) with torch's pytree as it defines
+# them: a program exported from an HF model as it is returns one, and loads only after.
+_UNREGISTERED = re.compile(
+    r"Deserializing (transformers(?:\.\w+)+)\.\w+ in pytree is not registered"
+)
+
+
+def _import_output_types(messages: list[str]) -> bool:
+    """Import the transformers modules whose output types the log says are missing; only
+    transformers' own modules, whatever else an archive names. True if one was imported."""
+    imported = False
+    for module in {m for text in messages for m in _UNREGISTERED.findall(text)}:
+        if module not in sys.modules and importlib.util.find_spec("transformers") is not None:
+            importlib.import_module(module)
+            imported = True
+    return imported
+
+
+def _reason(messages: list[str], error: BaseException) -> str:
+    """The first sentence of the kept log's last exception line (what went wrong), else of
+    the error's text."""
+    lines = [line for text in messages for line in text.splitlines()]
+    said = [
+        line.split("] ")[-1].strip()
+        for line in lines
+        if re.search(r"\w+(Error|Exception): ", line)
+    ]
+    text = re.sub(r"^[\w.]+(Error|Exception): ", "", said[-1]) if said else str(error)
+    return text.split(". ")[0].rstrip(".")  # torch's advice after the first sentence is not ours
+
+
 def load_program(
     path: str | os.PathLike, trust_pickle: bool = False
 ) -> torch.export.ExportedProgram:
     """The program in a .pt2 archive. One whose payloads are pickled is refused unless
     `trust_pickle`: unpickling them runs whatever code they contain."""
-    guard = contextlib.nullcontext() if trust_pickle else _unpickling_refused()
-    # torch.export logs a traceback before raising on a bad archive: the error says it all.
-    try:
-        with guard, quieted_loggers(["torch.export"], logging.CRITICAL):
-            return torch.export.load(path)
-    except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
-        if not trust_pickle and _unpickling_in(error):
+    for attempt in range(2):
+        guard = contextlib.nullcontext() if trust_pickle else _unpickling_refused()
+        try:
+            with guard, _kept_log("torch.export") as messages:
+                return torch.export.load(path)
+        except Exception as error:  # noqa: BLE001 - any unreadable archive is bad input
+            if attempt == 0 and _import_output_types(messages):
+                continue
+            if not trust_pickle and _unpickling_in(error):
+                raise MemcompileError(
+                    f"{path} holds pickled payloads: loading them runs whatever code they "
+                    "contain, so memcompile refuses them by default; pass trust_pickle=True "
+                    "(--trust-pickle) only for files you made or trust"
+                ) from None
             raise MemcompileError(
-                f"{path} holds pickled payloads: loading them runs whatever code they "
-                "contain, so memcompile refuses them by default; pass trust_pickle=True "
-                "(--trust-pickle) only for files you made or trust"
+                f"{path} is not a torch.export program (.pt2): {_reason(messages, error)}"
             ) from None
-        raise MemcompileError(f"{path} is not a torch.export program (.pt2): {error}") from None
+    raise AssertionError("unreachable")
 
 
 def _dynamic_shapes(program: torch.export.ExportedProgram, module: torch.nn.Module):

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -265,6 +267,32 @@ def test_not_a_program(tmp_path):
     result = _convert(tmp_path / "bad.pt2", tmp_path / "out.pt2", "--layers", "0")
     assert result.exit_code == 2 and "not a torch.export program" in result.output
     assert not (tmp_path / "out.pt2").exists()
+
+
+def test_an_hf_program_returning_its_model_output_loads_in_a_fresh_process(tmp_path):
+    """A program exported from an HF model as it is returns a ModelOutput, which torch can
+    read back only once transformers has defined (registered) that class: the CLI, in a
+    process that has not imported it, loads the program all the same."""
+    model = next(case for case in ZOO if case.name == "llama").build().eval()
+    model.config.use_cache = False  # a cache object is no exportable output
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch.export.save(torch.export.export(model, (ids,), strict=False), tmp_path / "hf.pt2")
+    done = subprocess.run(
+        [sys.executable, "-m", "memcompile.cli", "inspect", str(tmp_path / "hf.pt2"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [b["kind"] for b in json.loads(done.stdout)["blocks"]] == ["gated"] * 3
+    assert done.stderr.strip() == ""
+
+
+def test_a_broken_archive_says_why_in_one_line(tmp_path):
+    source = tmp_path / "ok.pt2"
+    _export(build(EXAMPLE), torch.randint(1, VOCAB, (2, 9)), source)
+    (tmp_path / "cut.pt2").write_bytes(source.read_bytes()[:2000])
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "cut.pt2")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "not a torch.export program" in result.output and "warnings above" not in result.output
 
 
 class _MakesDirectory:
