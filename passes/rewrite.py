@@ -50,18 +50,21 @@ def ffn_parameters(model: nn.Module, block: FFNBlock) -> int:
     one graph, whose FFN paths are its modules), else those its matched nodes use, as for an
     FFN written inline in a bigger layer (BART's fc1 and fc2); a split FFN's two modules."""
     capture = block.capture
-    if block.kind == "split" or capture.whole_model or _is_whole_module(block):
-        paths = [block.path, block.exit_path] if block.exit_path else [block.path]
+    paths = [block.path, block.exit_path] if block.exit_path else [block.path]
+    if block.kind == "split" or _is_whole_module(block):
         return _count(*(model.get_submodule(path) for path in paths))
     gm, match = capture.graph_module, block.match
     nodes = [*match.interior, match.exit]
     modules = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-    weights = []  # those the forward reads itself (F.linear)
-    for node in nodes:
+    weights = []  # those the forward reads itself (F.linear; a program's aten.linear)
+    for node in {*nodes, *(arg for n in nodes for arg in n.all_input_nodes)}:
         if node.op == "get_attr":
             with contextlib.suppress(AttributeError):  # a buffer or a constant
                 weights.append(gm.get_parameter(node.target))
-    return _count(*modules, extra=tuple(weights))
+    counted = _count(*modules, extra=tuple(weights))
+    if capture.whole_model and not counted:  # no node names its weights: the module's
+        return _count(*(model.get_submodule(path) for path in paths))
+    return counted
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

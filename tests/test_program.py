@@ -269,6 +269,21 @@ def test_not_a_program(tmp_path):
     assert not (tmp_path / "out.pt2").exists()
 
 
+def test_a_programs_blocks_count_their_own_parameters(tmp_path):
+    """In a program every FFN lies in one graph: each block counts the weights its
+    projections read, not its enclosing module's (here the whole model)."""
+    model = nn.Sequential(
+        nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16), nn.LayerNorm(16),
+        nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16),
+    ).eval()  # fmt: skip
+    program = torch.export.export(model, (torch.randn(2, 16),))
+    torch.export.save(program, tmp_path / "seq.pt2")
+    listed = CliRunner().invoke(main, ["inspect", str(tmp_path / "seq.pt2"), "--json"])
+    assert listed.exit_code == 0, listed.output
+    own = [sum(p.numel() for i in pair for p in model[i].parameters()) for pair in [(0, 2), (4, 6)]]
+    assert [b["params"] for b in json.loads(listed.output)["blocks"]] == own
+
+
 def test_an_hf_program_returning_its_model_output_loads_in_a_fresh_process(tmp_path):
     """A program exported from an HF model as it is returns a ModelOutput, which torch can
     read back only once transformers has defined (registered) that class: the CLI, in a
