@@ -100,6 +100,11 @@ def transform(
     Returns the same model object, with a `TransformReport` attached as
     `model.memcompile_report`; `return_report=True` returns `(model, report)` instead.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        raise MemcompileError(
+            "transform needs a torch.nn.Module, got an ExportedProgram: pass program.module() "
+            "(and torch.export.export the result again for a program)"
+        )
     if not isinstance(model, nn.Module):
         raise MemcompileError(f"transform needs a torch.nn.Module, got {type(model).__name__}")
     if config is not None and not isinstance(config, MemoryConfig):

@@ -67,6 +67,10 @@ def test_model_without_ffn_blocks():
 def test_not_a_module():
     with pytest.raises(memcompile.MemcompileError, match="needs a torch.nn.Module"):
         memcompile.transform("model.pt", layers=[0])
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    program = torch.export.export(model, (torch.randn(2, 8),))
+    with pytest.raises(memcompile.MemcompileError, match=r"pass program.module\(\)"):
+        memcompile.transform(program, layers=[0])
 
 
 def test_numpy_and_tensor_integers_are_integers():
