@@ -110,21 +110,29 @@ def _import_output_types(messages: list[str]) -> bool:
     imported = False
     for module in {m for text in messages for m in _UNREGISTERED.findall(text)}:
         if module not in sys.modules and importlib.util.find_spec("transformers") is not None:
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except ImportError:  # no such module (another transformers version): the
+                continue  # load's own error stands
             imported = True
     return imported
 
 
 def _reason(messages: list[str], error: BaseException) -> str:
-    """The first sentence of the kept log's last exception line (what went wrong), else of
-    the error's text."""
+    """The error's text, unless it only points at the log ("check the warnings above",
+    which memcompile keeps from the console): then the first sentence of the log's last
+    exception line."""
+    if "warnings above" not in str(error):
+        return str(error)
     lines = [line for text in messages for line in text.splitlines()]
     said = [
         line.split("] ")[-1].strip()
         for line in lines
         if re.search(r"\w+(Error|Exception): ", line)
     ]
-    text = re.sub(r"^[\w.]+(Error|Exception): ", "", said[-1]) if said else str(error)
+    if not said:
+        return str(error)
+    text = re.sub(r"^[\w.]+(Error|Exception): ", "", said[-1])
     return text.split(". ")[0].rstrip(".")  # torch's advice after the first sentence is not ours
 
 

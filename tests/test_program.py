@@ -301,6 +301,14 @@ def test_an_hf_program_returning_its_model_output_loads_in_a_fresh_process(tmp_p
     assert done.stderr.strip() == ""
 
 
+def test_only_transformers_own_modules_are_imported_for_an_archive():
+    from memcompile import program
+
+    said = "NotImplementedError: Deserializing {} in pytree is not registered."
+    assert not program._import_output_types([said.format("os.path.Anything")])
+    assert not program._import_output_types([said.format("transformers.no_such_module.X")])
+
+
 def test_a_broken_archive_says_why_in_one_line(tmp_path):
     source = tmp_path / "ok.pt2"
     _export(build(EXAMPLE), torch.randint(1, VOCAB, (2, 9)), source)
