@@ -282,11 +282,9 @@ def _class_for_weights(config, keys: set[str]) -> type:
     return best[1]
 
 
-def model_from_hf_config(
-    config_path: str | os.PathLike, state_dict_keys: set[str] | None = None
-) -> nn.Module:
+def model_from_hf_config(config_path: str | os.PathLike, state_dict_keys: set[str]) -> nn.Module:
     """A randomly initialised transformers model from a config.json (file or directory):
-    the class it names, else the one that fits `state_dict_keys` best (else the base model)."""
+    the class it names, else the one that fits the names `state_dict_keys` best."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -295,7 +293,7 @@ def model_from_hf_config(
             f"{config_path} does not exist: --config takes an HF config.json or its directory"
         )
     config = _read_config(config_path)
-    cls = _class_for_weights(config, state_dict_keys or set())
+    cls = _class_for_weights(config, state_dict_keys)
     with quieted_loggers(["transformers"]):
         return cls._from_config(config)
 

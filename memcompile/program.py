@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import inspect
 import logging
 import os
@@ -109,11 +108,11 @@ def _import_output_types(messages: list[str]) -> bool:
     transformers' own modules, whatever else an archive names. True if one was imported."""
     imported = False
     for module in {m for text in messages for m in _UNREGISTERED.findall(text)}:
-        if module not in sys.modules and importlib.util.find_spec("transformers") is not None:
+        if module not in sys.modules:
             try:
                 importlib.import_module(module)
-            except ImportError:  # no such module (another transformers version): the
-                continue  # load's own error stands
+            except ImportError:  # no transformers, or not this module (another version):
+                continue  # the load's own error stands
             imported = True
     return imported
 

@@ -46,25 +46,25 @@ def _count(*modules: nn.Module, extra: tuple[nn.Parameter, ...] = ()) -> int:
 
 
 def ffn_parameters(model: nn.Module, block: FFNBlock) -> int:
-    """The FFN's own parameters: its module's when the module is the FFN (or the model is
-    one graph, whose FFN paths are its modules), else those its matched nodes use, as for an
-    FFN written inline in a bigger layer (BART's fc1 and fc2); a split FFN's two modules."""
+    """The FFN's own parameters: its module's when the module is the FFN, and a split FFN's
+    two modules; else those its matched nodes use, as for an FFN written inline in a bigger
+    layer (BART's fc1 and fc2) or one in a whole-model graph (a program: its module path is
+    the enclosing layer), whose module's are the fallback where no node names a weight."""
     capture = block.capture
+    if block.kind != "split" and not _is_whole_module(block):
+        gm, match = capture.graph_module, block.match
+        nodes = [*match.interior, match.exit]
+        modules = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+        weights = []  # those the forward reads itself (F.linear; a program's aten.linear)
+        for node in {*nodes, *(arg for n in nodes for arg in n.all_input_nodes)}:
+            if node.op == "get_attr":
+                with contextlib.suppress(AttributeError):  # a buffer or a constant
+                    weights.append(gm.get_parameter(node.target))
+        counted = _count(*modules, extra=tuple(weights))
+        if counted or not capture.whole_model:
+            return counted
     paths = [block.path, block.exit_path] if block.exit_path else [block.path]
-    if block.kind == "split" or _is_whole_module(block):
-        return _count(*(model.get_submodule(path) for path in paths))
-    gm, match = capture.graph_module, block.match
-    nodes = [*match.interior, match.exit]
-    modules = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-    weights = []  # those the forward reads itself (F.linear; a program's aten.linear)
-    for node in {*nodes, *(arg for n in nodes for arg in n.all_input_nodes)}:
-        if node.op == "get_attr":
-            with contextlib.suppress(AttributeError):  # a buffer or a constant
-                weights.append(gm.get_parameter(node.target))
-    counted = _count(*modules, extra=tuple(weights))
-    if capture.whole_model and not counted:  # no node names its weights: the module's
-        return _count(*(model.get_submodule(path) for path in paths))
-    return counted
+    return _count(*(model.get_submodule(path) for path in paths))
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
