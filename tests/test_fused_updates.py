@@ -1,10 +1,10 @@
 """Fused value updates (`memcompile.fuse_value_updates`): each step against an independent
-float64 optimizer on the dense gradient, restricted to the touched rows; shared tables,
-gradient accumulation, clipping, column shards in two processes, resuming."""
+float64 optimizer on the dense gradient, restricted to the touched rows; schedules,
+clipping, column shards in two processes, resuming, bad arguments. Steps with several
+lookups or backward passes: test_fused_readers.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -15,6 +15,17 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from fused_reference import (
+    EXAMPLE,
+    SMALL,
+    Reference,
+    assert_close64,
+    dense_gradient,
+    fused_step,
+    make_batch,
+    pool_model,
+    token_ids,
+)
 from torch import nn
 
 import memcompile
@@ -22,66 +33,9 @@ from memcompile import MemcompileError
 from memcompile.kernels import ops
 from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
 
-from models import CASES, VOCAB, build
+from models import build
 
-EXAMPLE = next(c for c in CASES if c.name == "example")
-SMALL = dict(mem_size=256, knn=4, heads=2)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batch(rows, v_dim, seed, n=6, picks=5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, rows, (n, picks), generator=g), torch.rand(n, picks, generator=g),
-            torch.randn(n, v_dim, generator=g))  # fmt: skip
-
-
-def _dense(rows, batches):
-    """Float64 dense value gradient of bags (indices, weights, grad_out), and touched rows."""
-    v_dim = batches[0][2].shape[1]
-    grad, touched = torch.zeros(rows, v_dim, dtype=torch.float64), torch.zeros(rows, dtype=bool)
-    for idx, w, go in batches:
-        contrib = w.double()[..., None] * go.double()[:, None, :]
-        grad.index_add_(0, idx.reshape(-1), contrib.reshape(-1, v_dim))
-        touched[idx.reshape(-1)] = True
-    return grad, touched
-
-
-class Reference:
-    """Row-wise Adagrad / lazy Adam in float64, written from their textbook definitions."""
-
-    def __init__(self, values, name, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 initial_sum=0.0):  # fmt: skip
-        self.w = values.detach().double().clone()
-        self.name, self.lr, self.betas, self.eps, self.wd = name, lr, betas, eps, weight_decay
-        self.sum = torch.full((self.w.shape[0],), initial_sum, dtype=torch.float64)
-        self.m, self.v, self.t = torch.zeros_like(self.w), torch.zeros_like(self.w), 0
-
-    def step(self, grad, touched, max_norm=None):
-        if max_norm is not None:
-            grad = grad * min(1.0, max_norm / (grad.norm().item() + 1e-6))
-        self.t += 1
-        r, g = touched, grad[touched]
-        w = self.w[r] * (1 - self.lr * self.wd)
-        if self.name == "rowwise_adagrad":
-            self.sum[r] += g.pow(2).mean(1)
-            self.w[r] = w - self.lr * g / (self.sum[r].sqrt()[:, None] + self.eps)
-        else:
-            (b1, b2), t = self.betas, self.t
-            self.m[r] = b1 * self.m[r] + (1 - b1) * g
-            self.v[r] = b2 * self.v[r] + (1 - b2) * g * g
-            m_hat, v_hat = self.m[r] / (1 - b1**t), self.v[r] / (1 - b2**t)
-            self.w[r] = w - self.lr * m_hat / (v_hat.sqrt() + self.eps)
-
-
-def _step(table, idx, w, go):
-    """One fused bag forward and backward; returns the weight gradient."""
-    w = w.clone().requires_grad_()
-    table.bag(table.values, idx, w).backward(go)
-    return w.grad
-
-
-def _close(got, want):
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
@@ -91,26 +45,26 @@ def test_steps_match_the_float64_reference_and_untouched_rows_keep_everything(na
     table = FusedTable(values, ValueOptimizer(name, 0.05, weight_decay=weight_decay))
     ref = Reference(values, name, 0.05, weight_decay=weight_decay)
     for seed in range(3):
-        idx, w, go = _batch(40, 12, seed)
+        idx, w, go = make_batch(40, 12, seed)
         if seed == 1:
             idx[idx < 20] += 20  # rows 0-19 sit this step out: lazy moments, no decay
         state_before = {k: v.clone() for k, v in table.state.items()}
         before = values.detach().clone()
-        grad_w = _step(table, idx, w, go)
+        grad_w = fused_step(table, idx, w, go)
         _, want_w = ops.bag_backward(go, before, idx, w)  # read before the step
         torch.testing.assert_close(grad_w, want_w)
-        ref.step(*_dense(40, [(idx, w, go)]))
-        _close(values.detach(), ref.w)
-        untouched = ~_dense(40, [(idx, w, go)])[1]
+        ref.step(*dense_gradient(40, [(idx, w, go)]))
+        assert_close64(values.detach(), ref.w)
+        untouched = ~dense_gradient(40, [(idx, w, go)])[1]
         assert torch.equal(values.detach()[untouched], before[untouched])
         for key, state in table.state.items():
             assert torch.equal(state[untouched], state_before[key][untouched])
     assert values.grad is None and table.step == 3
     if name == "adam":
-        _close(table.state["exp_avg"], ref.m)
-        _close(table.state["exp_avg_sq"], ref.v)
+        assert_close64(table.state["exp_avg"], ref.m)
+        assert_close64(table.state["exp_avg_sq"], ref.v)
     else:
-        _close(table.state["sum"], ref.sum)
+        assert_close64(table.state["sum"], ref.sum)
 
 
 def test_initial_accumulator_value_starts_every_rows_adagrad_sum():
@@ -120,12 +74,12 @@ def test_initial_accumulator_value_starts_every_rows_adagrad_sum():
     ref = Reference(values, "rowwise_adagrad", 0.05, initial_sum=0.5)
     unstarted = Reference(values, "rowwise_adagrad", 0.05)
     for seed in range(2):
-        batch = _dense(40, [_batch(40, 12, seed)])
-        _step(table, *_batch(40, 12, seed))
+        batch = dense_gradient(40, [make_batch(40, 12, seed)])
+        fused_step(table, *make_batch(40, 12, seed))
         ref.step(*batch)
         unstarted.step(*batch)
-    _close(values.detach(), ref.w)
-    _close(table.state["sum"], ref.sum)
+    assert_close64(values.detach(), ref.w)
+    assert_close64(table.state["sum"], ref.sum)
     assert (ref.w - unstarted.w).abs().max() > 1e-2  # the starting sum changed the steps
 
 
@@ -142,15 +96,15 @@ def test_lr_lambda_schedules_adam_as_lambda_lr_schedules_torch_adamw():
     adamw = torch.optim.AdamW([dense], lr=0.05, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(adamw, _warmup_then_halve)
     for seed in range(6):
-        idx, w, go = _batch(8, 6, seed, n=4, picks=4)
+        idx, w, go = make_batch(8, 6, seed, n=4, picks=4)
         idx[0] = torch.arange(4)
         idx[1] = torch.arange(4, 8)
         assert table.lr == pytest.approx(schedule.get_last_lr()[0])
-        _step(table, idx, w, go)
-        dense.grad = _dense(8, [(idx, w, go)])[0]
+        fused_step(table, idx, w, go)
+        dense.grad = dense_gradient(8, [(idx, w, go)])[0]
         adamw.step()
         schedule.step()
-        _close(values.detach(), dense.detach())
+        assert_close64(values.detach(), dense.detach())
 
 
 def test_lr_lambda_scales_each_rowwise_adagrad_step_and_refuses_a_bad_factor():
@@ -159,22 +113,16 @@ def test_lr_lambda_scales_each_rowwise_adagrad_step_and_refuses_a_bad_factor():
                        lr_lambda=_warmup_then_halve)  # fmt: skip
     ref = Reference(values, "rowwise_adagrad", 0.05)
     for seed in range(5):
-        idx, w, go = _batch(40, 12, seed)
+        idx, w, go = make_batch(40, 12, seed)
         ref.lr = 0.05 * _warmup_then_halve(seed)
-        _step(table, idx, w, go)
-        ref.step(*_dense(40, [(idx, w, go)]))
-        _close(values.detach(), ref.w)
+        fused_step(table, idx, w, go)
+        ref.step(*dense_gradient(40, [(idx, w, go)]))
+        assert_close64(values.detach(), ref.w)
     table.lr_lambda = lambda k: -1.0
     before = values.detach().clone()
     with pytest.raises(MemcompileError, match=r"lr_lambda\(5\) returned -1.0: it must return"):
-        _step(table, *_batch(40, 12, 9))
+        fused_step(table, *make_batch(40, 12, 9))
     assert torch.equal(values.detach(), before) and table.step == 5
-
-
-def _pool_model():
-    model = build(EXAMPLE)
-    memcompile.transform(model, layers=[0, 2], **SMALL)  # one pool read by two layers
-    return model
 
 
 def test_a_colwise_table_in_replica_groups_is_refused_with_why(monkeypatch):
@@ -182,7 +130,7 @@ def test_a_colwise_table_in_replica_groups_is_refused_with_why(monkeypatch):
     from memcompile.runtime import fused_values
     from memcompile.runtime.sharded_bag import ShardedBag, ShardSpec
 
-    model = _pool_model()
+    model = pool_model()
     pool = model.memcompile_pool
     rows, v_dim = pool.values.shape
     spec = ShardSpec("memcompile_pool.values", "colwise", None, 2, 0, rows, v_dim)
@@ -197,153 +145,6 @@ def test_a_colwise_table_in_replica_groups_is_refused_with_why(monkeypatch):
     assert "plan it colwise over the whole mesh" in str(error.value)
 
 
-def _ids(seed):
-    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
-
-
-def test_shared_pool_gets_one_step_with_the_summed_gradient():
-    model = _pool_model()
-    dense = copy.deepcopy(model)
-    seen = []
-
-    def recorder(values, indices, weights):  # the unfused twin: record which rows are read
-        seen.append(indices)
-        return ops.bag(values, indices, weights)
-
-    dense.memcompile_pool.bag_impl = recorder
-    EXAMPLE.loss(dense, _ids(0)).backward()
-    assert len(seen) == 2
-    ref = Reference(model.memcompile_pool.values, "adam", 0.02, weight_decay=0.1)
-    touched = torch.zeros(256, dtype=torch.bool)
-    touched[torch.cat(seen).reshape(-1)] = True
-    ref.step(dense.memcompile_pool.values.grad.double(), touched)
-
-    handle = memcompile.fuse_value_updates(model, "adam", 0.02, weight_decay=0.1)
-    EXAMPLE.loss(model, _ids(0)).backward()
-    assert handle.step == 1 and model.memcompile_pool.values.grad is None
-    _close(model.memcompile_pool.values.detach(), ref.w)
-    for (name, p), q in zip(model.named_parameters(), dense.parameters()):
-        if name != "memcompile_pool.values":  # every other gradient as without fusion
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
-
-
-class _TwoReaders(nn.Module):
-    """Two memory layers reading one pool, each in its own residual block, optionally under
-    activation checkpointing (`reentrant`: None for none, else torch's use_reentrant)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        config = memcompile.MemoryConfig(mem_size=256, heads=2, knn=4, k_dim=8)
-        self.pool = memcompile.runtime.MemoryPool(256, 16, seed=3)
-        self.blocks = nn.ModuleList(memcompile.MemoryLayer(16, 16, config) for _ in range(2))
-        for block in self.blocks:
-            block.attach_pool(self.pool)
-        self.reentrant: bool | None = None
-
-    def forward(self, x):
-        for block in self.blocks:
-            if self.reentrant is None:
-                x = x + block(x)
-            else:
-                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
-        return x
-
-
-@pytest.mark.parametrize("reentrant", [True, False])
-@pytest.mark.parametrize("accumulation_steps", [1, 2])
-def test_activation_checkpointing_gives_one_step_as_without_it(reentrant, accumulation_steps):
-    """Reentrant checkpointing runs a backward pass per segment, each recomputing its
-    lookup: the update still waits for the whole backward (one step, on rows as read)."""
-    torch.manual_seed(0)
-    plain = _TwoReaders()
-    checkpointed = copy.deepcopy(plain)
-    checkpointed.reentrant = reentrant
-    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    for model in (plain, checkpointed):
-        handle = memcompile.fuse_value_updates(
-            model, "rowwise_adagrad", 0.1, accumulation_steps=accumulation_steps
-        )
-        for micro_batch in range(accumulation_steps):
-            model(x).square().sum().backward()
-            assert handle.step == (micro_batch + 1) // accumulation_steps
-    torch.testing.assert_close(plain.pool.values, checkpointed.pool.values, rtol=0, atol=1e-6)
-    assert not torch.equal(plain.pool.values, _TwoReaders().pool.values)  # a step was taken
-    for p, q in zip(plain.blocks.parameters(), checkpointed.blocks.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_a_second_backward_through_one_step_is_one_line():
-    model = _pool_model()
-    memcompile.fuse_value_updates(model, "rowwise_adagrad", 0.05)
-    loss = EXAMPLE.loss(model, _ids(0))
-    loss.backward(retain_graph=True)
-    with pytest.raises(MemcompileError, match="a second backward through one forward") as error:
-        loss.backward()
-    assert "\n" not in str(error.value)
-
-
-def test_a_discarded_lookup_takes_the_buffered_path_with_the_same_result():
-    twins = [nn.Parameter(torch.randn(30, 8)) for _ in range(2)]
-    twins[1].data.copy_(twins[0].data)
-    tables = [FusedTable(v, ValueOptimizer("adam", 0.01)) for v in twins]
-    idx, w, go = _batch(30, 8, 5)
-    grads = [_step(tables[0], idx, w, go)]  # the only reader: update inside its backward
-    tables[1].bag(twins[1], idx, w.clone().requires_grad_())  # graph dropped, never used
-    with torch.no_grad():
-        tables[1].bag(twins[1], idx, w)  # does not count
-    grads.append(_step(tables[1], idx, w, go))  # two lookups seen: end-of-backward update
-    assert torch.equal(twins[0], twins[1]) and torch.equal(*grads)
-    assert tables[0].step == tables[1].step == 1
-
-
-def test_accumulation_steps_step_once_on_the_summed_micro_batches():
-    values = nn.Parameter(torch.randn(25, 6))
-    table = FusedTable(values, ValueOptimizer("rowwise_adagrad", 0.1, accumulation_steps=2))
-    ref = Reference(values, "rowwise_adagrad", 0.1)
-    before = values.detach().clone()
-    micro = [_batch(25, 6, seed) for seed in (7, 8)]
-    _step(table, *micro[0])
-    assert torch.equal(values.detach(), before) and table.step == 0
-    with pytest.raises(MemcompileError, match="middle of an accumulation window"):
-        table.state_dict()  # the buffered micro-batch is not state: a resume would lose it
-    _step(table, *micro[1])
-    assert table.step == 1
-    ref.step(*_dense(25, micro))
-    _close(values.detach(), ref.w)
-
-
-@pytest.mark.parametrize("layers", [[1], [0, 2]], ids=["one-reader", "shared"])
-def test_step_with_refuses_a_second_backward_before_the_optimizer_steps(layers):
-    model = build(EXAMPLE)
-    memcompile.transform(model, layers=layers, **SMALL)
-    optimizer = torch.optim.SGD(memcompile.param_groups(model, 1e-3), lr=1e-3)
-    memcompile.fuse_value_updates(model, "adam", 1e-2, step_with=optimizer)
-    for seed in range(2):
-        EXAMPLE.loss(model, _ids(seed)).backward()
-        optimizer.step()
-    EXAMPLE.loss(model, _ids(2)).backward()
-    with pytest.raises(MemcompileError, match="second backward before optimizer.step"):
-        EXAMPLE.loss(model, _ids(3)).backward()
-
-
-def test_step_with_refuses_an_optimizer_step_inside_an_accumulation_window():
-    model = memcompile.transform(build(EXAMPLE), layers=[1], **SMALL)
-    optimizer = torch.optim.SGD(memcompile.param_groups(model, 1e-3), lr=1e-3)
-    handle = memcompile.fuse_value_updates(
-        model, "adam", 1e-2, accumulation_steps=2, step_with=optimizer
-    )
-    for seed in range(4):  # two declared windows of two micro-batches
-        EXAMPLE.loss(model, _ids(seed)).backward()
-        if seed % 2:
-            optimizer.step()
-    assert handle.step == 2
-    EXAMPLE.loss(model, _ids(4)).backward()
-    optimizer.step()  # after one micro-batch of two
-    with pytest.raises(MemcompileError, match="ran between the micro-batches"):
-        EXAMPLE.loss(model, _ids(5)).backward()
-    assert handle.step == 2
-
-
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "under-the-bound"])
 def test_max_grad_norm_clips_by_the_tables_own_gradient_norm(name, max_norm):
@@ -351,12 +152,12 @@ def test_max_grad_norm_clips_by_the_tables_own_gradient_norm(name, max_norm):
     table = FusedTable(values, ValueOptimizer(name, 0.05, max_grad_norm=max_norm))
     ref = Reference(values, name, 0.05)
     for seed in range(2):
-        batch = _batch(30, 10, seed)
-        _step(table, *batch)
-        grad, touched = _dense(30, [batch])
+        batch = make_batch(30, 10, seed)
+        fused_step(table, *batch)
+        grad, touched = dense_gradient(30, [batch])
         ref.step(grad, touched, max_norm)
         torch.testing.assert_close(table.last_grad_norm.double(), grad.norm())
-    _close(values.detach(), ref.w)
+    assert_close64(values.detach(), ref.w)
 
 
 def _free_port() -> int:
@@ -367,7 +168,7 @@ def _free_port() -> int:
 
 def _colwise_problem():
     values = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
-    return values, [_batch(20, 10, seed, n=8, picks=4) for seed in range(3)]
+    return values, [make_batch(20, 10, seed, n=8, picks=4) for seed in range(3)]
 
 
 OPTIMIZERS = [ValueOptimizer("rowwise_adagrad", 0.05, max_grad_norm=None),
@@ -386,7 +187,7 @@ def _colwise_worker(rank, port, out):
         shard = nn.Parameter(values[:, COLUMNS[rank]].clone())
         table = FusedTable(shard, opt, process_group=dist.group.WORLD)
         for idx, w, go in batches:
-            _step(table, idx, w, go[:, COLUMNS[rank]])
+            fused_step(table, idx, w, go[:, COLUMNS[rank]])
         results.append({"values": shard.detach(), "state": table.state, "width": table.width})
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -400,7 +201,7 @@ def test_column_shards_in_two_processes_equal_the_update_of_the_full_table(tmp_p
         full = nn.Parameter(values.clone())
         table = FusedTable(full, opt)
         for batch in batches:
-            _step(table, *batch)
+            fused_step(table, *batch)
         parts = [s[k] for s in shards]
         assert [p["width"] for p in parts] == [10, 10]
         got = torch.cat([p["values"] for p in parts], dim=1)
@@ -429,7 +230,7 @@ def test_resuming_from_state_dicts_gives_a_bit_identical_next_step(name, dtype, 
 
     def train(model, optimizer, seed):
         optimizer.zero_grad()
-        EXAMPLE.loss(model, _ids(seed)).backward()
+        EXAMPLE.loss(model, token_ids(seed)).backward()
         optimizer.step()
 
     def snapshot(model, handle):
@@ -456,16 +257,16 @@ def test_resuming_from_state_dicts_gives_a_bit_identical_next_step(name, dtype, 
 
 def test_bf16_values_keep_float32_state_and_round_to_the_nearest_or_stochastically():
     start = torch.randn(16, 64).bfloat16()
-    idx, w, go = _batch(16, 64, 0, n=32, picks=8)
+    idx, w, go = make_batch(16, 64, 0, n=32, picks=8)
     results = {}
     for rounding in (False, True):
         values = nn.Parameter(start.clone())
         table = FusedTable(values, ValueOptimizer("adam", 0.05, stochastic_rounding=rounding))
-        _step(table, idx, w, go.bfloat16())
+        fused_step(table, idx, w, go.bfloat16())
         assert values.dtype == torch.bfloat16 and table.state["exp_avg"].dtype == torch.float32
         results[rounding] = values.detach().double()
     ref = Reference(start, "adam", 0.05)
-    ref.step(*_dense(16, [(idx, w, go.bfloat16())]))
+    ref.step(*dense_gradient(16, [(idx, w, go.bfloat16())]))
     torch.testing.assert_close(results[False], ref.w.bfloat16().double(), rtol=2**-8, atol=0)
     torch.testing.assert_close(results[True], ref.w, rtol=2**-7, atol=0)  # within one step
     assert not torch.equal(results[False], results[True])
@@ -476,7 +277,7 @@ def test_bf16_values_keep_float32_state_and_round_to_the_nearest_or_stochastical
         values = nn.Parameter(torch.ones(512, 64, dtype=torch.bfloat16))
         opt = ValueOptimizer("rowwise_adagrad", 1e-3, stochastic_rounding=rounding)
         table = FusedTable(values, opt)
-        _step(table, torch.arange(512)[:, None], torch.ones(512, 1), torch.ones(512, 64))
+        fused_step(table, torch.arange(512)[:, None], torch.ones(512, 1), torch.ones(512, 64))
         mean = values.detach().double().mean().item()
         assert mean == 1.0 if not rounding else abs(mean - (1 - 1e-3)) < 1e-4
 
@@ -484,15 +285,15 @@ def test_bf16_values_keep_float32_state_and_round_to_the_nearest_or_stochastical
 def test_frozen_values_pass_the_weight_gradient_and_stay():
     values = nn.Parameter(torch.randn(10, 4), requires_grad=False)
     table = FusedTable(values, ValueOptimizer("adam", 0.1))
-    idx, w, go = _batch(10, 4, 1)
+    idx, w, go = make_batch(10, 4, 1)
     before = values.clone()
-    grad_w = _step(table, idx, w, go)
+    grad_w = fused_step(table, idx, w, go)
     torch.testing.assert_close(grad_w, ops.bag_backward(go, values, idx, w)[1])
     assert torch.equal(values, before) and table.step == 0
 
 
 def test_param_groups_leave_fused_tables_out_and_remove_undoes_the_fusion():
-    model = _pool_model()
+    model = pool_model()
     handle = memcompile.fuse_value_updates(model, "rowwise_adagrad", 0.05)
     pool = model.memcompile_pool
     groups = memcompile.param_groups(model, lr=1e-3)
@@ -505,12 +306,12 @@ def test_param_groups_leave_fused_tables_out_and_remove_undoes_the_fusion():
     assert pool.bag_impl is None
     assert [g["name"] for g in memcompile.param_groups(model, lr=1e-3)] == [
         "default", "memory_values"]  # fmt: skip
-    EXAMPLE.loss(model, _ids(0)).backward()
+    EXAMPLE.loss(model, token_ids(0)).backward()
     assert pool.values.grad is not None
 
 
 def test_bad_arguments_are_one_line_errors():
-    model = _pool_model()
+    model = pool_model()
     for kwargs, message in [
         (dict(optimizer="sgd", lr=0.1), "unknown value optimizer 'sgd'"),
         (dict(optimizer="adam", lr=0.0), "lr must be positive"),
@@ -548,7 +349,7 @@ def test_bad_arguments_are_one_line_errors():
 
 
 def test_a_bad_state_dict_loads_nothing_and_a_changed_dtype_is_named():
-    model = _pool_model()
+    model = pool_model()
     handle = memcompile.fuse_value_updates(model, "adam", 0.1, lr_lambda=lambda k: np.float32(0.5))
     assert handle.lr == pytest.approx(0.05)
     table = handle.tables[0]
@@ -574,7 +375,7 @@ def test_a_bad_state_dict_loads_nothing_and_a_changed_dtype_is_named():
         handle.load_state_dict({**handle.state_dict(), "tables": 5})
     model.double()
     with pytest.raises(MemcompileError, match="values are torch.float64 now"):
-        EXAMPLE.loss(model, _ids(0)).backward()
+        EXAMPLE.loss(model, token_ids(0)).backward()
 
 
 def test_factual_recall_example_compares_value_optimizers(tmp_path, capsys):
