@@ -123,7 +123,7 @@ def _fusable_shards(owner: nn.Module) -> bool:
             "under a 'replicate' plan): plan it colwise (strategy={name: 'colwise'}) or "
             "leave it to the optimizer"
         )
-    if not isinstance(bag_impl, ShardedBag) or bag_impl.fused is not None:
+    if not isinstance(bag_impl, ShardedBag):  # (a fused one is refused before this)
         return False
     spec = bag_impl.spec
     world = dist.get_world_size() if dist.is_initialized() else 1
