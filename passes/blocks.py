@@ -42,7 +42,8 @@ class FFNBlock:
 
     index: the block index (int, or "encoder.2" style for models with several stacks);
     path: module path of the FFN; kind: "mlp" | "gated" | "fused_gated" | "split";
-    d_model/d_hidden: input and hidden widths; activation: the activation's name.
+    d_model/d_hidden: input and hidden widths; activation: the activation's name;
+    position: its place among the model's blocks, those converted earlier included.
     """
 
     index: int | str
@@ -55,6 +56,7 @@ class FFNBlock:
     exit_path: str = field(default="", repr=False)
     capture: Capture | None = field(default=None, repr=False, compare=False)
     match: FFNMatch | None = field(default=None, repr=False, compare=False)
+    position: int = field(default=-1, repr=False, compare=False)
 
     @property
     def label(self) -> str:

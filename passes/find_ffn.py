@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
+from ..runtime import MemoryLayer
 from ..runtime.wrappers import CONVERTED_MARK
 from .activations import MULTIPLY, activation_name, pointwise_chain, skip_back
 from .blocks import Capture, FFNBlock, FFNMatch, TransformState
@@ -349,11 +350,28 @@ def find_ffn(state: TransformState) -> None:
     everything = sorted(
         found + [(path, None) for path in moe], key=lambda item: order.get(item[0], -1)
     )
+    everything = _with_converted(everything, state.model)
     indices = block_indices([path for path, _ in everything])
-    state.blocks = [_with_index(b, i) for (_, b), i in zip(everything, indices) if b is not None]
+    state.blocks = [
+        replace(b, index=i, position=position)
+        for position, ((_, b), i) in enumerate(zip(everything, indices))
+        if isinstance(b, FFNBlock)
+    ]
     state.moe_blocks = {str(i): path for (path, b), i in zip(everything, indices) if b is None}
     log.info("found %d FFN blocks and %d MoE blocks", len(state.blocks), len(moe))
 
 
-def _with_index(block: FFNBlock, index: int | str) -> FFNBlock:
-    return replace(block, index=index)
+_CONVERTED = "converted"
+
+
+def _with_converted(blocks: list[tuple[str, object]], model: torch.nn.Module) -> list:
+    """`blocks` with the blocks converted earlier back in their places (`_CONVERTED`), so that
+    labels that count blocks (root-graph ordinals, "N.1", the stacks' names) stay what they
+    were when the model was first converted: "convert more layers later" names them so."""
+    converted = sorted(
+        {m.source_block for m in model.modules() if isinstance(m, MemoryLayer) and m.source_block}
+    )
+    blocks = list(blocks)
+    for position, path in converted:
+        blocks.insert(min(position, len(blocks)), (path, _CONVERTED))
+    return blocks

@@ -331,5 +331,6 @@ def rewrite(state: TransformState) -> None:
             dtype=resolved.torch_dtype or weight.dtype,
             device=weight.device,
         )
+        layer.source_block = (block.position, block.path)  # keeps later labels (find_ffn)
         log.debug("block %s: %s rewrite", block.label, strategy)
         state.converted.append(swap[strategy](model, block, layer, augment))

@@ -70,6 +70,9 @@ class MemoryLayer(nn.Module):
 
     _memcompile_converted = True
     bag_impl = None  # as MemoryPool.bag_impl, for a layer that owns its values
+    # (position among the model's FFN blocks, module path) of the block transform made this
+    # layer for: the blocks converted later keep the labels they had (passes/find_ffn.py).
+    source_block: tuple[int, str] | None = None
 
     def __init__(
         self,
