@@ -202,17 +202,19 @@ def fuse_value_updates(
                 f"({type(owner.bag_impl).__name__}) that fused updates cannot take"
             )
     tables = []
-    for i, owner in enumerate(owners):
+    for i, owner in enumerate(owners):  # every table built (and checked) before any is set
         sharded = isinstance(owner.bag_impl, ShardedBag)  # a colwise table of apply_plan
         # A shard: the rank's columns (same storage), stepped with its shard group.
         values = owner.values.to_local().detach() if sharded else owner.values
         group = owner.bag_impl.spec.group if sharded else process_group
-        table = FusedTable(values, rule, process_group=group, seed=seed + i, lr_lambda=lr_lambda)
-        if sharded:
+        tables.append(
+            FusedTable(values, rule, process_group=group, seed=seed + i, lr_lambda=lr_lambda)
+        )
+    for owner, table in zip(owners, tables):
+        if isinstance(owner.bag_impl, ShardedBag):
             owner.bag_impl.fused = table
         else:
             owner.bag_impl = table
-        tables.append(table)
     handle = FusedValueUpdates(owners, tables)
     if step_with is not None:
         handle.step_with(step_with)

@@ -32,6 +32,7 @@ import memcompile
 from memcompile import MemcompileError
 from memcompile.kernels import ops
 from memcompile.runtime.fused_table import FusedTable, ValueOptimizer
+from memcompile.runtime.fused_values import fused_value_ids
 
 from models import build
 
@@ -342,6 +343,12 @@ def test_bad_arguments_are_one_line_errors():
     memcompile.transform(lazy, layers=[1], lazy_init=True, **SMALL)
     with pytest.raises(MemcompileError, match="meta device"):
         memcompile.fuse_value_updates(lazy, "adam", 0.1)
+    half_lazy = build(EXAMPLE)  # a built table, then a lazy one: the refusal fuses neither
+    memcompile.transform(half_lazy, layers=[0], **{**SMALL, "share_values": False})
+    memcompile.transform(half_lazy, layers=[1], lazy_init=True, **{**SMALL, "share_values": False})
+    with pytest.raises(MemcompileError, match="meta device"):
+        memcompile.fuse_value_updates(half_lazy, "adam", 0.1)
+    assert fused_value_ids(half_lazy) == set()
     handle = memcompile.fuse_value_updates(model, "adam", 0.1)  # the refusals fused nothing
     with pytest.raises(MemcompileError, match="'rowwise_adagrad' value optimizer"):
         handle.load_state_dict({**handle.state_dict(), "tables": [
