@@ -15,7 +15,6 @@ import inspect
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
-from .runtime.outputs import created_parents, refuse_existing
+from .runtime.outputs import refuse_existing, staging_directory
 
 log = logging.getLogger(__name__)
 
@@ -293,18 +292,15 @@ def _write(model, path: Path, check) -> None:
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     side_file = external_data_path(path)
     data_name = side_file.name if weights > EXTERNAL_DATA_BYTES else None
-    with (
-        created_parents(path),
-        tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp,
-    ):
-        staged = Path(tmp) / path.name
+    with staging_directory(path) as tmp:
+        staged = tmp / path.name
         ir.save(model, staged, external_data=data_name)
         check(staged)
         if data_name is not None:
-            os.replace(Path(tmp) / data_name, side_file)
-        elif side_file.is_file():  # a replaced model's weights: nothing reads them now
-            side_file.unlink()
+            os.replace(tmp / data_name, side_file)
         os.replace(staged, path)
+        if data_name is None and side_file.is_file():  # a replaced model's weights, unread now
+            side_file.unlink()
 
 
 def export_onnx(

@@ -219,6 +219,19 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
 
 
 @contextlib.contextmanager
+def staging_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside `path`, removed after the block, for outputs of
+    several files that the block moves into place itself (an ONNX model and its weights)."""
+    path = Path(path)
+    with created_parents(path):
+        tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "tmp"), dir=path.parent))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yields a temporary file path beside `path` (same suffix); renames it to `path` if the
     block succeeds, else removes it. An existing `path` is an error unless `force`."""

@@ -375,6 +375,15 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_name_of_the_full_length_is_written(tmp_path):
+    layer, x = _layer(), torch.randn(2, 9, 32)
+    path = memcompile.export_onnx(layer, x, tmp_path / ("n" * 245 + ".onnx"))  # 250 of 255
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    assert np.abs(ort_session(path).run(None, {"x": x.numpy()})[0] - expected).max() <= 1e-5
+
+
 def test_large_weights_go_to_a_data_file_and_static_shapes(tmp_path, monkeypatch):
     from memcompile import onnx_export
 
