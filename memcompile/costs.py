@@ -18,12 +18,12 @@ def ffn_flops_per_token(block: FFNBlock) -> int:
 
 @dataclass(frozen=True)
 class MemoryCost:
-    layer_params: int  # query, keys, swilu, out (and values when not shared)
+    layer_params: int  # all but the values: query, its norm, keys, swilu and out, or gate
     value_params: int  # one value table
     flops_per_token: int
 
-    def bytes(self, dtype: str, shared_tables: int = 1) -> int:
-        return (self.layer_params + self.value_params * shared_tables) * BYTES_PER_DTYPE[dtype]
+    def bytes(self, dtype: str) -> int:
+        return (self.layer_params + self.value_params) * BYTES_PER_DTYPE[dtype]
 
 
 def memory_cost(block: FFNBlock, config: MemoryConfig) -> MemoryCost:
@@ -36,7 +36,11 @@ def memory_cost(block: FFNBlock, config: MemoryConfig) -> MemoryCost:
     flops += 2 * heads * c.n_keys * k  # both halves scored against their sub-keys
     flops += heads * c.knn * c.knn  # candidate sums
     flops += 2 * heads * c.knn * v  # weighted bag
+    if c.qk_norm:
+        params += k
     if c.gating == "swilu":
         params += d * v + v + v * d_out + d_out
         flops += 2 * d * v + 2 * v * d_out
+    elif c.mode == "augment":
+        params += 1  # the learned scale of the memory's output, 0 at init
     return MemoryCost(params, c.n_keys**2 * v, flops)
