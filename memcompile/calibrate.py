@@ -12,6 +12,7 @@ value table gets the gradients of every layer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ from .passes.capture import is_projection
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import is_integer, is_number
 from .runtime.fused_values import fused_value_ids
+from .runtime.modes import training_mode
 from .training import param_groups
 
 log = logging.getLogger(__name__)
@@ -229,10 +231,11 @@ def _capture(
         handles.append(
             target.exit.register_forward_hook(lambda m, args, out, s=store: s["y"].append(out))
         )
-    was_training = original.training
-    original.eval()
     result = [([], []) for _ in targets]
-    try:
+    with contextlib.ExitStack() as undo:
+        for handle in handles:
+            undo.callback(handle.remove)
+        undo.enter_context(training_mode(original, training=False))
         for batch in batches:
             for store in captured:
                 store["x"].clear()
@@ -249,10 +252,6 @@ def _capture(
                 x, y = (x[mask], y[mask]) if mask is not None else (x, y)
                 xs.append(x.reshape(-1, x.shape[-1]).float())
                 ys.append(y.reshape(-1, y.shape[-1]).float())
-    finally:
-        for handle in handles:
-            handle.remove()
-        original.train(was_training)
     if not result or not result[0][0]:
         raise MemcompileError("no calibration batches were given")
     return [(torch.cat(xs), torch.cat(ys)) for xs, ys in result]
@@ -296,16 +295,15 @@ def _train(model, targets, splits, steps, lr, value_lr, batch_tokens, generator,
         params.update({id(p): p for p in (*t.layer.parameters(), t.layer.value_table)})
     trainable = {id(p) for t in targets for p in (*t.layer.parameters(), t.layer.value_table)}
     flags = {key: p.requires_grad for key, p in params.items()}
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with contextlib.ExitStack() as undo:
         for key, p in params.items():
+            undo.callback(p.requires_grad_, flags[key])
             p.requires_grad_(key in trainable)
         optimizer = torch.optim.AdamW(param_groups(model, lr, 0.0, value_lr))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
         )
-        for t in targets:
-            t.layer.train()
+        undo.enter_context(training_mode(*(t.layer for t in targets), training=True))
         for step in range(1, steps + 1):
             total = 0.0
             for target, ((x, y), _) in zip(targets, splits):
@@ -325,11 +323,6 @@ def _train(model, targets, splits, steps, lr, value_lr, batch_tokens, generator,
             schedule.step()
             if callback is not None:
                 callback(step, total / len(targets))
-    finally:
-        for key, p in params.items():
-            p.requires_grad_(flags[key])
-        for m, training in modes:
-            m.training = training
 
 
 def calibrate(

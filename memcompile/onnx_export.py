@@ -25,6 +25,7 @@ from torch import nn
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
+from .runtime.modes import training_mode
 from .runtime.outputs import refuse_existing, staging_directory
 
 log = logging.getLogger(__name__)
@@ -333,15 +334,10 @@ def export_onnx(
     if dynamic:
         _check_dynamic_shapes(named)
     extra = _extra_kwargs(model)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
+    with training_mode(model, training=False):
         shapes = _example_outputs(model, named, extra)
         module = _Outputs(model, list(named), extra).eval()
         onnx_model = _export(module, named, list(shapes), form, opset, dynamic)
-    finally:
-        for submodule, training in modes.items():
-            submodule.training = training
     path = Path(path)
     _write(onnx_model, path, check=lambda staged: _check_in_onnxruntime(staged, named, shapes))
     counts = _lowering().custom_nodes(onnx_model)

@@ -9,6 +9,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.modes import training_mode
+
 _FUNCTION_ACTIVATIONS = {
     F.relu: "relu",
     torch.relu: "relu",
@@ -101,12 +103,8 @@ def name_activation_module(module: nn.Module) -> str | None:
             out = module(x.to(param.device, param.dtype))
             return out.float().cpu() if isinstance(out, torch.Tensor) else out
 
-    was_training = module.training
-    module.eval()
-    try:
+    with training_mode(module, training=False):
         name = _name_curve(run)
-    finally:
-        module.train(was_training)
     return name or (None if name is None else type(module).__name__)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..runtime import MemcompileError, MemoryLayer
 from ..runtime.init import derive_seed
+from ..runtime.modes import training_mode
 from ..runtime.wrappers import (
     CONVERTED_MARK,
     AugmentedFFN,
@@ -211,13 +212,8 @@ def _follow_training(gm: fx.GraphModule, module: nn.Module, label: str) -> None:
     the module is traced again in the other mode: every argument that flips with the mode
     becomes a read of `gm.training`, and train/eval keep working after the rewrite.
     """
-    flags = [(m, m.training) for m in module.modules()]
-    module.train(not module.training)
-    try:
+    with training_mode(module, training=not module.training):
         twin = trace_module(module)
-    finally:
-        for m, training in flags:
-            m.training = training
     nodes, twins = list(gm.graph.nodes), list(twin.graph.nodes) if twin is not None else []
     if len(nodes) != len(twins) or any(
         (a.op, a.target) != (b.op, b.target) for a, b in zip(nodes, twins)

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
-from torch import nn
 
+from ..runtime.modes import training_mode
 from .blocks import TransformState
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module):
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def verify(state: TransformState) -> None:
@@ -45,7 +32,8 @@ def verify(state: TransformState) -> None:
         weight = next(converted.original.parameters())
         probe = torch.randn(2, 3, converted.block.d_model, generator=generator)
         probe = probe.to(dtype=weight.dtype, device=weight.device)
-        with _eval_mode(converted.original, converted.replacement), torch.no_grad():
+        modules = converted.original, converted.replacement
+        with training_mode(*modules, training=False), torch.no_grad():
             before = converted.original(probe)
             after = converted.replacement(probe)
         if after.shape != before.shape:

@@ -122,6 +122,19 @@ def test_shared_pool_two_layers_and_padding_is_skipped(one_thread):
     assert "block 0" in report.summary() and "block 2" in report.summary()
 
 
+def test_each_modules_train_or_eval_flag_is_kept(one_thread):
+    case = next(c for c in CASES if c.name == "llama")
+    original = build(case).train()
+    original.model.layers[0].eval()  # mixed, as a model with frozen parts may be
+    model = memcompile.transform(copy.deepcopy(original), layers=[1], **SMALL).eval()
+    model.model.layers[2].train()
+    flags = {name: [m.training for m in net.modules()] for name, net in
+             (("original", original), ("model", model))}  # fmt: skip
+    memcompile.calibrate(model, original, _batches(2), steps=2, batch_tokens=32)
+    assert flags == {name: [m.training for m in net.modules()] for name, net in
+                     (("original", original), ("model", model))}  # fmt: skip
+
+
 def test_match_scale_gives_the_least_squares_multiple(one_thread):
     torch.manual_seed(0)
     layer = memcompile.MemoryLayer(16, 8, memcompile.MemoryConfig(mem_size=256, knn=4, heads=2))
