@@ -27,7 +27,7 @@ from .api import find_ffn_blocks
 from .passes import FFNBlock
 from .passes.capture import is_projection
 from .runtime import MemcompileError, MemoryLayer
-from .runtime.errors import is_integer, is_number
+from .runtime.errors import first_line, is_integer, is_number
 from .runtime.fused_values import fused_value_ids
 from .runtime.modes import training_mode
 from .training import param_groups
@@ -69,6 +69,11 @@ class CalibrationReport:
                 f"(trained on {c.tokens:,} tokens: {c.train_error_after:.3f})"
             )
         return "\n".join(lines)
+
+    def worse(self) -> list[LayerCalibration]:
+        """The layers that calibration left further from their FFN than it found them (on
+        held-out tokens): a learning rate too high, as a rule."""
+        return [c for c in self.layers if c.error_after > c.error_before]
 
 
 @dataclass
@@ -201,6 +206,27 @@ def _call(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def _call_original(original: nn.Module, batch) -> None:
+    """`original` on a batch; the model refusing it (inputs too long for its positions, a
+    wrong dtype) is the batch's fault, said in one line."""
+    try:
+        _call(original, batch)
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+        tokens = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else None
+        config = getattr(original, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        hint = ""
+        if isinstance(limit, int) and tokens is not None and tokens > limit:
+            hint = f"; inputs of {tokens} tokens are more than its {limit} positions: shorten them"
+        raise MemcompileError(
+            f"the original model ({type(original).__name__}) failed on a calibration batch "
+            f"({type(error).__name__}: {first_line(error).rstrip('. ')}){hint}"
+        ) from None
+
+
 def _token_mask(batch, shape: torch.Size) -> torch.Tensor | None:
     """The attention mask of an HF-style batch, when it matches the activations' (B, T)."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
@@ -240,7 +266,7 @@ def _capture(
             for store in captured:
                 store["x"].clear()
                 store["y"].clear()
-            _call(original, batch)
+            _call_original(original, batch)
             for store, target, (xs, ys) in zip(captured, targets, result):
                 if len(store["x"]) != 1 or len(store["y"]) != 1:
                     raise MemcompileError(
@@ -254,7 +280,12 @@ def _capture(
                 ys.append(y.reshape(-1, y.shape[-1]).float())
     if not result or not result[0][0]:
         raise MemcompileError("no calibration batches were given")
-    return [(torch.cat(xs), torch.cat(ys)) for xs, ys in result]
+    data = [(torch.cat(xs), torch.cat(ys)) for xs, ys in result]
+    if not len(data[0][0]):
+        raise MemcompileError(
+            "the calibration batches hold no tokens (every attention_mask position is 0)"
+        )
+    return data
 
 
 @torch.no_grad()
@@ -399,4 +430,9 @@ def calibrate(
         )
     report = CalibrationReport(tuple(results), steps)
     log.info("%s", report.summary())
+    for c in report.worse():
+        log.warning(
+            "calibration made block %s worse on held-out tokens (relative error %.4g -> %.4g): "
+            "lower lr or value_lr", c.index, c.error_before, c.error_after
+        )
     return report

@@ -177,6 +177,11 @@ def test_bad_inputs_are_refused(one_thread):
         memcompile.calibrate(replaced, original, [])
     with pytest.raises(MemcompileError, match="integer steps and batch_tokens"):
         memcompile.calibrate(replaced, original, _batches(1), steps=2.5)
+    llama = build(next(c for c in CASES if c.name == "llama"))
+    ids = _batches(1)[0]
+    with pytest.raises(MemcompileError, match="hold no tokens"):
+        memcompile.calibrate(memcompile.transform(copy.deepcopy(llama), layers=[1], **SMALL),
+                             llama, [{"input_ids": ids, "attention_mask": 0 * ids}])  # fmt: skip
     handle = memcompile.fuse_value_updates(replaced, "adam", 0.01)
     with pytest.raises(MemcompileError, match="call handle.remove"):
         memcompile.calibrate(replaced, original, _batches(1), steps=1)
@@ -235,6 +240,7 @@ def test_cli_calibrate_synthetic_writes_a_calibrated_checkpoint(llama_ckpt, one_
         # The zoo model has no tokenizer; transformers' text about it ends in a colon there.
         (["--data", DATA / "heldout.txt"], "has none that loads: give --original with its"),
         (["--synthetic", "--steps", "0"], "--steps"),
+        (["--synthetic", "--steps", "3", "--lr", "1e4"], "worse on held-out tokens"),
     ],
 )
 def test_cli_calibrate_bad_usage_exits_2(llama_ckpt, extra, message):
@@ -249,6 +255,26 @@ def test_cli_calibrate_bad_usage_exits_2(llama_ckpt, extra, message):
         "calibrate", llama_ckpt / "hf", "--original", llama_ckpt / "hf", "--synthetic", "-o", out
     )
     assert not_ckpt.exit_code == 2 and "not a memcompile checkpoint" in not_ckpt.output
+
+
+def test_cli_calibrate_refuses_what_the_original_cannot_read(tmp_path, one_thread):
+    """A BERT directory without tokenizer files: transformers builds an empty tokenizer
+    (every word unknown) instead of failing; inputs longer than its positions fail in it."""
+    case = next(c for c in CASES if c.name == "bert")
+    build(case).save_pretrained(tmp_path / "hf")
+    args = ["--layers", "1", "--mem-size", "1024", "--knn", "8", "--quiet"]
+    assert _run("convert", tmp_path / "hf", *args, "-o", tmp_path / "ckpt").exit_code == 0
+    limit = json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "out"
+    for extra, message in [
+        (["--data", DATA / "heldout.txt"], "reads the text as special or unknown tokens only"),
+        (["--synthetic", "--max-length", limit + 1],
+         f"inputs of {limit + 1} tokens are more than its {limit} positions"),
+    ]:  # fmt: skip
+        result = _run("calibrate", tmp_path / "ckpt", "--original", tmp_path / "hf", *extra,
+                      "--steps", "2", "-o", out)  # fmt: skip
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
 # --- the real model -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..runtime import MemcompileError
-from ..runtime.errors import first_line
+from ..runtime.errors import first_line, quieted_loggers
 from ..runtime.outputs import refuse_existing
 from .common import (
     checkpoint_output_options,
@@ -121,6 +121,13 @@ def calibrate(
                 f"loads{detail}: give --original with its tokenizer files, or use --synthetic"
             ) from None
         batches = text_batches(tokenizer, texts, max_length=max_length)
+        if not _reads_words(tokenizer, batches):
+            raise MemcompileError(
+                f"--data needs a tokenizer and the one --original {original} gives reads the "
+                "text as special or unknown tokens only (transformers builds an empty one "
+                "where tokenizer files are missing): give --original with its tokenizer "
+                "files, or use --synthetic"
+            )
     else:
         batches = synthetic_batches(teacher, seq_len=synthetic_length, seed=seed)
     from tqdm import tqdm
@@ -131,8 +138,14 @@ def calibrate(
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
 
-        report = run_calibration(
-            loaded.model, teacher, batches, steps=steps, lr=lr, seed=seed, callback=progress
+        with quieted_loggers(["memcompile.calibrate"]):  # its warnings: said below, once
+            report = run_calibration(
+                loaded.model, teacher, batches, steps=steps, lr=lr, seed=seed, callback=progress
+            )
+    for worse in report.worse():
+        raise MemcompileError(
+            f"calibration made block {worse.index} worse on held-out tokens (relative error "
+            f"{worse.error_before:.4g} -> {worse.error_after:.4g}): lower --lr; nothing written"
         )
     with steps_bar(f"saving {output}"):
         checkpoint.save(loaded.model, output, force=force, pickled_source=loaded.pickled_source)
@@ -152,3 +165,13 @@ def calibrate(
             f"{c.error_after:>8.3f}"
         )
     click.echo(f"wrote {output}")
+
+
+def _reads_words(tokenizer, batches) -> bool:
+    """Whether the tokenizer gave any token but its special ones (unknown, padding...)."""
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    for batch in batches:
+        ids = batch["input_ids"][batch["attention_mask"].bool()]
+        if any(int(i) not in special for i in ids.unique()):
+            return True
+    return False
