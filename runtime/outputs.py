@@ -152,6 +152,13 @@ def _refuse_existing(
     if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
         code = errno.EROFS if _on_read_only_mount(existing) else errno.EACCES
         raise OSError(code, os.strerror(code), str(existing))
+    # What access(2) cannot tell: a file system that creates no files (/proc), say.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=_staging_prefix(Path(path), "probe"), dir=existing)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(existing)) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def _on_read_only_mount(directory: Path) -> bool:
