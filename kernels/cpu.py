@@ -230,6 +230,12 @@ def bag_backward_cpu(grad_out, values, indices, weights):
     return grad_values, grad_weights
 
 
+def bag_backward_rows_cpu(grad_out, values, indices, weights, rows):
+    """The CPU kernel of `memcompile::bag_backward_rows`: `bag_backward_cpu` on the picked
+    rows alone (a copy of them as the table, the picks renumbered into it)."""
+    return bag_backward_cpu(grad_out, values[rows], torch.searchsorted(rows, indices), weights)
+
+
 WeightBias = tuple[torch.Tensor, "torch.Tensor | None"]  # a projection's
 _NO_PROJECTION = (None, None)
 # Exactly these types, not subclasses (DTensor shards, fake, quantized or offloaded tensors),
@@ -323,5 +329,6 @@ def register_cpu_kernels() -> bool:
     ops.pk_lookup.register_kernel("cpu")(pk_lookup_cpu)
     ops.pk_topk.register_kernel("cpu")(pk_topk_cpu)
     ops.bag_backward.register_kernel("cpu")(bag_backward_cpu)
+    ops.bag_backward_rows.register_kernel("cpu")(bag_backward_rows_cpu)
     _registered = True
     return True

@@ -95,6 +95,13 @@ def bag_backward_cuda(grad_out, values, indices, weights):
                 reference.bag_backward, grad_out, values, indices, weights)  # fmt: skip
 
 
+def bag_backward_rows_cuda(grad_out, values, indices, weights, rows):
+    from . import triton_bag
+
+    return _run("bag_backward", values.dtype, _triton_dtypes(values), triton_bag.bag_backward,
+                reference.bag_backward_rows, grad_out, values, indices, weights, rows)  # fmt: skip
+
+
 def pk_topk_cuda(q: torch.Tensor, keys: torch.Tensor, knn: int):
     from . import triton_topk
 
@@ -203,7 +210,8 @@ def register_cuda_kernels(device_type: str = "cuda") -> bool:
         log.info("triton is not installed: memcompile ops use the PyTorch reference on CUDA")
         return False
     kernels = [
-        (ops.bag, bag_cuda), (ops.bag_backward, bag_backward_cuda), (ops.pk_topk, pk_topk_cuda),
+        (ops.bag, bag_cuda), (ops.bag_backward, bag_backward_cuda),
+        (ops.bag_backward_rows, bag_backward_rows_cuda), (ops.pk_topk, pk_topk_cuda),
         (ops.pk_topk_backward, pk_topk_backward_cuda), (ops.silu_gate, silu_gate_cuda),
         (ops.silu_gate_backward, silu_gate_backward_cuda), (ops.pk_lookup, pk_lookup_cuda),
         (ops.linears, linears_cuda), (fused_update.bag_weight_grad, bag_weight_grad_cuda),

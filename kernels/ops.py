@@ -96,6 +96,24 @@ def _bag_backward_fake(grad_out, values, indices, weights):
     return values.new_empty(values.shape), weights.new_empty(weights.shape)
 
 
+@torch.library.custom_op("memcompile::bag_backward_rows", mutates_args=())
+def bag_backward_rows(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bag_backward` with the value gradient of `rows` only (int64, sorted, distinct, every
+    picked row among them): ((len(rows), v_dim) in that order, the weights' gradient)."""
+    return reference.bag_backward_rows(grad_out, values, indices, weights, rows)
+
+
+@bag_backward_rows.register_fake
+def _bag_backward_rows_fake(grad_out, values, indices, weights, rows):
+    return values.new_empty(rows.shape[0], values.shape[1]), weights.new_empty(weights.shape)
+
+
 def _bag_setup_context(ctx, inputs, output):
     values, indices, weights = inputs
     ctx.save_for_backward(values, indices, weights)

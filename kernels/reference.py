@@ -143,6 +143,19 @@ def silu_gate_backward(
     return grad_x, (d * a * s * (1 + g * (1 - s))).to(gate.dtype).contiguous()
 
 
+def bag_backward_rows(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bag_backward` for the value rows `rows` only (sorted, distinct, every picked row
+    among them), in that order: the row-sparse value gradient, and the weights' gradient.
+    Works on the picked rows alone, as if the table held nothing else."""
+    return bag_backward(grad_out, values[rows], torch.searchsorted(rows, indices), weights)
+
+
 def linears(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:

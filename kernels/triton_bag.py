@@ -110,12 +110,3 @@ def bag_backward(
                             rows=rows, weight_grad=True)  # fmt: skip
     return grad_values, grad_weights.to(weights.dtype)
 
-
-def bag_backward_sparse(
-    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, grad_rows, grad_weights): the value gradient of the touched rows only, for
-    optimizers that update rows (torch.unique synchronises with the host once)."""
-    rows = torch.unique(indices)
-    grad_rows, grad_weights = bag_backward(grad_out, values, indices, weights, rows)
-    return rows, grad_rows, grad_weights

@@ -7,7 +7,7 @@ from .onnx_export import export_onnx
 from .passes import FFNBlock
 from .planning import plan
 from .runtime import MemcompileError, MemoryConfig, MemoryLayer, MemoryPool
-from .training import fuse_value_updates, memory_values, param_groups
+from .training import fuse_value_updates, memory_values, param_groups, sparse_value_grads
 
 __all__ = [
     "CalibrationReport",
@@ -28,6 +28,7 @@ __all__ = [
     "param_groups",
     "plan",
     "save",
+    "sparse_value_grads",
     "transform",
 ]
 __version__ = "0.1.0"

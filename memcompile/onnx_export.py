@@ -96,7 +96,10 @@ def _check_model(model) -> None:
             f"{type(model).__name__} has no memory layers: convert it first with "
             "memcompile.transform(model, layers=...) (or `memcompile convert`)"
         )
-    if any(owner.bag_impl is not None for owner in value_owners(model)):
+    if any(
+        owner.bag_impl is not None and not getattr(owner.bag_impl, "gradients_only", False)
+        for owner in value_owners(model)
+    ):
         raise MemcompileError(
             f"the value tables of {type(model).__name__} have fused updates or a plan's "
             "sharding (a bag_impl): export before fuse_value_updates/apply_plan, or call "

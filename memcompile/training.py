@@ -17,8 +17,9 @@ from .runtime import MemcompileError
 from .runtime.errors import is_number
 from .runtime.fused_values import fuse_value_updates, fused_value_ids
 from .runtime.memory_layer import value_owners
+from .runtime.sparse_grads import sparse_value_grads
 
-__all__ = ["fuse_value_updates", "memory_values", "param_groups"]
+__all__ = ["fuse_value_updates", "memory_values", "param_groups", "sparse_value_grads"]
 
 log = logging.getLogger(__name__)
 

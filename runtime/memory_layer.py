@@ -170,7 +170,7 @@ class MemoryLayer(nn.Module):
                 "this MemoryLayer's value table is not built yet (lazy init, on the meta "
                 "device): call memcompile.runtime.materialize_values(model) first"
             )
-        bag_impl = self.values_owner.bag_impl
+        bag_impl = _bag_impl(self.values_owner, values)
         if bag_impl is None and not _needs_separate_ops(q, keys, values):
             # Inference: one op, which a backend fuses (top-k with softmax, the bag and its
             # gating; on CUDA the bag reads host-resident values directly).
@@ -241,7 +241,7 @@ class MemoryLayer(nn.Module):
         owner = self.values_owner
         values = owner._parameters.get("values")
         gated = swilu is not None  # Memory+: swilu and out, else neither (unless hand-made)
-        if owner.bag_impl is not None or values is None or gated != (out is not None):
+        if values is None or _bag_impl(owner, values) is not None or gated != (out is not None):
             return None
         pairs = _linear_weights([query, swilu, out] if gated else [query])
         if pairs is None:
@@ -296,6 +296,17 @@ def _linear_weights(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor | Non
             return None
         pairs.append((weight, bias))
     return pairs
+
+
+def _bag_impl(owner: nn.Module, values: torch.Tensor):
+    """The owner's `bag_impl` where it applies: one that changes gradients only (row-sparse
+    ones) stands aside where none is recorded, and in exported graphs."""
+    bag_impl = owner.bag_impl
+    if getattr(bag_impl, "gradients_only", False) and (
+        torch.compiler.is_exporting() or not (torch.is_grad_enabled() and values.requires_grad)
+    ):
+        return None
+    return bag_impl
 
 
 def _needs_separate_ops(*tensors: torch.Tensor) -> bool:
