@@ -106,6 +106,9 @@ def run_config(name: str, tokens: int, n_keys: int, v_dim: int, copy_bw: float) 
     hot[:, 0] = 0
     record("bag bwd", "memcompile triton, uniform rows",
            bench(lambda: cuda.bag_backward_cuda(grad, values, indices, weights)))  # fmt: skip
+    touched = torch.unique(indices)
+    record("bag bwd", "memcompile triton, row-sparse (touched rows only; unique not timed)",
+           bench(lambda: cuda.bag_backward_rows_cuda(grad, values, indices, weights, touched)))
     record("bag bwd: its reverse index alone", "torch.sort + torch.searchsorted",
            bench(lambda: row_lists.reverse_index(indices, rows_total)))  # fmt: skip
     record("bag bwd", f"memcompile triton, one row in all {tokens} tokens",

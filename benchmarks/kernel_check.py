@@ -63,12 +63,16 @@ def check_bag(dtype, n, picks, rows, v_dim) -> dict:
     out = cuda.bag_cuda(values, indices, weights)
     poison_allocator()
     grad_values, grad_weights = cuda.bag_backward_cuda(grad, values, indices, weights)
+    touched = torch.unique(indices)
+    poison_allocator()
+    grad_rows, _ = cuda.bag_backward_rows_cuda(grad, values, indices, weights, touched)
     v64, w64, g64 = values.double().cpu(), weights.double().cpu(), grad.double().cpu()
     ref = reference.bag(v64, indices.cpu(), w64)
     ref_gv, ref_gw = reference.bag_backward(g64, v64, indices.cpu(), w64)
     return {"op": "bag", "dtype": str(dtype), "shape": [n, picks, rows, v_dim],
             "forward": rel_error(out, ref), "grad_values": rel_error(grad_values, ref_gv),
-            "grad_weights": rel_error(grad_weights, ref_gw)}  # fmt: skip
+            "grad_weights": rel_error(grad_weights, ref_gw),
+            "grad_touched_rows": rel_error(grad_rows, ref_gv[touched.cpu()])}  # fmt: skip
 
 
 def scores_of_picks(q64: torch.Tensor, k64: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
