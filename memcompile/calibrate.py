@@ -25,6 +25,7 @@ from torch import nn
 
 from .api import find_ffn_blocks
 from .passes import FFNBlock
+from .passes.blocks import inside
 from .passes.capture import is_projection
 from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, is_number
@@ -133,7 +134,7 @@ def _targets(model: nn.Module, original: nn.Module) -> list[_Target]:
     blocks = find_ffn_blocks(original)
     targets = []
     for path, layer in layers:
-        owners = [b for b in blocks if path == b.path or path.startswith(f"{b.path}.")]
+        owners = [b for b in blocks if inside(path, b.path)]
         if not owners:
             raise MemcompileError(
                 f"the original model has no FFN block at {path}: pass the model that was "

@@ -10,6 +10,11 @@ from torch import nn
 from ..runtime import MemoryConfig, MemoryPool
 
 
+def inside(path: str, outer: str) -> bool:
+    """True when the module at `path` is `outer` or one of its descendants."""
+    return path == outer or path.startswith(f"{outer}.")
+
+
 @dataclass(frozen=True)
 class FFNMatch:
     """The FX nodes of one FFN inside a captured graph.

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..runtime.wrappers import CONVERTED_MARK
-from .blocks import Capture, TransformState
+from .blocks import Capture, TransformState, inside
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def capture(state: TransformState) -> None:
     skip = _converted_subtrees(model)
     captures = []
     for path, module in model.named_modules():
-        if any(path == s or path.startswith(s + ".") for s in skip):
+        if any(inside(path, s) for s in skip):
             continue
         if not any(is_projection(child) for child in module.children()):
             continue

@@ -21,9 +21,9 @@ import torch.fx as fx
 from ..runtime import MemoryLayer
 from ..runtime.wrappers import CONVERTED_MARK
 from .activations import MULTIPLY, activation_name, pointwise_chain, skip_back
-from .blocks import Capture, FFNBlock, FFNMatch, TransformState
+from .blocks import Capture, FFNBlock, FFNMatch, TransformState, inside
 from .capture import is_projection, projection_shape
-from .moe import find_moe_blocks, inside
+from .moe import find_moe_blocks
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .blocks import inside
+
 _ROUTERS = ("gate", "router")
 
 
@@ -21,11 +23,6 @@ def is_moe_block(module: nn.Module) -> bool:
     experts = any(name == "experts" or kind.endswith("experts") for name, kind in children)
     routed = any(word in name or word in kind for name, kind in children for word in _ROUTERS)
     return experts and routed
-
-
-def inside(path: str, outer: str) -> bool:
-    """True when the module at `path` is `outer` or one of its descendants."""
-    return path == outer or path.startswith(f"{outer}.")
 
 
 def find_moe_blocks(model: nn.Module) -> list[str]:

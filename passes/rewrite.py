@@ -32,7 +32,7 @@ from ..runtime.wrappers import (
     SplitFFNExit,
 )
 from .activations import is_pass_through, skip_back
-from .blocks import ConvertedBlock, FFNBlock, TransformState
+from .blocks import ConvertedBlock, FFNBlock, TransformState, inside
 from .capture import ASSUMED_DTYPE, is_specialized, trace_module
 from .share import check_shareable
 
@@ -288,7 +288,7 @@ def _rewrite_graph(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augmen
                 graph.erase_node(node)  # e.g. T5's unused read of `self.wo.weight`
         still_used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
         for target in set(match.linears):
-            if not any(used == target or used.startswith(f"{target}.") for used in still_used):
+            if not any(inside(used, target) for used in still_used):
                 gm.delete_submodule(target)
     gm.recompile()
     if not block.capture.whole_model:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from .memory_layer import MemoryLayer, MemoryPool
 from .plan import Plan, TablePlan, chunk_ranges, model_fingerprint
 from .sharded_bag import ShardedBag, ShardSpec, run_collective
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -38,7 +42,9 @@ class PlanMismatchError(MemcompileError):
     apply_plan builds."""
 
 
-def init_distributed(backend: str | None = None, timeout: float | timedelta = DEFAULT_TIMEOUT_S):
+def init_distributed(
+    backend: str | None = None, timeout: float | timedelta = DEFAULT_TIMEOUT_S
+) -> tuple[int, int]:
     """`init_process_group` from the torchrun environment, with a finite `timeout`.
 
     Backend: NCCL when CUDA is there, else gloo. A collective that waits longer than
@@ -302,7 +308,7 @@ def _move_rest(model: nn.Module, device: torch.device, skip: set[int]) -> None:
                 store[key] = moved[id(tensor)]
 
 
-def apply_plan(model: nn.Module, plan: Plan, mesh=None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, mesh: DeviceMesh | None = None) -> nn.Module:
     """Lay `model` out on the running process group as `plan` says; returns the model.
 
     Call it on every rank, after `init_distributed`, with the same model (same weights, e.g.

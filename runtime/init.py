@@ -92,7 +92,13 @@ class ValuesInit:
             normal_rows_(table[start : start + chunk_rows], self.std, self.seed, row_offset=start)
         return table
 
-    def new_table(self, shape, dtype=None, device=None, lazy: bool = False) -> nn.Parameter:
+    def new_table(
+        self,
+        shape: tuple[int, int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        lazy: bool = False,
+    ) -> nn.Parameter:
         if lazy:
             return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
         try:

@@ -7,7 +7,6 @@ they are the checkpoint format.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ from torch.nn.modules import module as _global_hooks
 
 from ..kernels import cpu, ops, reference
 from .config import MemoryConfig
-from .errors import MemcompileError
+from .errors import MemcompileError, is_integer
 from .init import POOL_SEED_TAG, ValuesInit, derive_seed, normal_, uniform_
 
 # Sub-stream tags of a layer's seed, one per parameter.
@@ -48,7 +47,7 @@ class MemoryPool(nn.Module):
     # bag_impl(values, indices, weights) with indices and weights of shape (N, heads*knn).
     bag_impl = None
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The input, unchanged: the pool sits at the model's root, and an nn.Sequential
         root calls every child in turn, the pool last."""
         return x
@@ -91,7 +90,7 @@ class MemoryLayer(nn.Module):
         if not isinstance(config, MemoryConfig):
             raise MemcompileError(f"config takes a MemoryConfig, got {type(config).__name__}")
         for name, width in (("d_in", d_in), ("d_out", d_out)):
-            if not isinstance(width, numbers.Integral) or isinstance(width, bool) or width < 1:
+            if not is_integer(width) or width < 1:
                 raise MemcompileError(f"{name} must be a positive integer, got {width!r}")
         d_in, d_out = int(d_in), int(d_out)
         if config.k_dim is None or config.v_dim is None:
@@ -138,7 +137,10 @@ class MemoryLayer(nn.Module):
         """Read values from `pool` (registered elsewhere, e.g. at the model root)."""
         expected = (self.n_keys**2, self.v_dim)
         if tuple(pool.values.shape) != expected:
-            raise ValueError(f"pool holds {tuple(pool.values.shape)} values, need {expected}")
+            raise MemcompileError(
+                f"the pool holds {tuple(pool.values.shape)} values and this layer reads "
+                f"{expected}: attach a pool of n_keys**2 rows of v_dim"
+            )
         self._parameters.pop("values", None)
         self.values_init = None
         self._pool[:] = [pool]

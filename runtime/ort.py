@@ -13,9 +13,13 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..kernels.native import cache_dir, call_count, native_library
 from .errors import MemcompileError, require
+
+if TYPE_CHECKING:  # an optional dependency (the [onnx] extra)
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,8 @@ def ort_session(
     providers: Sequence[str] | None = None,
     *,
     native: bool | None = None,
-    options=None,
-):
+    options: onnxruntime.SessionOptions | None = None,
+) -> onnxruntime.InferenceSession:
     """An `onnxruntime.InferenceSession` for an exported memcompile model.
 
     A model with `com.memcompile` nodes (the "custom" form) gets the native kernels

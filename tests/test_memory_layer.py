@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memcompile import MemoryConfig, MemoryLayer, MemoryPool
+from memcompile import MemcompileError, MemoryConfig, MemoryLayer, MemoryPool
 
 F64 = torch.float64
 
@@ -396,9 +396,9 @@ def test_shared_pool_values_and_gradients():
 
 def test_attach_pool_rejects_wrong_shape():
     layer = MemoryLayer(6, 4, tiny_config(v_dim=5))
-    with pytest.raises(ValueError):
+    with pytest.raises(MemcompileError, match=r"holds \(16, 6\) values and this layer reads"):
         layer.attach_pool(MemoryPool(16, 6))
-    with pytest.raises(ValueError):
+    with pytest.raises(MemcompileError, match="attach a pool of n_keys"):
         layer.attach_pool(MemoryPool(25, 5))
 
 
