@@ -26,7 +26,7 @@ from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
 from .runtime.modes import training_mode
-from .runtime.outputs import refuse_existing, staging_directory
+from .runtime.outputs import refuse_directory, refuse_existing, staging_directory
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,22 @@ def _check_options(form: str, opset: int | None) -> int:
     return opset
 
 
-def _check_model(model) -> None:
+_NOT_A_PROGRAM = (
+    "export_onnx takes the converted nn.Module (what memcompile.transform returns), not a "
+    "torch.export program (.pt2), whose module cannot be exported again: convert the model "
+    "itself with memcompile.transform, or memcompile.load a checkpoint, and export that"
+)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Bad input (one line) unless `model` is a module with memory layers that export_onnx
+    can export: not a torch.export program, no fused updates or sharding, no meta tensors."""
+    from .api import graph_memory_lookups
+
+    if isinstance(model, torch.export.ExportedProgram) or (
+        isinstance(model, nn.Module) and graph_memory_lookups(model)
+    ):
+        raise MemcompileError(_NOT_A_PROGRAM)
     if not isinstance(model, nn.Module):
         raise MemcompileError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
     if not any(isinstance(m, MemoryLayer) for m in model.modules()):
@@ -165,7 +180,12 @@ def _dynamic_axes(named: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
 def _check_dynamic_shapes(named: dict[str, torch.Tensor]) -> None:
     for name, dims in _dynamic_axes(named).items():
         shape = tuple(named[name].shape)
-        if len(shape) < len(dims) or min(shape[: len(dims)]) < 2:
+        if len(shape) < len(dims):
+            raise MemcompileError(
+                f"example input {name!r} has shape {shape}: a dynamic export takes a batch "
+                f"dimension first, e.g. shape {(2, *shape)}, or pass dynamic=False"
+            )
+        if min(shape[: len(dims)]) < 2:
             what = "batch and sequence dimensions" if len(dims) == 2 else "batch dimension"
             raise MemcompileError(
                 f"example input {name!r} has shape {shape}: its dynamic {what} need an "
@@ -267,7 +287,7 @@ def _export(module: nn.Module, named: dict, outputs: list[str], form: str, opset
         while cause.__cause__ is not None:
             cause = cause.__cause__
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-        hint = "; dynamic=False may export it" if dynamic else ""
+        hint = "; where the error is about a shape, dynamic=False may export it" if dynamic else ""
         raise MemcompileError(
             f"torch.onnx.export cannot export {type(module.model).__name__}: "
             f"{type(cause).__name__}: {lines[0] if lines else ''}{hint}"
@@ -329,10 +349,9 @@ def export_onnx(
     `last_hidden_state`, ...). An existing file is refused, unless `force`, which replaces it.
     """
     opset = _check_options(form, opset)
-    if Path(path).is_dir():
-        raise MemcompileError(f"{path} is a directory: give the path of the .onnx file to write")
+    refuse_directory(path)
     refuse_existing(path, force)  # before the export, whose work would then be lost
-    _check_model(model)
+    check_exportable(model)
     named = _named_inputs(model, example_inputs)
     if dynamic:
         _check_dynamic_shapes(named)

@@ -126,6 +126,14 @@ def refuse_existing(
         _refuse_existing(path, force, inputs)
 
 
+def refuse_directory(path: str | os.PathLike) -> None:
+    """Bad input if `path`, the output of one file, is a directory (said before "exists:
+    pass --force", which cannot help); a name the file system refuses is said here too."""
+    with _refusals_as_bad_input(path):
+        if Path(path).is_dir():
+            raise MemcompileError(f"{path} is a directory: give the path of a file to write")
+
+
 def _refuse_existing(
     path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None]
 ) -> None:
@@ -243,9 +251,8 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     """Yields a temporary file path beside `path` (same suffix); renames it to `path` if the
     block succeeds, else removes it. An existing `path` is an error unless `force`."""
     path = Path(path)
+    refuse_directory(path)
     refuse_existing(path, force)
-    if path.is_dir():
-        raise MemcompileError(f"{path} is a directory: give the path of a file to write")
     with created_parents(path):
         handle, name = tempfile.mkstemp(path.suffix, _staging_prefix(path, "tmp"), path.parent)
         os.close(handle)

@@ -4,6 +4,8 @@ half-written on disk."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +123,23 @@ def test_interrupted_save_leaves_nothing(hf_dir, tmp_path, monkeypatch, interrup
     result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
     assert result.exit_code != 0
     assert not (tmp_path / "new").exists()  # nor the folder it made for the output
+
+
+def test_sigterm_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
+    """`timeout`, `kill` and a cancelled CI job send SIGTERM: the command ends as after
+    Ctrl-C, its staged files and the folders it made removed."""
+    real_save_file = checkpoint.save_file
+
+    def terminated_while_writing(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)  # a whole staged file, then:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "save_file", terminated_while_writing)
+    out = tmp_path / "new" / "out"
+    result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", out)
+    assert result.exit_code == 143 and "terminated: nothing was written" in result.output
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
 
 
 @pytest.mark.parametrize(

@@ -341,12 +341,15 @@ def test_bad_input_is_one_line_and_writes_nothing(converted, tmp_path):
         )
         assert "18 to 23" in message
     flat = {"input_ids": ids["input_ids"][0]}
-    _one_line_error(lambda: memcompile.export_onnx(model, flat, path), r"has shape \(9,\)")
+    first_batch = r"has shape \(9,\): a dynamic export takes a batch dimension first"
+    _one_line_error(lambda: memcompile.export_onnx(model, flat, path), first_batch)
     short = {"input_ids": ids["input_ids"][:, :1]}
     _one_line_error(lambda: memcompile.export_onnx(model, short, path), r"shape \(2, 1\)")
     _one_line_error(lambda: memcompile.export_onnx(model, ids, path, form="fused"), "form")
 
     _one_line_error(lambda: memcompile.export_onnx(model, ids, tmp_path), "is a directory")
+    too_long = tmp_path / ("n" * 300 + ".onnx")
+    _one_line_error(lambda: memcompile.export_onnx(model, ids, too_long), "file name too long")
     (tmp_path / "noise.onnx").write_bytes(b"not protobuf at all")
     _one_line_error(lambda: ort_session(tmp_path / "noise.onnx"), "is not an ONNX model")
     (tmp_path / "noise.onnx").unlink()
@@ -433,6 +436,37 @@ def test_cli_export_checkpoint(tmp_path):
 
     again = _cli("export", tmp_path / "ckpt", "--onnx", out)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_cli_export_of_bert_takes_segment_ids(tmp_path):
+    """Sentence pairs: without token_type_ids the graph would read every token as segment 0."""
+    case, model, _ = _converted("bert", "replace", [1])
+    memcompile.save(model, tmp_path / "ckpt")
+    out = tmp_path / "m.onnx"
+    result = _cli("export", tmp_path / "ckpt", "--onnx", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    generator = torch.Generator().manual_seed(3)
+    segments = torch.zeros(3, 10, dtype=torch.int64)
+    segments[:, 6:] = 1  # a pair: the second sentence is segment 1
+    feed = {"input_ids": torch.randint(3, VOCAB, (3, 10), generator=generator),
+            "attention_mask": torch.ones(3, 10, dtype=torch.int64), "token_type_ids": segments}
+    expected = _torch(case, memcompile.load(tmp_path / "ckpt"), feed)  # fmt: skip
+    assert np.abs(_ort(ort_session(out), feed) - expected).max() <= 1e-5
+
+
+def test_a_torch_export_program_is_refused_with_what_to_export_instead(tmp_path):
+    case = CASES["bert"]
+    model = memcompile.transform(case.build(), layers=[1], **SMALL)
+    program = torch.export.export(model, (), case.example_inputs(0))
+    torch.export.save(program, tmp_path / "m.pt2")
+    path = tmp_path / "m.onnx"
+    for exported in (program, program.module()):
+        _one_line_error(lambda e=exported: memcompile.export_onnx(e, {}, path),
+                        "not a torch.export program")  # fmt: skip
+    result = _cli("export", tmp_path / "m.pt2", "--onnx", path, "--quiet")
+    assert result.exit_code == 2 and "not a torch.export program" in result.output
+    assert not path.exists()
 
 
 def test_cli_export_of_an_encoder_decoder_takes_decoder_inputs(tmp_path):

@@ -11,7 +11,10 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
@@ -79,13 +82,40 @@ def in_flags(message: str) -> str:
     return message
 
 
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, `kill`, a cancelled CI job), raised where the command was, so that
+    what it staged is removed as after Ctrl-C. A BaseException: no `except Exception` in
+    the library may take it for a failure of its own."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers: main only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fail_cleanly(command):
-    """Bad input -> one line on stderr and exit 2; anything else -> exit 1."""
+    """Bad input -> one line on stderr and exit 2; anything else -> exit 1; Ctrl-C and
+    SIGTERM leave nothing written (exit 130 and 143, as the signals' own)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _sigterm_raises():
+                return command(*args, **kwargs)
+        except Terminated:
+            click.echo("terminated: nothing was written", err=True)
+            sys.exit(143)
         except MemcompileError as error:
             # Only our line: torch.fx appends the graph node it was executing.
             click.echo(f"error: {in_flags(first_line(error))}", err=True)

@@ -6,7 +6,7 @@ import click
 
 from ..runtime import MemcompileError
 from ..runtime.config import human_bytes
-from ..runtime.outputs import refuse_existing
+from ..runtime.outputs import refuse_directory, refuse_existing
 from .common import (
     echo_json,
     fail_cleanly,
@@ -64,6 +64,11 @@ def _token_inputs(model, batch: int, seq_len: int) -> dict:
         decoder_len = max(2, seq_len // 2)
         ids = torch.randint(0, vocab, (batch, decoder_len), generator=generator)
         inputs["decoder_input_ids"] = ids
+    segments = getattr(config, "type_vocab_size", None)
+    if "token_type_ids" in parameters and isinstance(segments, int) and segments > 1:
+        # Without this input the graph would read every token as segment 0 (BERT's pairs).
+        ids = torch.randint(0, segments, (batch, seq_len), generator=generator)
+        inputs["token_type_ids"] = ids
     return inputs
 
 
@@ -113,16 +118,16 @@ def export(
 
     import torch
 
-    from ..onnx_export import export_onnx, external_data_path
+    from ..onnx_export import check_exportable, export_onnx, external_data_path
 
     # A large model's weights go to a side file, ONNX_PATH.data: it is an output too.
-    if Path(onnx_path).is_dir():  # said before "exists: pass --force", which cannot help
-        raise MemcompileError(f"{onnx_path} is a directory: give the path of the .onnx file")
+    refuse_directory(onnx_path)
     side_file = external_data_path(onnx_path)
     for output in (onnx_path, side_file):
         refuse_existing(output, force, inputs=[model_path, config_path])
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
+    check_exportable(loaded.model)  # before the inputs: what cannot export says why first
     model = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
     inputs = _token_inputs(model, batch, seq_len)
     with steps(f"exporting {onnx_path}"):
