@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,31 +36,44 @@ class _PickleRefused(pickle.UnpicklingError):
     pass
 
 
-def _refuse_pickle(*args, **kwargs):
-    raise _PickleRefused("a pickled payload")
+_LOADING = threading.Lock()  # one guarded load at a time: each restores what it changed
+_REFUSING = threading.local()
+
+
+def _loads_but_on_a_loading_thread(*args, **kwargs):
+    if getattr(_REFUSING, "active", False):
+        raise _PickleRefused("a pickled payload")
+    return _PICKLE_LOADS(*args, **kwargs)
+
+
+_PICKLE_LOADS = pickle.loads
 
 
 @contextlib.contextmanager
 def _unpickling_refused():
     """torch.export.load unpickles what an archive marks as pickled (tensor subclasses,
     opaque constants) with torch.load's full unpickler or `pickle.loads`: a crafted .pt2
-    runs code as it loads. Inside this block torch.load keeps to weights only
-    (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and pickle.loads raises. Both are process-wide while
-    the block runs, which is one load. (TorchScript custom objects go through torch's
-    own unpickler, which builds only registered classes.)"""
-    saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_SWITCHES}
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    loads, pickle.loads = pickle.loads, _refuse_pickle
-    try:
-        yield
-    finally:
-        pickle.loads = loads
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    runs code as it loads. Inside this block pickle.loads raises on this thread (other
+    threads unpickle as before), and torch.load keeps to weights only
+    (TORCH_FORCE_WEIGHTS_ONLY_LOAD: an environment switch, so process-wide while the block
+    runs, which is one load). (TorchScript custom objects go through torch's own
+    unpickler, which builds only registered classes.)"""
+    with _LOADING:
+        saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_SWITCHES}
+        os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        loads, pickle.loads = pickle.loads, _loads_but_on_a_loading_thread
+        _REFUSING.active = True
+        try:
+            yield
+        finally:
+            _REFUSING.active = False
+            pickle.loads = loads
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _unpickling_in(error: BaseException | None) -> bool:

@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import zipfile
 
 import pytest
@@ -368,3 +369,33 @@ def test_a_program_with_pickled_payloads_is_refused_unless_trusted(tmp_path):
     assert isinstance(load_program(tmp_path / "plain.pt2"), torch.export.ExportedProgram)
     assert pickle.loads(pickle.dumps([1])) == [1]
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+
+
+def test_the_pickle_guard_holds_on_the_loading_thread_only():
+    """While one thread loads a .pt2, another unpickles as before; guarded loads from two
+    threads leave pickle.loads as it was."""
+    from memcompile import program
+
+    inside, release = threading.Event(), threading.Event()
+    refused = []
+
+    def load():
+        with program._unpickling_refused():
+            try:
+                pickle.loads(pickle.dumps([1]))
+            except pickle.UnpicklingError:
+                refused.append(True)
+            inside.set()
+            release.wait(10)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert inside.wait(10)
+    assert pickle.loads(pickle.dumps([2])) == [2]  # this thread is not loading
+    second = threading.Thread(target=load)  # waits for the first load to end
+    second.start()
+    release.set()
+    loader.join(10)
+    second.join(10)
+    assert refused == [True, True]
+    assert pickle.loads is program._PICKLE_LOADS
