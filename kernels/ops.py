@@ -98,12 +98,9 @@ def _bag_backward_fake(grad_out, values, indices, weights):
 
 @torch.library.custom_op("memcompile::bag_backward_rows", mutates_args=())
 def bag_backward_rows(
-    grad_out: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     rows: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`bag_backward` with the value gradient of `rows` only (int64, sorted, distinct, every
     picked row among them): ((len(rows), v_dim) in that order, the weights' gradient)."""
     return reference.bag_backward_rows(grad_out, values, indices, weights, rows)
