@@ -367,11 +367,11 @@ void bag_columns(const T* values, const int64_t* ids, const float* w, int64_t pi
 }
 
 // y[t] = sum_b weights[t, b] * values[idx[t, b]] in float32; `store(t, acc)` writes a
-// finished row. With `threads`, large bags run on OpenMP threads, a token each.
+// finished row. Large bags run on `threads` OpenMP threads, a token each.
 template <typename T, typename Store>
 void bag_rows(const T* values, const int64_t* idx, const float* weights, int64_t n,
-              int64_t picks, int64_t v_dim, bool threads, Store store) {
-#pragma omp parallel if (threads && n * picks * v_dim > (1 << 18))
+              int64_t picks, int64_t v_dim, int threads, Store store) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && n * picks * v_dim > (1 << 18))
   {
     std::vector<float> acc(v_dim);
 #pragma omp for schedule(static)

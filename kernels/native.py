@@ -155,6 +155,13 @@ def call_count(counter: str) -> int:
     return int(calls())
 
 
+def set_ort_threads(threads: int) -> None:
+    """The OpenMP threads of the ONNX Runtime kernels' calls in this process (at least one)."""
+    library = loaded(build=False)
+    if library is not None:
+        library.memcompile_ort_threads(ctypes.c_int(max(1, int(threads))))
+
+
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 

@@ -65,6 +65,10 @@ enum ErrorCode { kFail = 1, kInvalidArgument = 2 };
 
 const void* const* g_api = nullptr;
 std::atomic<uint64_t> g_calls{0};    // ONNX Runtime kernel calls
+// OpenMP threads of a kernel call: the session's intra-op count, which ort_session passes
+// (memcompile_ort_threads). One otherwise: a pool the session did not ask for would add
+// threads beside ONNX Runtime's own, and would hang a child forked after it ran.
+std::atomic<int> g_threads{1};
 template <typename F> F api(Slot slot) { return reinterpret_cast<F>(g_api[slot]); }
 
 OrtStatus* error(const std::string& message) {
@@ -196,7 +200,9 @@ OrtStatus* pk_compute(void* raw, OrtKernelContext* context) {
   const float* kf = tiled ? nullptr : as_float(keys, heads * 2 * n_keys * half, key_buffer);
   const std::vector<float> zeros(half, 0.f);
   const int64_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel if (n * heads * n_keys * k_dim > (1 << 20))
+  const int threads = g_threads;
+  const bool big = n * heads * n_keys * k_dim > (1 << 20);
+#pragma omp parallel num_threads(threads) if (threads > 1 && big)
   {
     std::vector<float> s(2 * kRows * n_pad);
     TopKWork work(knn);
@@ -245,11 +251,11 @@ OrtStatus* bag_compute(void*, OrtKernelContext* context) {
   const auto* w = static_cast<const float*>(weights.data);
   if (values.dtype == kFloat) {
     auto* y = static_cast<float*>(out);
-    bag_rows(static_cast<const float*>(values.data), idx, w, n, picks, v_dim, true,
+    bag_rows(static_cast<const float*>(values.data), idx, w, n, picks, v_dim, g_threads,
              [&](int64_t t, const float* acc) { std::memcpy(y + t * v_dim, acc, v_dim * 4); });
   } else {
     auto* y = static_cast<_Float16*>(out);
-    bag_rows(static_cast<const _Float16*>(values.data), idx, w, n, picks, v_dim, true,
+    bag_rows(static_cast<const _Float16*>(values.data), idx, w, n, picks, v_dim, g_threads,
              [&](int64_t t, const float* acc) {
                for (int64_t v = 0; v < v_dim; ++v) y[t * v_dim + v] = (_Float16)acc[v];
              });
@@ -298,6 +304,9 @@ const OrtCustomOp kBag{kVersion, nullptr, bag_name, cpu, bag_input_type, three, 
 
 extern "C" {
 __attribute__((visibility("default"))) uint64_t memcompile_kernel_calls() { return g_calls; }
+__attribute__((visibility("default"))) void memcompile_ort_threads(int threads) {
+  g_threads = threads > 1 ? threads : 1;
+}
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
     OrtSessionOptions* options, const OrtApiBase* base) {
   g_api = reinterpret_cast<const void* const*>(base->GetApi(1));

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..kernels.native import cache_dir, call_count, native_library
+from ..kernels.native import cache_dir, call_count, native_library, set_ort_threads
 from .errors import MemcompileError, require
 
 if TYPE_CHECKING:  # an optional dependency (the [onnx] extra)
@@ -64,7 +64,8 @@ def ort_session(
     registered: `native=None` uses them when they build and falls back to the nodes' ONNX
     functions otherwise; `native=True` requires them; `native=False` never uses them.
     `providers` defaults to the CPU provider; `options` is an `onnxruntime.SessionOptions`.
-    """
+    The native kernels run on `options.intra_op_num_threads` OpenMP threads (one when it is
+    0, ONNX Runtime's default; a setting for the process, the last session's)."""
     ort = require("onnxruntime", "onnx", "running ONNX models")
     path = Path(path)
     if not path.is_file():
@@ -78,6 +79,8 @@ def ort_session(
             options.register_custom_ops_library(str(library))
             # ONNX Runtime refuses a second registration on the same options: remember it.
             options.add_session_config_entry(_LIBRARY_ENTRY, str(library))
+        if library is not None:  # the kernels' threads: the session's intra-op count
+            set_ort_threads(options.intra_op_num_threads)
         elif library is None and native:
             raise MemcompileError(
                 f"the native com.memcompile kernels could not be built in {cache_dir()} (see "

@@ -5,7 +5,9 @@ and a length other than the export example's; bad input writes nothing."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import onnx
@@ -196,6 +198,36 @@ def test_native_kernels_match_the_reference_ops(tmp_path, dtype, tokens):
         assert y.dtype == values.numpy().dtype
         tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: one unit in the last place
         assert np.abs(y.astype(np.float32) - expected).max() <= tolerance
+
+
+def test_native_kernels_take_the_sessions_threads_and_run_in_a_forked_child(tmp_path):
+    """The kernels' OpenMP threads are the session's intra-op count (one by default): a pool
+    of their own would hang a child forked after it ran, as fork-based workers are."""
+    tokens, heads, n_keys, half, knn = 256, 4, 512, 32, 32  # past both kernels' thresholds
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(tokens, heads, 2 * half, generator=generator)
+    keys = torch.randn(heads, 2, n_keys, half, generator=generator)
+    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    model = _node_model(
+        onnx.helper.make_node("PkTopK", ["q", "keys"], ["s", "i"], domain=lower_onnx.DOMAIN,
+                              knn=knn),
+        [_value("q", f32, 3), _value("keys", f32, 4)], [_value("s", f32, 3), _value("i", i64, 3)],
+    )  # fmt: skip
+    onnx.save(model, tmp_path / "pk.onnx")
+    feed = {"q": q.numpy(), "keys": keys.numpy()}
+    two = ort.SessionOptions()
+    two.intra_op_num_threads = 2
+    threaded = ort_session(tmp_path / "pk.onnx", native=True, options=two).run(None, feed)
+    session = ort_session(tmp_path / "pk.onnx", native=True)  # intra-op 0: one thread
+    single = session.run(None, feed)
+    assert all(np.array_equal(a, b) for a, b in zip(threaded, single))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 if the kernel ran and agrees, killed if it hangs
+        signal.alarm(60)
+        again = session.run(None, feed)
+        os._exit(0 if all(np.array_equal(a, b) for a, b in zip(again, single)) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 def test_float16_export_runs(tmp_path):
