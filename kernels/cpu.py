@@ -207,6 +207,7 @@ def bag_backward_cpu(grad_out, values, indices, weights):
     fits = (
         kernels
         and n >= 1
+        and picks >= 1
         and values.dim() == 2
         and values.dtype == grad_out.dtype == weights.dtype == torch.float32
         and indices.dtype == torch.int64

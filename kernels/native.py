@@ -4,7 +4,8 @@ One shared library holds the ONNX Runtime kernels of the "custom" ONNX form
 (`ort_kernels.cc`, registered by `memcompile.runtime.ort_session`) and the CPU kernels of
 torch's ops (`decode_kernels.cc` for inference, `training_kernels.cc` for the differentiable
 ops; called by `cpu.py`), over the math in `cpu_kernels.h`.
-It needs only a C++17 compiler: the ONNX Runtime part names the slots of the version-1
+It needs only a C++17 compiler with `_Float16` (GCC 12+, Clang 15+; the float16 kernels
+use it): the ONNX Runtime part names the slots of the version-1
 `OrtApi` table it uses (frozen by ONNX Runtime's ABI guarantee), so no headers.
 It is compiled on first use (about six seconds on two cores) into a cache directory
 ($MEMCOMPILE_CACHE, else ~/.cache/memcompile) and reused; without a compiler, callers fall
@@ -33,7 +34,10 @@ SOURCES = tuple(
 )
 _COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fvisibility=hidden")
 _LOADED: dict[Path, ctypes.CDLL] = {}
+_FAILED: set[Path] = set()  # builds that failed in this process: said once, not retried
 _BUILD_LOCK = threading.Lock()
+_BUILD_TIMEOUT_S = 600
+_WARNED_CXX: set[str] = set()
 
 
 def cache_dir() -> Path:
@@ -53,7 +57,14 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    chosen = os.environ.get("CXX")
+    if chosen and not shutil.which(chosen) and chosen not in _WARNED_CXX:
+        _WARNED_CXX.add(chosen)
+        log.warning(
+            "CXX=%r is not a compiler on the PATH (a command with arguments is not taken): "
+            "memcompile looks for c++, g++ or clang++ instead", chosen
+        )  # fmt: skip
+    for name in (chosen, "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
@@ -65,12 +76,17 @@ def _build(compiler: str, target: Path) -> None:
     sources = [source for source in SOURCES if source.suffix == ".cc"]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        for extra in (["-fopenmp"], []):
-            errors = _compile_and_link(compiler, sources, extra, built)
-            if not errors:
-                os.replace(built, target)
-                return
-        raise RuntimeError(f"building memcompile's C++ CPU kernels failed: {errors}")
+        openmp_errors = _compile_and_link(compiler, sources, ["-fopenmp"], built)
+        if openmp_errors:
+            errors = _compile_and_link(compiler, sources, [], built)
+            if errors:
+                raise RuntimeError(f"building memcompile's C++ CPU kernels failed: {errors}")
+            reason = openmp_errors.splitlines()[0]
+            log.warning(
+                "memcompile's C++ CPU kernels were built without OpenMP, so on one thread "
+                "(-fopenmp failed: %s); delete %s to build them again", reason, target
+            )  # fmt: skip
+        os.replace(built, target)
 
 
 def _compile_and_link(compiler: str, sources: list[Path], extra: list[str], built: Path) -> str:
@@ -86,12 +102,25 @@ def _compile_and_link(compiler: str, sources: list[Path], extra: list[str], buil
         )
         for source, obj in zip(sources, objects)
     ]  # fmt: skip
-    outcomes = [(process.communicate()[1], process.returncode) for process in compiles]
+    try:
+        outcomes = [
+            (process.communicate(timeout=_BUILD_TIMEOUT_S)[1], process.returncode)
+            for process in compiles
+        ]
+    except subprocess.TimeoutExpired:
+        for process in compiles:
+            process.kill()
+        return f"the compiler ran past {_BUILD_TIMEOUT_S} s"
     failed = [errors.strip() or "the compiler failed" for errors, code in outcomes if code]
     if failed:
         return failed[0]
     link = [compiler, "-shared", *extra, *map(str, objects), "-o", str(built)]
-    result = subprocess.run(link, capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(
+            link, capture_output=True, text=True, check=False, timeout=_BUILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return f"the link ran past {_BUILD_TIMEOUT_S} s"
     return "" if result.returncode == 0 else result.stderr.strip() or "the link failed"
 
 
@@ -116,12 +145,23 @@ def native_library(build: bool = True) -> Path | None:
         return None
     target = cache_dir() / _library_name(compiler)
     with _BUILD_LOCK:
+        if target in _FAILED:
+            return None
         if not target.exists() and build:
             log.info("building memcompile's C++ CPU kernels into %s", target)
             try:
                 _build(compiler, target)
-            except (OSError, RuntimeError) as error:
-                log.warning("%s", error)
+            except RuntimeError as error:
+                _FAILED.add(target)
+                log.warning("%s; their ops run in PyTorch", error)
+                return None
+            except OSError as error:
+                _FAILED.add(target)
+                log.warning(
+                    "memcompile's C++ CPU kernels cannot be built in %s (%s): point "
+                    "MEMCOMPILE_CACHE at a writable folder; their ops run in PyTorch",
+                    target.parent, error,
+                )  # fmt: skip
                 return None
         if not target.exists():
             return None

@@ -71,6 +71,13 @@ def test_bag_backward_matches_float64(tokens, picks, v_dim, repeated):
     torch.testing.assert_close(grad_weights.to(F64), expected_weights, rtol=1e-5, atol=1e-5)
 
 
+def test_bag_backward_of_bags_of_no_picks_is_zero():
+    values, grad_out = torch.randn(50, 16), torch.randn(3, 16)
+    empty = torch.zeros(3, 0, dtype=torch.int64)
+    grad_values, grad_weights = ops.bag_backward(grad_out, values, empty, torch.zeros(3, 0))
+    assert torch.equal(grad_values, torch.zeros(50, 16)) and grad_weights.shape == (3, 0)
+
+
 def test_bag_backward_gives_the_same_bits_on_any_thread_count():
     g = _gen(3)
     values = torch.randn(64, 200, generator=g)

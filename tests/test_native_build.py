@@ -25,11 +25,22 @@ def test_a_failing_compiler_is_one_warning_and_leaves_nothing(tmp_path, monkeypa
     monkeypatch.setenv("CXX", str(compiler))
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert native.native_library() is None
+        assert native.native_library() is None  # not built again, nor said again
     assert "building memcompile's C++ CPU kernels failed: broken-c++: no such target" in caplog.text
+    assert len(caplog.records) == 1
     assert list(cache.rglob("*")) == []
 
 
-def test_without_openmp_the_kernels_build_on_one_thread(tmp_path, monkeypatch):
+def test_a_cache_that_cannot_be_made_says_where_and_what_to_set(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MEMCOMPILE_CACHE", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.native_library() is None
+    assert "cannot be built in" in caplog.text and "MEMCOMPILE_CACHE" in caplog.text
+
+
+def test_without_openmp_the_kernels_build_on_one_thread(tmp_path, monkeypatch, caplog):
     """A compiler that refuses -fopenmp (clang without libomp): the second try builds the
     library without it, every source compiled and linked."""
     real = shutil.which("c++") or shutil.which("g++")
@@ -46,8 +57,10 @@ exec {real} "$@"
     )
     monkeypatch.setenv("MEMCOMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(compiler))
-    library = native.native_library()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        library = native.native_library()
     assert library is not None and library.parent == tmp_path / "cache"
+    assert "built without OpenMP, so on one thread (-fopenmp failed: unsupported" in caplog.text
     calls = log.read_text().splitlines()
     built = [call for call in calls if "-fopenmp" not in call]
     sources = [source for source in native.SOURCES if source.suffix == ".cc"]
