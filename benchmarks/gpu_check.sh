@@ -44,10 +44,16 @@ for option in "$@"; do
   esac
 done
 cd "$(dirname "$0")/.."
+if ! command -v nvidia-smi > /dev/null 2>&1; then
+  echo "error: gpu_check.sh needs a CUDA GPU and nvidia-smi (benchmarks/rehearsal.py runs" \
+       "its Python steps on the CPU)" >&2
+  exit 2
+fi
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 log="$out/gpu_log.txt"
 pkg="$(mktemp -d)"
+trap 'rm -rf "$pkg"' EXIT
 cp -r memcompile "$pkg/memcompile"
 for sub in passes kernels runtime; do cp -r "$sub" "$pkg/memcompile/$sub"; done
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -89,6 +90,21 @@ def test_the_row_pass_counters_alone(tmp_path):
     assert calls[0].startswith("ncu ") and "-k regex:_rows_kernel" in calls[0]
     assert scripts(calls) == ["profile_row_pass.py", "gpu_timing.py"]
     assert (tmp_path / "out" / "ncu_rows.txt").exists()
+
+
+def test_the_package_copy_goes_when_the_run_ends(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    rc, calls, _ = run_gpu_check(tmp_path, "--no-checks", "--no-kernels", TMPDIR=str(temporary))
+    assert rc == 0 and calls and list(temporary.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine's own PATH")
+def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
+    env = os.environ | {"OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stderr.startswith("error: gpu_check.sh needs a CUDA GPU")
+    assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("option", ["--bogus", "--no-check"])
