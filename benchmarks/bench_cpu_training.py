@@ -14,13 +14,13 @@ benchmarks/results/cpu_training.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_args import positive_float, positive_int, results_path, token_counts, write_json
 from bench_onnx import medians_ms  # round-robin medians: host drift hits all alike
 
 from memcompile.kernels import cpu
@@ -65,18 +65,19 @@ def op_calls(layer, x):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="512,2048")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--tokens", type=token_counts, default="512,2048")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count())
+    parser.add_argument("--seconds", type=positive_float, default=1.0, help="time per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    path = results_path(parser, args.out, "cpu_training.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     assert cpu._native(), "the C++ kernels are built (a C++17 compiler is on the PATH)"
     layer = MemoryLayer(D_MODEL, D_MODEL, CONFIG)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
     rows = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
+    for tokens in args.tokens:
         x = torch.randn(tokens, D_MODEL)
         step = training_step(layer, optimizer, x)
         forward, forward_backward = op_calls(layer, x)
@@ -100,8 +101,7 @@ def main() -> int:
         "layer": f"Memory+, d_model {D_MODEL}, {N_KEYS}^2 values, heads 4, knn 32, fp32, AdamW",
         "rows": rows,
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_training.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print("| tokens | part | C++ kernels ms | PyTorch alone ms | ratio |")
     print("|---|---|---|---|---|")
     for r in rows:

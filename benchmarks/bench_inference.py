@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_args import positive_int, results_path, token_counts, write_json
 from gpu_shapes import (
     DECODE_MEMORY,
     DECODE_SIZES,
@@ -421,17 +421,19 @@ def decode_rows(device, dtype, new_tokens=DECODE_TOKENS):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default=",".join(map(str, INFERENCE_TOKENS)))
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--tokens", type=token_counts,
+                        default=",".join(map(str, INFERENCE_TOKENS)))  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU rows only")
     parser.add_argument("--decode-sweep", action="store_true",
                         help="also time a decode lookup under each top-k shape, and the "
                         "decode projections under each block shape")  # fmt: skip
     args = parser.parse_args()
+    path = results_path(parser, args.out, "inference.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    counts = [int(t) for t in args.tokens.split(",")]
+    counts = args.tokens
     layers, decode, projections, sweep, unbuilt, gpu = [], [], [], [], [], None
     # A rehearsal's kernels run in Triton's interpreter on CPU tensors: no CPU rows then.
     if not (args.skip_cpu or REHEARSAL):
@@ -463,8 +465,7 @@ def main() -> int:
               "torch": torch.__version__, "layers": layers, "decode": decode,
               "projections": projections, "decode_sweep": sweep,
               "not_built": unbuilt}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print("| device | d_model | values | tokens | mode | Memory+ ms | dense FFN ms | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in layers:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_args import results_path, write_json
+
 RUNS = [("1M", True), ("16M", True), ("256K", False)]
 
 
@@ -91,6 +93,7 @@ def main() -> None:
         print(json.dumps(row))
         return
 
+    path = results_path(parser, args.out, "lazy_init.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp))
@@ -119,8 +122,7 @@ def main() -> None:
         "model": "Llama-shaped, d_model 2048, 2 blocks, block 1 converted",
         "runs": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lazy_init.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print("| mem-size | --lazy-init | peak RSS | checkpoint | time |")
     print("|---|---|---|---|---|")
     for r in rows:

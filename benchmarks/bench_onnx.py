@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_args import positive_float, positive_int, results_path, write_json
 
 TOKENS = (1, 64, 512)
 MEMORY = dict(mem_size="64K", heads=4, knn=32)
@@ -135,11 +136,15 @@ def verdict(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument(
-        "--threads", type=int, default=1, help="threads of each runtime (1: fair on a busy box)"
+        "--seconds", type=positive_float, default=3.0, help="time per measurement"
     )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1,
+        help="threads of each runtime (1: fair on a busy box)",
+    )  # fmt: skip
     args = parser.parse_args()
+    path = results_path(parser, args.out, "onnx.json")
     # The native kernels use OpenMP: its thread count is read when the library loads.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
@@ -171,8 +176,7 @@ def main() -> None:
         "runs": rows,
         "targets_met": verdict(rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "onnx.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print(table(rows))
     print(f"\ntargets met: {result['targets_met']}")
 
