@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import RECIPE_ATTRIBUTE, transform
+from .passes.find_ffn import LEGACY_LABELS_ATTRIBUTE
 from .passes.share import POOL_NAME
 from .runtime import MemcompileError, MemoryConfig, materialize_values
 from .runtime.distributed import PLAN_ATTRIBUTE
@@ -34,7 +35,10 @@ from .runtime.outputs import atomic_directory
 log = logging.getLogger(__name__)
 
 FORMAT = "memcompile-checkpoint"
-FORMAT_VERSION = 1
+# 2: block labels stay fixed across conversions (a label in a later step names the block it
+# named in the first). Version 1's later steps numbered the blocks left unconverted: a model
+# rebuilt from one keeps that numbering (LEGACY_LABELS_ATTRIBUTE) and is saved as version 1.
+FORMAT_VERSION = 2
 MANIFEST = "memcompile.json"
 WEIGHTS = "model.safetensors"
 PICKLED_SOURCE = "source_module.pt"
@@ -155,7 +159,7 @@ def save(
     source = {"kind": "pickle"} if pickled_source is not None else model_source(model)
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": 1 if getattr(model, LEGACY_LABELS_ATTRIBUTE, False) else FORMAT_VERSION,
         "source": source,
         "transforms": getattr(model, RECIPE_ATTRIBUTE, []),
     }
@@ -268,6 +272,8 @@ def _pool_in_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
 
 def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) -> nn.Module:
     model = build_source(manifest["source"], path, trust_pickle)
+    if manifest["version"] < 2 and len(manifest["transforms"]) > 1:
+        setattr(model, LEGACY_LABELS_ATTRIBUTE, True)
     for step in manifest["transforms"]:
         config = MemoryConfig(**step["config"])
         _pool_in_dtype(model, config.torch_dtype)

@@ -362,12 +362,17 @@ def find_ffn(state: TransformState) -> None:
 
 
 _CONVERTED = "converted"
+# Set on a model rebuilt from a checkpoint of format 1 with several steps, whose later steps
+# numbered only the blocks left unconverted: such a model keeps numbering them so.
+LEGACY_LABELS_ATTRIBUTE = "memcompile_legacy_labels"
 
 
 def _with_converted(blocks: list[tuple[str, object]], model: torch.nn.Module) -> list:
     """`blocks` with the blocks converted earlier back in their places (`_CONVERTED`), so that
     labels that count blocks (root-graph ordinals, "N.1", the stacks' names) stay what they
     were when the model was first converted: "convert more layers later" names them so."""
+    if getattr(model, LEGACY_LABELS_ATTRIBUTE, False):
+        return blocks
     converted = sorted(
         {m.source_block for m in model.modules() if isinstance(m, MemoryLayer) and m.source_block}
     )

@@ -79,3 +79,34 @@ def test_a_checkpoint_converted_in_two_steps_loads_with_its_labels(tmp_path):
     inputs = t5.example_inputs()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_a_format_1_checkpoint_converted_in_steps_keeps_its_numbering(tmp_path):
+    """Format 1's later steps numbered the blocks left unconverted: T5's step `[1]` after
+    the encoder meant decoder.1. Such a checkpoint loads as it was made, keeps numbering so,
+    and is saved as format 1 again."""
+    import json
+
+    from memcompile.passes.find_ffn import LEGACY_LABELS_ATTRIBUTE
+
+    t5 = next(c for c in ZOO if c.name == "t5")
+    model = t5.build()
+    memcompile.transform(model, layers=["encoder.0", "encoder.1"], **SMALL)
+    memcompile.transform(model, layers=["decoder.1"], **SMALL)
+    memcompile.save(model, tmp_path / "new")
+    manifest = json.loads((tmp_path / "new" / "memcompile.json").read_text())
+    assert manifest["version"] == 2
+    manifest["version"] = 1  # what the old code wrote for the same model:
+    manifest["transforms"][1]["layers"] = [1]
+    (tmp_path / "old").mkdir()
+    for name in ("model.safetensors",):
+        (tmp_path / "old" / name).write_bytes((tmp_path / "new" / name).read_bytes())
+    (tmp_path / "old" / "memcompile.json").write_text(json.dumps(manifest))
+    old = memcompile.load(tmp_path / "old")
+    assert getattr(old, LEGACY_LABELS_ATTRIBUTE) and _labels(old) == [0]  # decoder.0, as then
+    inputs = t5.example_inputs()
+    with torch.no_grad():
+        assert torch.equal(old(**inputs).logits, model(**inputs).logits)
+    memcompile.save(old, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "memcompile.json").read_text())["version"] == 1
+    assert _labels(memcompile.load(tmp_path / "again")) == [0]
