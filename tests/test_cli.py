@@ -142,6 +142,20 @@ def test_sigterm_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
 
 
+def test_once_the_output_is_in_place_the_process_ignores_sigterm(hf_dir, tmp_path, monkeypatch):
+    """As the process itself (the `memcompile` script), a SIGTERM after the outputs are in
+    place would end it with 143, the status that says nothing was written."""
+    from memcompile.cli import common
+
+    monkeypatch.setattr(common, "PROCESS_ENTRY", True)
+    try:
+        result = run_cli("convert", hf_dir, "--layers", "1", *SMALL, "-o", tmp_path / "out")
+        assert result.exit_code == 0, result.output
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [

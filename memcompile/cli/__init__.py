@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibrate, convert, export, inspect_cmd, plan
+from . import calibrate, common, convert, export, inspect_cmd, plan
 
 EPILOG_MAIN = inspect_cmd.EPILOG_INSPECT.replace(
     "Examples:", "Examples:\n  memcompile convert --help"
@@ -66,6 +66,12 @@ def main() -> None:
     """Compile the FFN blocks of PyTorch models into product-key memory layers."""
 
 
+def run() -> None:
+    """The `memcompile` command: `main` as the process itself (see common.PROCESS_ENTRY)."""
+    common.PROCESS_ENTRY = True
+    main()
+
+
 # A new command: a module here defining a click.command, imported above and listed here.
 COMMANDS = [
     inspect_cmd.inspect,
@@ -77,4 +83,4 @@ COMMANDS = [
 for _command in COMMANDS:
     main.add_command(_command)
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "run"]

@@ -1,6 +1,6 @@
 """`python -m memcompile.cli`: the same as the `memcompile` command."""
 
-from . import main
+from . import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -92,6 +92,11 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+# True where the command is the process (`memcompile`, `python -m memcompile.cli`: cli.run),
+# not a call inside another program (click's CliRunner).
+PROCESS_ENTRY = False
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # handlers: main only
@@ -100,8 +105,12 @@ def _sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
-    finally:
+    except BaseException:
         signal.signal(signal.SIGTERM, previous)
+        raise
+    # The outputs are in place: a SIGTERM while the process exits must not end it with the
+    # status that says nothing was written.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if PROCESS_ENTRY else previous)
 
 
 def fail_cleanly(command):
