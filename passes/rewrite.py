@@ -257,6 +257,11 @@ def _carry_over(gm: fx.GraphModule, module: nn.Module) -> None:
         gm.register_buffer(name, buffer, persistent=persistent)
 
 
+# On a rewritten block's exit node: the node that now gives the block's output. A block
+# whose input was that exit (FFNs back to back in one graph) reads it from there.
+_OUTPUT_NOW = "memcompile_output_now"
+
+
 def _rewrite_graph(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augment: bool):
     gm, match = block.capture.graph_module, block.match
     graph = gm.graph
@@ -268,15 +273,20 @@ def _rewrite_graph(model: nn.Module, block: FFNBlock, layer: MemoryLayer, augmen
         gm, f"{block.path}.memory" if block.capture.whole_model and block.path else "memory"
     )
     gm.add_submodule(name, layer)
+    entry = match.entry
+    while _OUTPUT_NOW in entry.meta:  # the exit of a block rewritten before, just above
+        entry = entry.meta[_OUTPUT_NOW]
     with graph.inserting_after(match.exit):
-        memory = graph.call_module(name, (match.entry,))
+        memory = graph.call_module(name, (entry,))
     if augment:
         with graph.inserting_after(memory):
             total = graph.call_function(operator.add, (match.exit, memory))
         match.exit.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         match.exit.meta[CONVERTED_MARK] = True  # the FFN stays in the graph: not found again
+        match.exit.meta[_OUTPUT_NOW] = total
     else:
         match.exit.replace_all_uses_with(memory)
+        match.exit.meta[_OUTPUT_NOW] = memory
         for node in reversed((*match.interior, match.exit)):
             graph.erase_node(node)
         for node in list(graph.nodes):

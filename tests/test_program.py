@@ -399,3 +399,25 @@ def test_the_pickle_guard_holds_on_the_loading_thread_only():
     second.join(10)
     assert refused == [True, True]
     assert pickle.loads is program._PICKLE_LOADS
+
+
+@pytest.mark.parametrize("mode", ["replace", "augment"])
+def test_ffns_back_to_back_in_a_program_convert_as_the_module_does(mode):
+    """A flat Sequential of three FFNs as a torch.export program: a block's input is the
+    exit of the block before it, rewritten first."""
+
+    def flat():
+        torch.manual_seed(0)
+        ffns = [(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3)]
+        return nn.Sequential(*[m for ffn in ffns for m in ffn]).eval()
+
+    x = torch.randn(2, 5, 16)
+    program = torch.export.export(flat(), (x,)).module()
+    module = flat()
+    options = dict(mem_size=64, knn=4, heads=2, mode=mode)
+    memcompile.transform(program, layers=[0, 1, 2], **options)
+    memcompile.transform(module, layers=[0, 1, 2], **options)
+    with torch.no_grad():
+        assert torch.equal(program(x), module(x))
+        if mode == "augment":
+            assert torch.equal(program(x), flat()(x))
