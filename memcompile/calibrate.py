@@ -207,6 +207,17 @@ def _call(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input an HF model's positions allow (learned position embeddings), or
+    None where its config names none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
+
+
 def _call_original(original: nn.Module, batch) -> None:
     """`original` on a batch; the model refusing it (inputs too long for its positions, a
     wrong dtype) is the batch's fault, said in one line."""
@@ -215,12 +226,9 @@ def _call_original(original: nn.Module, batch) -> None:
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
         tokens = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else None
-        config = getattr(original, "config", None)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        limit = position_limit(original)
         hint = ""
-        if isinstance(limit, int) and tokens is not None and tokens > limit:
+        if limit is not None and tokens is not None and tokens > limit:
             hint = f"; inputs of {tokens} tokens are more than its {limit} positions: shorten them"
         raise MemcompileError(
             f"the original model ({type(original).__name__}) failed on a calibration batch "

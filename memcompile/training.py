@@ -17,7 +17,7 @@ from .runtime import MemcompileError
 from .runtime.errors import is_number
 from .runtime.fused_values import fuse_value_updates, fused_value_ids
 from .runtime.memory_layer import value_owners
-from .runtime.sparse_grads import sparse_value_grads
+from .runtime.sparse_grads import SparseGradBag, sparse_value_grads
 
 __all__ = ["fuse_value_updates", "memory_values", "param_groups", "sparse_value_grads"]
 
@@ -77,6 +77,12 @@ def param_groups(
     if values:
         groups.append({"name": VALUES_GROUP, "params": values, "lr": value_lr, "weight_decay": 0.0})
     groups = [group for group in groups if group["params"]]
+    if any(isinstance(o.bag_impl, SparseGradBag) for o in value_owners(model)) and values:
+        log.warning(
+            "the value tables have row-sparse gradients (sparse_value_grads): give the "
+            "'memory_values' group to an optimizer that takes them (SparseAdam, Adagrad, "
+            "SGD); Adam and AdamW refuse them at step()"
+        )
     log.info(
         "param_groups: %d tensors at lr %g, %d value tables (%d rows) at lr %g, %d fused",
         len(rest),

@@ -132,7 +132,8 @@ def check_plan(model: nn.Module, plan: Plan, world_size: int) -> None:
         if installed is not None:
             raise MemcompileError(
                 f"table {table.name} already has a bag_impl ({type(installed).__name__}): "
-                "apply_plan installs its own; apply a plan once, before fused value updates"
+                "apply_plan installs its own; apply a plan once, before fused value updates, "
+                "and without row-sparse gradients (handle.remove() first)"
             )
         shape = tuple(tables[table.name][1].shape)
         if shape != (table.rows, table.v_dim):

@@ -74,13 +74,12 @@ def sparse_value_grads(model: nn.Module) -> SparseValueGrads:
     if not owners:
         raise MemcompileError("the model has no memory value tables to give sparse gradients")
     for owner in owners:
-        if owner.bag_impl is not None:
+        if owner.bag_impl is not None and not isinstance(owner.bag_impl, SparseGradBag):
             raise MemcompileError(
-                f"the value table of {type(owner).__name__} already has a bag_impl "
-                f"({type(owner.bag_impl).__name__}): row-sparse gradients take a plain table, "
-                "not one with fused updates, sharded by a plan, or sparse already"
+                f"the value table of {type(owner).__name__} has fused updates or a plan's "
+                "layout (a bag_impl): row-sparse gradients take a plain table"
             )
-    bag = SparseGradBag()
+    bag = SparseGradBag()  # a table sparse already (a copy of a model, say) is taken over
     for owner in owners:
         owner.bag_impl = bag
     log.info("row-sparse gradients for %d value table(s)", len(owners))

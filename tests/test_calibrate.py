@@ -277,6 +277,21 @@ def test_cli_calibrate_refuses_what_the_original_cannot_read(tmp_path, one_threa
         assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_cli_calibrate_defaults_fit_a_model_of_few_positions(tmp_path, one_thread):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    BertModel(config).save_pretrained(tmp_path / "hf")  # fmt: skip
+    args = ["--layers", "1", "--mem-size", "1024", "--knn", "8", "--quiet"]
+    assert _run("convert", tmp_path / "hf", *args, "-o", tmp_path / "ckpt").exit_code == 0
+    result = _run("calibrate", tmp_path / "ckpt", "--original", tmp_path / "hf", "--synthetic",
+                  "--steps", "3", "--lr", "1e-3", "-o", tmp_path / "out", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "memcompile.json").is_file()
+
+
 # --- the real model -----------------------------------------------------------------------
 
 

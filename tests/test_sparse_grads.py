@@ -5,6 +5,8 @@ the same optimizers on the dense gradient, and the paths that must not change.""
 from __future__ import annotations
 
 import copy
+import logging
+import pickle
 
 import pytest
 import torch
@@ -121,10 +123,12 @@ def test_inference_and_export_take_the_usual_path():
     assert not sparse.memcompile_pool.values.grad.is_sparse
 
 
-def test_tables_with_another_bag_impl_are_refused_and_the_other_way():
+def test_a_copy_is_taken_over_and_other_bag_impls_are_refused_both_ways():
     _, sparse, handle = _pair()
-    with pytest.raises(MemcompileError, match="already has a bag_impl"):
-        memcompile.sparse_value_grads(sparse)
+    copied = pickle.loads(pickle.dumps(sparse))  # sparse, and no handle of its own
+    memcompile.sparse_value_grads(copied).remove()
+    _backward(copied, 0)
+    assert not copied.memcompile_pool.values.grad.is_sparse
     with pytest.raises(MemcompileError, match="already has a bag_impl"):
         memcompile.fuse_value_updates(sparse, "adam", 0.1)
     handle.remove()
@@ -134,3 +138,11 @@ def test_tables_with_another_bag_impl_are_refused_and_the_other_way():
     fused.remove()
     with pytest.raises(MemcompileError, match="no memory value tables"):
         memcompile.sparse_value_grads(build(LLAMA))
+
+
+def test_param_groups_warns_that_adamw_refuses_sparse_gradients(caplog):
+    _, sparse, _ = _pair()
+    with caplog.at_level(logging.WARNING, logger="memcompile.training"):
+        groups = memcompile.param_groups(sparse, lr=1e-3)
+    assert "give the 'memory_values' group to an optimizer that takes them" in caplog.text
+    assert [g["name"] for g in groups] == ["default", "memory_values"]

@@ -76,7 +76,7 @@ def calibrate(
 
     from .. import checkpoint
     from ..calibrate import calibrate as run_calibration
-    from ..calibrate import synthetic_batches, text_batches
+    from ..calibrate import position_limit, synthetic_batches, text_batches
 
     refuse_existing(output, force, inputs=[model_path, original, data, config_path])
     if data is not None and synthetic:
@@ -107,6 +107,10 @@ def calibrate(
     steps_bar = steps_for(quiet, as_json)
     loaded = load(model_path, steps_bar, trust_remote_code, trust_pickle, None)
     teacher = load(original, steps_bar, trust_remote_code, trust_pickle, config_path).model
+    limit = position_limit(teacher)
+    if given != click.core.ParameterSource.COMMANDLINE and limit is not None:
+        # the defaults fit the model: a model of 32 positions is no reason to refuse
+        max_length, synthetic_length = min(max_length, limit), min(synthetic_length, limit)
     if texts:
         try:
             from transformers import AutoTokenizer
