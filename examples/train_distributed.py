@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from memcompile.runtime import (  # noqa: E402
     init_distributed,
     save_plan,
 )
+from memcompile.runtime.outputs import refuse_directory, refuse_existing  # noqa: E402
 
 from tiny_transformer import TinyConfig, build_model  # noqa: E402
 
@@ -68,12 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--value-lr", type=float, default=3e-2)
     parser.add_argument("--plan-out", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)  # fmt: skip
+    _check(parser, args)
 
     logging.basicConfig(level=logging.WARNING)
     try:
         rank, world = init_distributed()
     except MemcompileError as error:  # run without torchrun: say how to start it
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     train(args, rank, world)
     # train()'s model, optimizer and activations (FSDP2 and DTensor state that holds the
     # process groups) are freed here, while the groups live. Left to interpreter exit, after
@@ -82,6 +86,24 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     dist.barrier()  # every rank done with its collectives before any tears gloo down
     dist.destroy_process_group()
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors (exit 2) on every rank before any process group starts."""
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--seq", args.seq, 2)):  # fmt: skip
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    for flag, value in (("--lr", args.lr), ("--value-lr", args.value_lr)):
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a positive number, got {value}")
+    try:
+        memcompile.MemoryConfig(mem_size=args.mem_size)
+        if args.plan_out is not None:
+            refuse_directory(args.plan_out)
+            refuse_existing(args.plan_out, force=True)  # rewritten run after run
+    except MemcompileError as error:
+        parser.error(str(error))
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> None:

@@ -351,6 +351,20 @@ def test_example_trains_under_torchrun(tmp_path):
         assert abs(loss.item() - printed) < 2e-4, (step, loss.item(), printed)
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--seq", "1"], "--seq must be at least 2"), (["--lr", "nan"], "--lr must be a positive"),
+     (["--mem-size", "63K"], "not a perfect square"), (["--batch", "0"], "--batch must be")],
+)  # fmt: skip
+def test_example_refuses_bad_arguments_before_any_process_group(args, says, capsys):
+    from train_distributed import main as example_main
+
+    with pytest.raises(SystemExit) as stopped:
+        example_main(args)
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
 def loss_fn_vocab(logits, ids, vocab):
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)
