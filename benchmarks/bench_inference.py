@@ -473,6 +473,9 @@ def main() -> int:
             f"| {r['device']} | {r['d_model']} | {r['values']} | {r['tokens']} | {r['mode']} | "
             f"{r['memory_ms']} | {r['ffn_ms']} | {r['ratio']} |"
         )
+    if any("PyTorch alone" in str(r["mode"]) for r in layers):
+        print("(rows 'PyTorch alone': the layer on PyTorch's ops, in the Memory+ column; their "
+              "ratio is the C++ kernels' time over it, not the dense FFN's)")  # fmt: skip
     if projections:
         print("\n| tokens | query + gate projections | cuBLAS ms | linears ms | ratio |")
         print("|---|---|---|---|---|")

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memcompile  # noqa: E402, F401  (registers the memcompile ops for torch.export.load)
+import memcompile  # noqa: E402  (also registers the memcompile ops for torch.export.load)
 
 from tiny_transformer import build_model  # noqa: E402
 
@@ -28,9 +28,25 @@ CLI = [sys.executable, "-m", "memcompile.cli"]
 def run(*args: str) -> str:
     print("$ memcompile " + " ".join(args), flush=True)
     done = subprocess.run([*CLI, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"memcompile {args[0]} failed:\n{done.stderr}")
+    if done.returncode != 0:  # the command's own error line, and its exit status
+        sys.stderr.write(done.stderr)
+        raise SystemExit(done.returncode)
     return done.stdout
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, model) -> None:
+    """One-line errors (exit 2) before the export and the CLI calls."""
+    try:
+        memcompile.MemoryConfig(mem_size=args.mem_size)
+    except memcompile.MemcompileError as error:
+        parser.error(str(error))
+    labels = [str(block.index) for block in memcompile.find_ffn_blocks(model)]
+    unknown = [x for x in args.layers.split(",") if x.strip() not in labels]
+    if unknown:
+        parser.error(f"--layers {unknown[0]} is not a block of the example: choose from "
+                     f"{','.join(labels)}")  # fmt: skip
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder")
 
 
 def main() -> int:
@@ -39,8 +55,9 @@ def main() -> int:
     parser.add_argument("--mem-size", default="64K", help="value rows, e.g. 64K = 256**2")
     parser.add_argument("--out", type=Path, default=Path("build/demo"))
     args = parser.parse_args()
-
     model = build_model(seed=0).eval()
+    _check(parser, args, model)
+
     example = torch.randint(0, model.cfg.vocab_size, (2, 16))
     dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=128)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -374,6 +374,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
          or math.isfinite(args.adagrad_initial_sum) and args.adagrad_initial_sum >= 0,
          f"--adagrad-initial-sum must be a number >= 0, got {args.adagrad_initial_sum}"),
         (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (len(set(value_optimizers)) == len(value_optimizers),
+         f"--value-optimizer names one twice: {args.value_optimizer}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
