@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import fused_update as fused_ops
 from ..kernels import ops
 from .errors import MemcompileError, is_integer, is_number
+from .sharded_bag import run_collective
 
 OPTIMIZERS = fused_ops.OPTIMIZERS
 
@@ -156,7 +157,8 @@ class FusedTable:
         self.width = values.shape[1]
         if process_group is not None:  # the full row width over the column shards
             width = torch.tensor([self.width], device=values.device)
-            dist.all_reduce(width, group=process_group)
+            run_collective("a fused value table", "all_reduce", "its row width", width,
+                           group=process_group)  # fmt: skip
             self.width = int(width)
         self.last_grad_norm: torch.Tensor | None = None
         self.step_counter: StepCounter | None = None
@@ -276,7 +278,8 @@ class FusedTable:
         ):
             row_sq = fused_ops.row_grad_sq(self.values, indices, weights, grad_out)
             if self.process_group is not None:
-                dist.all_reduce(row_sq, group=self.process_group)
+                run_collective("a fused value table", "all_reduce", "per-row squared norms",
+                               row_sq, group=self.process_group)  # fmt: skip
             if opt.max_grad_norm is not None:
                 self.last_grad_norm = row_sq.sum().sqrt()
                 scale = (opt.max_grad_norm / (self.last_grad_norm + 1e-6)).clamp(max=1.0)

@@ -179,8 +179,14 @@ class _ColwiseBag(torch.autograd.Function):
         return grad_shard, None, grad_w, None, None
 
 
+def _wire_dtype(weights: torch.Tensor) -> torch.dtype:
+    """The dtype weights travel in: their own, or float32 for 16-bit ones (whole int32 words)."""
+    return weights.dtype if weights.element_size() >= 4 else torch.float32
+
+
 def _pack_pairs(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(pairs, 2 + words) int32: local row, source token, the weight's bits (1 word for fp32)."""
+    weights = weights.to(_wire_dtype(weights))
     words = weights.element_size() // 4
     bits = weights.contiguous().view(torch.int32).view(rows.shape[0], words)
     return torch.cat([rows.to(torch.int32)[:, None], tokens.to(torch.int32)[:, None], bits], 1)
@@ -209,7 +215,7 @@ class _RowwiseBag(torch.autograd.Function):
             torch.tensor(recv_pairs, device=indices.device),
         )
         rows, src_token = got[:, 0].long(), got[:, 1].long() + offsets[source]
-        pair_weights = got[:, 2:].contiguous().view(weights.dtype).view(-1)
+        pair_weights = got[:, 2:].contiguous().view(_wire_dtype(weights)).view(-1)
         acc = accumulation_dtype(shard.dtype)
         partial = torch.zeros(sum(tokens), shard.shape[1], dtype=acc, device=shard.device)
         partial.index_add_(0, src_token, shard[rows].to(acc) * pair_weights.to(acc)[:, None])
@@ -219,7 +225,7 @@ class _RowwiseBag(torch.autograd.Function):
         ctx.save_for_backward(shard, rows, src_token, pair_weights, order)
         ctx.spec, ctx.tokens, ctx.pairs = spec, tokens, (send_pairs, recv_pairs)
         ctx.shape, ctx.weights_dtype = (t, picks), weights.dtype
-        return back.view(g, t, -1).sum(0).to(shard.dtype)
+        return back.view(g, t, shard.shape[1]).sum(0).to(shard.dtype)  # t may be 0
 
     @staticmethod
     def backward(ctx, grad_out):

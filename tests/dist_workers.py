@@ -303,3 +303,27 @@ def failing_worker(rank, world, plan_json, how: str, hang_s: float = 0.0):
     except CollectiveError as error:
         return {"error": str(error), "elapsed": time.monotonic() - start}
     return {"error": None, "elapsed": time.monotonic() - start}
+
+
+def bag_problem(rank: int, tokens: int, rows: int = 37, v_dim: int = 6, picks: int = 5):
+    """One rank's lookup (indices, weights, output gradient) and the whole table, seeded."""
+    g = torch.Generator().manual_seed(100 + rank)
+    full = torch.randn(rows, v_dim, generator=torch.Generator().manual_seed(7))
+    indices = torch.randint(0, rows, (tokens, picks), generator=g)
+    weights = torch.rand(tokens, picks, generator=g)
+    grad_out = torch.randn(tokens, v_dim, generator=g)
+    return full, indices, weights, grad_out
+
+
+def sharded_bag_worker(rank, world, strategy: str, tokens: list[int], weights_dtype: str):
+    """A ShardedBag lookup on this rank's tokens (0 allowed), forward and backward."""
+    from memcompile.runtime.sharded_bag import ShardedBag, ShardSpec
+
+    full, indices, weights, grad_out = bag_problem(rank, tokens[rank])
+    spec = ShardSpec("t", strategy, None, world, rank, *full.shape)
+    (r0, r1), (c0, c1) = spec.row_ranges[rank], spec.col_ranges[rank]
+    shard = full[r0:r1, c0:c1].clone().requires_grad_()
+    weights = weights.to(getattr(torch, weights_dtype)).requires_grad_()
+    out = ShardedBag(spec)(shard, indices, weights)
+    out.backward(grad_out)
+    return {"out": out.detach(), "shard_grad": shard.grad, "weights_grad": weights.grad}

@@ -317,6 +317,33 @@ def test_a_failing_rank_makes_the_others_fail_fast(how):
         assert survivor["elapsed"] < 5
 
 
+@pytest.mark.parametrize(
+    "strategy, tokens, weights_dtype",
+    [("rowwise", [4, 0], "float32"), ("rowwise", [0, 0], "float32"),
+     ("colwise", [3, 0], "float32"), ("rowwise", [3, 5], "bfloat16")],
+)  # fmt: skip
+def test_a_sharded_lookup_equals_the_whole_tables(strategy, tokens, weights_dtype):
+    """Against one process's bag over the whole table: a rank with no tokens (an idle
+    server rank, a last uneven batch) and 16-bit weights included."""
+    from dist_workers import bag_problem, sharded_bag_worker
+
+    from memcompile.kernels import reference
+
+    results = run_ranks(sharded_bag_worker, 2, strategy, tokens, weights_dtype)
+    full = bag_problem(0, 0)[0].double().requires_grad_()
+    for rank, got in enumerate(results):
+        _, indices, weights, grad_out = bag_problem(rank, tokens[rank])
+        weights = weights.to(getattr(torch, weights_dtype)).double().requires_grad_()
+        out = reference.bag(full, indices, weights)
+        out.backward(grad_out.double())
+        torch.testing.assert_close(got["out"].double(), out.detach(), rtol=1e-5, atol=1e-6)
+        want = weights.grad.to(getattr(torch, weights_dtype)).double()
+        torch.testing.assert_close(got["weights_grad"].double(), want, rtol=1e-2, atol=1e-5)
+    split = 0 if strategy == "rowwise" else 1  # the shards, joined, are the whole table
+    grads = torch.cat([r["shard_grad"] for r in results], dim=split).double()
+    torch.testing.assert_close(grads, full.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_example_trains_under_torchrun(tmp_path):
     """examples/train_distributed.py on 2 processes: the loss falls, and each step's loss
     is the one-process loss of the same training on both ranks' batches."""
