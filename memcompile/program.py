@@ -8,15 +8,18 @@ example inputs and its dynamic dimensions.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import pickle
 import re
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,11 +152,101 @@ def _reason(messages: list[str], error: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")  # torch's advice after the first sentence is not ours
 
 
+# What torch.export.load runs besides unpickling: a shared library an archive carries
+# (AOTInductor: dlopen runs its constructors), and each symbolic shape's `expr_str`, which it
+# parses with sympy.sympify (Python's eval). Without trust an archive may hold neither code
+# nor an expression beyond arithmetic on shape symbols.
+_COMPILED_CODE = re.compile(r"(^|/)aotinductor/|\.(so|dll|dylib|pyd)$", re.IGNORECASE)
+# The names sympy's srepr writes for shape arithmetic (Symbol('s0', positive=True),
+# Mul(Integer(4), ...)) and the functions torch's deserializer gives sympify.
+_SHAPE_NAMES = frozenset(
+    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
+    "RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator "
+    "TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity Symbol Integer Rational "
+    "Float Add Mul Pow Max Min Abs floor ceiling sqrt Eq Ne Lt Le Gt Ge StrictLessThan "
+    "LessThan StrictGreaterThan GreaterThan Equality Unequality And Or Not Piecewise "
+    "ExprCondPair Tuple oo zoo nan int_oo true false True False".split()
+)
+_SHAPE_SYMBOL = re.compile(r"[a-z]+\d+$")  # s0, s77, u0, zuf0: torch's symbol names
+_SHAPE_KEYWORDS = frozenset({"positive", "negative", "integer", "nonnegative", "real",
+                             "finite", "precision", "evaluate"})  # fmt: skip
+_SHAPE_NODES = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword,
+                ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.operator, ast.unaryop,
+                ast.cmpop, ast.boolop)  # fmt: skip
+
+
+def _plain_shape_expression(text: str) -> bool:
+    """Whether `text` is arithmetic on shape symbols: calls of the names above, symbols,
+    numbers and strings, operators; no attribute, subscript, lambda or other name."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, _SHAPE_NODES):
+            return False
+        if isinstance(node, ast.Name) and not (
+            node.id in _SHAPE_NAMES or _SHAPE_SYMBOL.match(node.id)
+        ):
+            return False
+        if isinstance(node, ast.Call) and not isinstance(node.func, ast.Name):
+            return False
+        if isinstance(node, ast.keyword) and node.arg not in _SHAPE_KEYWORDS:
+            return False
+    return True
+
+
+def _expression_strings(document) -> Iterator[str]:
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr_str" and isinstance(value, str):
+                    yield value
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _refuse_code(path: str | os.PathLike) -> None:
+    """MemcompileError if the archive holds code torch.export.load would run (see above)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return  # not an archive: torch.export.load says so
+    trust = ("memcompile refuses it by default; pass trust_pickle=True (--trust-pickle) only "
+             "for files you made or trust")  # fmt: skip
+    with archive:
+        names = archive.namelist()
+        compiled = next((name for name in names if _COMPILED_CODE.search(name)), None)
+        if compiled is not None:
+            raise MemcompileError(
+                f"{path} holds compiled code ({compiled}) that loading would run: {trust}"
+            )
+        for name in (n for n in names if n.endswith(".json")):
+            try:
+                document = json.loads(archive.read(name))
+            except (ValueError, RecursionError):
+                continue  # torch.export.load says what is wrong with it
+            for expression in _expression_strings(document):
+                if not _plain_shape_expression(expression):
+                    raise MemcompileError(
+                        f"{path} holds a shape expression that is not arithmetic on shape "
+                        f"symbols ({expression[:60]!r}), which loading would run as Python: "
+                        f"{trust}"
+                    )
+
+
 def load_program(
     path: str | os.PathLike, trust_pickle: bool = False
 ) -> torch.export.ExportedProgram:
-    """The program in a .pt2 archive. One whose payloads are pickled is refused unless
-    `trust_pickle`: unpickling them runs whatever code they contain."""
+    """The program in a .pt2 archive. One whose payloads are pickled, or that holds other
+    code loading would run (a compiled library, a shape expression beyond arithmetic), is
+    refused unless `trust_pickle`: they run whatever code they contain."""
+    if not trust_pickle:
+        _refuse_code(path)
     for attempt in range(2):
         guard = contextlib.nullcontext() if trust_pickle else _unpickling_refused()
         try:

@@ -371,6 +371,42 @@ def test_a_program_with_pickled_payloads_is_refused_unless_trusted(tmp_path):
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
 
 
+def _archive_with_code(source, out, marker):
+    """`source` with its first shape expression made to run Python (torch's deserializer
+    parses each with sympy.sympify, Python's eval), still giving the expression's value."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("models/model.json"):
+                text = data.decode()
+                start = text.index('"expr_str": "') + len('"expr_str": "')
+                end = text.index('"', start)
+                payload = f"(__import__('pathlib').Path('{marker}').mkdir(), {text[start:end]})[1]"
+                data = (text[:start] + payload + text[end:]).encode()
+            dst.writestr(info, data)
+
+
+def test_code_a_program_archive_would_run_is_refused_unless_trusted(tmp_path):
+    _export(GatedStack(), torch.randn(2, 5, 16), tmp_path / "plain.pt2")
+    marker = tmp_path / "code_ran"
+    _archive_with_code(tmp_path / "plain.pt2", tmp_path / "crafted.pt2", marker)
+    with pytest.raises(memcompile.MemcompileError, match="shape expression .* trust_pickle=True"):
+        load_program(tmp_path / "crafted.pt2")
+    assert not marker.exists()
+    load_program(tmp_path / "crafted.pt2", trust_pickle=True)  # the archive really runs code
+    assert marker.is_dir()
+    with zipfile.ZipFile(tmp_path / "plain.pt2") as src:
+        prefix = src.namelist()[0].split("/")[0]
+    compiled = tmp_path / "compiled.pt2"
+    with zipfile.ZipFile(tmp_path / "plain.pt2") as src, zipfile.ZipFile(compiled, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info.filename))
+        dst.writestr(f"{prefix}/data/aotinductor/model/model.wrapper.so", b"\x7fELF")
+    result = _convert(compiled, tmp_path / "out.pt2", "--layers", "0")
+    assert result.exit_code == 2 and "holds compiled code" in result.output
+    assert isinstance(load_program(tmp_path / "plain.pt2"), torch.export.ExportedProgram)
+
+
 def test_the_pickle_guard_holds_on_the_loading_thread_only():
     """While one thread loads a .pt2, another unpickles as before; guarded loads from two
     threads leave pickle.loads as it was."""
