@@ -213,6 +213,13 @@ def _copy_in(model: nn.Module, name: str, saved: torch.Tensor) -> None:
             f"checkpoint tensor {name} has shape {tuple(saved.shape)}, the rebuilt model "
             f"{tuple(target.shape)}: the checkpoint does not match its manifest"
         )
+    # A model saved in another floating dtype than it was built in is fine; a float
+    # weight stored as integers (or the other way) is not this model's.
+    if saved.is_floating_point() != target.is_floating_point():
+        raise MemcompileError(
+            f"checkpoint tensor {name} is {saved.dtype}, the rebuilt model holds "
+            f"{target.dtype}: the checkpoint does not match its manifest"
+        )
     if saved.data_ptr() % 64:
         # safetensors hands out views at any offset of its file; CPU matmul kernels may
         # round differently on unaligned data, so a loaded model would not be bit-identical.
@@ -279,6 +286,8 @@ def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) 
         _pool_in_dtype(model, config.torch_dtype)
         # Values are created lazily: saved ones are copied in, the rest built from recipes.
         transform(model, layers=step["layers"], config=config, lazy_init=True)
+    if (path / WEIGHTS).exists() and not (path / WEIGHTS).is_file():  # a FIFO would block
+        raise MemcompileError(f"{path / WEIGHTS} is not a regular file")
     saved = load_file(str(path / WEIGHTS))
     lazy = manifest.get("lazy_values", {})
     expected = set(model.state_dict()) - set(manifest.get("aliases", {})) - set(lazy)
@@ -290,6 +299,13 @@ def _rebuild(path: Path, manifest: dict, trust_pickle: bool, materialize: bool) 
         )
     for name, tensor in saved.items():
         _copy_in(model, name, tensor)
+    rebuilt = model.state_dict(keep_vars=True)
+    for name, target in manifest.get("aliases", {}).items():
+        if name not in rebuilt or target not in rebuilt or rebuilt[name] is not rebuilt[target]:
+            raise MemcompileError(
+                f"{path / MANIFEST} says {name} is {target}, which the rebuilt model does not "
+                "tie: the checkpoint does not match its manifest"
+            )
     for name, dtype in manifest.get("buffer_dtypes", {}).items():
         owner_path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_path)

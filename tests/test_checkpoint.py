@@ -4,10 +4,12 @@ KeyError or a safetensors error from deep inside the rebuild."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from zoo import ZOO
 
 import memcompile
@@ -36,7 +38,12 @@ def _edit_manifest(manifest: dict, case: str):
         manifest["transforms"][0]["layers"] = [7]
     if case == "no source class":
         del manifest["source"]["class"]
+    if case == "an untied alias":
+        manifest["aliases"][VICTIM] = "lm_head.weight"
     return manifest
+
+
+VICTIM = "model.layers.0.mlp.down_proj.weight"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +56,9 @@ def _edit_manifest(manifest: dict, case: str):
         ("no source class", "the checkpoint is damaged or edited"),
         ("no weights", "the checkpoint is damaged or edited"),
         ("truncated weights", "the checkpoint is damaged or edited"),
+        ("an untied alias", f"says {VICTIM} is lm_head.weight, which the rebuilt model does"),
+        ("integer weights", f"{VICTIM} is torch.int8, the rebuilt model holds torch.float32"),
+        ("a fifo for weights", "model.safetensors is not a regular file"),
     ],
 )
 def test_a_damaged_checkpoint_is_one_error_naming_it(ckpt, tmp_path, case, message):
@@ -60,6 +70,15 @@ def test_a_damaged_checkpoint_is_one_error_naming_it(ckpt, tmp_path, case, messa
         weights.unlink()
     if case == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:1000])
+    if case in ("an untied alias", "integer weights"):  # the weight left out, or as int8
+        tensors = load_file(weights)
+        victim = tensors.pop(VICTIM)
+        if case == "integer weights":
+            tensors[VICTIM] = victim.to(torch.int8)
+        save_file(tensors, weights)
+    if case == "a fifo for weights":
+        weights.unlink()
+        os.mkfifo(weights)
     with pytest.raises(MemcompileError, match=message) as raised:
         memcompile.load(copy)
     assert "\n" not in str(raised.value) and "llama-mem" in str(raised.value)
