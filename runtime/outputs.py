@@ -134,6 +134,19 @@ def refuse_directory(path: str | os.PathLike) -> None:
             raise MemcompileError(f"{path} is a directory: give the path of a file to write")
 
 
+def _links_in(directory: Path, limit: int = 10_000) -> list[Path]:
+    """The symbolic links inside `directory` (at most `limit` entries looked at)."""
+    if not directory.is_dir():
+        return []
+    links = []
+    for count, entry in enumerate(directory.rglob("*")):
+        if count >= limit:
+            break
+        if entry.is_symlink():
+            links.append(entry)
+    return links
+
+
 def _refuse_existing(
     path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None]
 ) -> None:
@@ -144,7 +157,13 @@ def _refuse_existing(
         )
     for source in (s for s in inputs if s):  # None or "": an optional input not given
         source_path = Path(source).resolve()
-        if _contains(target, source_path) or (_contains(source_path, target) and target.exists()):
+        # An input folder's links reach files elsewhere (an HF cache's snapshot -> blobs/).
+        linked = [f.resolve() for f in _links_in(source_path)]
+        if (
+            _contains(target, source_path)
+            or (_contains(source_path, target) and target.exists())
+            or any(_contains(target, file) for file in linked)
+        ):
             raise MemcompileError(
                 f"{path} would write into the input {source}: write the output to a new path"
             )

@@ -225,3 +225,16 @@ def test_deferred_write_errors_writes_what_it_is_given(tmp_path):
         file.write(memoryview(b"defg"))
         assert file.tell() == 7
     assert path.read_bytes() == b"abcdefg"
+
+
+def test_force_never_replaces_a_file_an_input_folder_links_to(tmp_path):
+    """An HF cache's snapshot folder holds links into blobs/: the blob is the input too."""
+    snapshot, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    snapshot.mkdir()
+    blobs.mkdir()
+    (blobs / "abc123").write_text("weights")
+    (snapshot / "model.safetensors").symlink_to(blobs / "abc123")
+    with pytest.raises(MemcompileError, match="would write into the input"):
+        outputs.refuse_existing(blobs / "abc123", force=True, inputs=[snapshot])
+    outputs.refuse_existing(blobs / "another", force=True, inputs=[snapshot])  # fine
+    assert (blobs / "abc123").read_text() == "weights"
