@@ -91,7 +91,10 @@ def build_source(source: dict, directory: Path, trust_pickle: bool = False) -> n
     cls = getattr(transformers, source["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise MemcompileError(f"{source['class']!r} is not a transformers model class")
+    from .model_io import refuse_config_requests  # (model_io imports this module)
+
     config_dict = dict(source["config"])
+    refuse_config_requests(directory / MANIFEST, config_dict)
     config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     return cls._from_config(config)
 

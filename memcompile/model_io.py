@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import checkpoint
@@ -53,7 +54,13 @@ _CONFIG_UNUSED = (
 _DERIVED_BUFFERS = re.compile(r"(^|\.)position_ids$|(^|\.)rotary_emb\.inv_freq$")
 # What torch.load raises for a file cut short or damaged (torch and miniz errors, a bad
 # struct in a legacy header, bytes that do not decode).
-_BROKEN_FILE = (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, struct.error)
+# torch.load reads a file named *.safetensors as one: its SafetensorError is no OSError.
+_BROKEN_FILE = (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, struct.error,
+                SafetensorError)  # fmt: skip
+# What config.json may ask transformers for: its own attention kernels (another value names
+# Hub code to fetch and run) and the float dtypes.
+_ATTENTION = {"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
+_DTYPES = {"auto", "float32", "float16", "bfloat16", "float64"}
 
 
 @dataclass
@@ -89,6 +96,7 @@ def _read_config(source: Path, trust_remote_code: bool | None = None):
             f"{config_file} is not a usable HF config: it holds a JSON {type(text).__name__}, "
             "not an object; give the config.json written by save_pretrained"
         )
+    refuse_config_requests(config_file, text)
     try:
         with quieted_loggers(["transformers"]):
             # Local only: a name that is no file must never become a download from the Hub.
@@ -110,6 +118,29 @@ def _read_config(source: Path, trust_remote_code: bool | None = None):
         raise MemcompileError(
             f"{config_file} is not a usable HF config: {first_line(error)}"
         ) from None
+
+
+def refuse_config_requests(config_file: Path, text: dict) -> None:
+    """Bad input for what a config.json may ask of transformers that memcompile does not
+    take: quantized weights, an attention implementation from the Hub, an unknown dtype."""
+    if "quantization_config" in text:
+        raise MemcompileError(
+            f"{config_file} describes quantized weights (quantization_config): memcompile "
+            "converts floating-point models; give the unquantized model"
+        )
+    for key in ("attn_implementation", "_attn_implementation"):
+        if text.get(key) is not None and text[key] not in _ATTENTION:
+            raise MemcompileError(
+                f"{config_file} asks for the attention implementation {text[key]!r}, which "
+                f"is no transformers built-in: use one of {', '.join(sorted(_ATTENTION))}"
+            )
+    for key in ("torch_dtype", "dtype"):
+        value = text.get(key)
+        named = isinstance(value, str) and value.split(".")[-1] in _DTYPES  # "torch.float16" too
+        if value is not None and not named:
+            raise MemcompileError(
+                f"{config_file} gives {key} {value!r}: use one of {', '.join(sorted(_DTYPES))}"
+            )
 
 
 def _load_hf_directory(path: Path, trust_remote_code: bool) -> nn.Module:

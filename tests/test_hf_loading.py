@@ -135,6 +135,27 @@ def test_a_malformed_config_json_is_bad_input(llama, tmp_path, content):
     assert "is not a usable HF config" in error
 
 
+@pytest.mark.parametrize(
+    "changes, says",
+    [({"quantization_config": {"quant_method": "bitsandbytes"}}, "describes quantized weights"),
+     ({"attn_implementation": "kernels-community/flash-attn"}, "no transformers built-in"),
+     ({"dtype": "os.system"}, "gives dtype 'os.system': use one of"),
+     ({"torch_dtype": {"a": 1}}, "gives torch_dtype {'a': 1}")],
+)  # fmt: skip
+def test_what_a_config_asks_of_transformers_beyond_a_float_model_is_refused(
+    llama, tmp_path, changes, says
+):
+    path = _copy(llama, tmp_path)
+    _edit_config(path, **changes)
+    assert says in _convert_refused(path, tmp_path)
+
+
+def test_a_torch_file_named_safetensors_is_one_line(llama, tmp_path):
+    torch.save(llama[1].state_dict(), tmp_path / "weights.safetensors")
+    error = one_error(run_cli("inspect", tmp_path / "weights.safetensors"))
+    assert error.startswith("error: ") and "weights.safetensors" in error
+
+
 def test_a_config_without_architectures_takes_the_head_that_fits_the_weights(llama, tmp_path):
     """`LlamaConfig(...).save_pretrained` writes no "architectures": the class comes from
     the state_dict's names, the causal LM's or the headless base model's, each weight kept."""
