@@ -47,6 +47,9 @@ def parse_bytes(text: str | int) -> int:
     return int(float(number) * base ** _POWERS[prefix.upper()])
 
 
+MAX_WORLD_SIZE = 1 << 20  # ranks a plan may describe
+
+
 @dataclass(frozen=True)
 class Mesh:
     """`nodes` x `gpus_per_node` ranks; rank r sits on node r // gpus_per_node."""
@@ -60,6 +63,11 @@ class Mesh:
             if not is_integer(value) or value < 1:
                 raise MemcompileError(f"mesh {name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))  # numpy and torch integers too
+        if self.world_size > MAX_WORLD_SIZE:  # a plan lists per-rank shards and bytes
+            raise MemcompileError(
+                f"a mesh of {self.world_size:,} GPUs is more than a plan describes "
+                f"(at most {MAX_WORLD_SIZE:,})"
+            )
 
     @property
     def world_size(self) -> int:
@@ -263,11 +271,19 @@ def validate_plan_json(data: Any) -> None:
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise MemcompileError(f"invalid plan at {where}: {error.message}")
-    world = data["mesh"]["world_size"]
-    if world != data["mesh"]["nodes"] * data["mesh"]["gpus_per_node"]:
-        raise MemcompileError("invalid plan: mesh world_size is not nodes x gpus_per_node")
+    mesh = data["mesh"]
+    if not all(type(mesh[key]) is int for key in ("nodes", "gpus_per_node", "world_size")):
+        raise MemcompileError("invalid plan: the mesh's sizes must be integers (no 2.0)")
+    world = mesh["world_size"]
+    if world != mesh["nodes"] * mesh["gpus_per_node"] or world > MAX_WORLD_SIZE:
+        raise MemcompileError(
+            f"invalid plan: mesh world_size is not nodes x gpus_per_node, or more than "
+            f"{MAX_WORLD_SIZE:,}"
+        )
     for table in data["tables"]:
-        if sorted(s["rank"] for s in table["shards"]) != list(range(world)):
+        if len(table["shards"]) != world or sorted(
+            s["rank"] for s in table["shards"]
+        ) != list(range(world)):
             raise MemcompileError(f"invalid plan: table {table['name']} needs one shard per rank")
         for c in table["collectives"]:
             if len(c["bytes_by_rank"]) != world:
@@ -297,7 +313,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise MemcompileError(f"plan {str(path)!r} does not exist: make one with `memcompile plan`")
     try:
         data = json.loads(path.read_text(), parse_constant=_refuse_constant)
-    except ValueError as e:  # bad JSON, bad UTF-8, NaN or Infinity
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, NaN, Infinity, nesting
         raise MemcompileError(f"plan {str(path)!r} is not JSON ({e})") from None
     return Plan.from_json(data)
 

@@ -171,6 +171,8 @@ def test_plan_file_round_trips_and_matches_the_schema(tmp_path):
         (lambda d: d["mesh"].update(world_size=3), "world_size"),
         (lambda d: d["tables"][0]["shards"].pop(), "one shard per rank"),
         (lambda d: d.update(format="other"), "not a memcompile plan"),
+        (lambda d: d["mesh"].update(nodes=1.0), "sizes must be integers"),
+        (lambda d: d["mesh"].update(nodes=10**9, world_size=2 * 10**9), "more than 1,048,576"),
     ],
 )
 def test_a_bad_plan_file_is_refused_with_one_line(tmp_path, corrupt, message):
@@ -195,6 +197,11 @@ def test_not_json_and_missing_files_are_refused(tmp_path):
         load_plan(tmp_path / "inf.json")
     with pytest.raises(MemcompileError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MemcompileError, match="is not JSON .maximum recursion depth"):
+        load_plan(tmp_path / "deep.json")
+    with pytest.raises(MemcompileError, match="a mesh of 2,000,000 GPUs is more than a plan"):
+        memcompile.plan(converted(), 1_000_000, nodes=2)
 
 
 def test_fingerprint_tells_models_apart():
