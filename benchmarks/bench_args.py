@@ -44,12 +44,11 @@ def results_path(parser: argparse.ArgumentParser, out: Path, name: str) -> Path:
     """`out / name`, refused now (parser.error: one line, exit 2) if it cannot be written,
     rather than after the run, whose results would be lost."""
     from memcompile.runtime import MemcompileError
-    from memcompile.runtime.outputs import refuse_directory, refuse_existing
+    from memcompile.runtime.outputs import refuse_existing
 
     path = out / name
     try:
-        refuse_directory(path)
-        refuse_existing(path, force=True)  # results are rewritten run after run
+        refuse_existing(path, force=True, file=True)  # results are rewritten run after run
     except MemcompileError as error:
         parser.error(f"--out: {error}")
     return path

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memcompile  # noqa: E402
 from memcompile.costs import memory_cost  # noqa: E402
-from memcompile.runtime.outputs import atomic_file, refuse_directory, refuse_existing  # noqa: E402
+from memcompile.runtime.outputs import atomic_file, refuse_existing  # noqa: E402
 
 from tiny_transformer import TinyConfig, TinyTransformer  # noqa: E402
 
@@ -386,8 +386,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                          "not end in .json")  # fmt: skip
         for path in (args.out, args.out.with_suffix(".png")):
             try:
-                refuse_directory(path)
-                refuse_existing(path, force=True)  # results are rewritten run after run
+                refuse_existing(path, force=True, file=True)  # rewritten run after run
             except memcompile.MemcompileError as error:
                 parser.error(f"--out: {error}")
 

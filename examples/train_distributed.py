@@ -31,7 +31,7 @@ from memcompile.runtime import (  # noqa: E402
     init_distributed,
     save_plan,
 )
-from memcompile.runtime.outputs import refuse_directory, refuse_existing  # noqa: E402
+from memcompile.runtime.outputs import refuse_existing  # noqa: E402
 
 from tiny_transformer import TinyConfig, build_model  # noqa: E402
 
@@ -100,8 +100,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         memcompile.MemoryConfig(mem_size=args.mem_size)
         if args.plan_out is not None:
-            refuse_directory(args.plan_out)
-            refuse_existing(args.plan_out, force=True)  # rewritten run after run
+            refuse_existing(args.plan_out, force=True, file=True)  # rewritten run after run
     except MemcompileError as error:
         parser.error(str(error))
 

@@ -26,7 +26,7 @@ from .runtime import MemcompileError, MemoryLayer
 from .runtime.errors import first_line, is_integer, quieted_loggers
 from .runtime.memory_layer import value_owners
 from .runtime.modes import training_mode
-from .runtime.outputs import refuse_directory, refuse_existing, staging_directory
+from .runtime.outputs import refuse_existing, staging_directory
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +349,7 @@ def export_onnx(
     `last_hidden_state`, ...). An existing file is refused, unless `force`, which replaces it.
     """
     opset = _check_options(form, opset)
-    refuse_directory(path)
-    refuse_existing(path, force)  # before the export, whose work would then be lost
+    refuse_existing(path, force, file=True)  # before the export, whose work would be lost
     check_exportable(model)
     named = _named_inputs(model, example_inputs)
     if dynamic:

@@ -156,6 +156,10 @@ def _reason(messages: list[str], error: BaseException) -> str:
 # (AOTInductor: dlopen runs its constructors), and each symbolic shape's `expr_str`, which it
 # parses with sympy.sympify (Python's eval). Without trust an archive may hold neither code
 # nor an expression beyond arithmetic on shape symbols.
+_TRUST = (
+    "memcompile refuses it by default; pass trust_pickle=True (--trust-pickle) only for files "
+    "you made or trust"
+)
 _COMPILED_CODE = re.compile(r"(^|/)aotinductor/|\.(so|dll|dylib|pyd)$", re.IGNORECASE)
 # The names sympy's srepr writes for shape arithmetic (Symbol('s0', positive=True),
 # Mul(Integer(4), ...)) and the functions torch's deserializer gives sympify.
@@ -216,14 +220,12 @@ def _refuse_code(path: str | os.PathLike) -> None:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         return  # not an archive: torch.export.load says so
-    trust = ("memcompile refuses it by default; pass trust_pickle=True (--trust-pickle) only "
-             "for files you made or trust")  # fmt: skip
     with archive:
         names = archive.namelist()
         compiled = next((name for name in names if _COMPILED_CODE.search(name)), None)
         if compiled is not None:
             raise MemcompileError(
-                f"{path} holds compiled code ({compiled}) that loading would run: {trust}"
+                f"{path} holds compiled code ({compiled}) that loading would run: {_TRUST}"
             )
         for name in (n for n in names if n.endswith(".json")):
             try:
@@ -235,7 +237,7 @@ def _refuse_code(path: str | os.PathLike) -> None:
                     raise MemcompileError(
                         f"{path} holds a shape expression that is not arithmetic on shape "
                         f"symbols ({expression[:60]!r}), which loading would run as Python: "
-                        f"{trust}"
+                        f"{_TRUST}"
                     )
 
 
@@ -257,9 +259,8 @@ def load_program(
                 continue
             if not trust_pickle and _unpickling_in(error):
                 raise MemcompileError(
-                    f"{path} holds pickled payloads: loading them runs whatever code they "
-                    "contain, so memcompile refuses them by default; pass trust_pickle=True "
-                    "(--trust-pickle) only for files you made or trust"
+                    f"{path} holds pickled payloads, which loading would unpickle, running "
+                    f"whatever code they contain: {_TRUST}"
                 ) from None
             raise MemcompileError(
                 f"{path} is not a torch.export program (.pt2): {_reason(messages, error)}"

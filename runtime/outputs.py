@@ -114,24 +114,24 @@ def _contains(outer: Path, inner: Path) -> bool:
 
 
 def refuse_existing(
-    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+    path: str | os.PathLike,
+    force: bool,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    *,
+    file: bool = False,
 ) -> None:
     """Bad input unless `path` is free or --force. Even with --force, never the current
     directory or one holding it, nor a path that holds one of `inputs` (None for an
     optional input not given) or already exists inside one (a new file beside an input's
     own files is fine); nor a path whose name is
     too long or that lies on a read-only file system or in a directory we may not write:
-    said before the work whose result would then be lost, not when writing it."""
+    said before the work whose result would then be lost, not when writing it. With `file`
+    (the output is one file) an existing directory there is refused first, before "exists:
+    pass --force", which cannot help."""
     with _refusals_as_bad_input(path):
-        _refuse_existing(path, force, inputs)
-
-
-def refuse_directory(path: str | os.PathLike) -> None:
-    """Bad input if `path`, the output of one file, is a directory (said before "exists:
-    pass --force", which cannot help); a name the file system refuses is said here too."""
-    with _refusals_as_bad_input(path):
-        if Path(path).is_dir():
+        if file and Path(path).is_dir():
             raise MemcompileError(f"{path} is a directory: give the path of a file to write")
+        _refuse_existing(path, force, inputs)
 
 
 def _links_in(directory: Path, limit: int = 10_000) -> list[Path]:
@@ -270,8 +270,7 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     """Yields a temporary file path beside `path` (same suffix); renames it to `path` if the
     block succeeds, else removes it. An existing `path` is an error unless `force`."""
     path = Path(path)
-    refuse_directory(path)
-    refuse_existing(path, force)
+    refuse_existing(path, force, file=True)
     with created_parents(path):
         handle, name = tempfile.mkstemp(path.suffix, _staging_prefix(path, "tmp"), path.parent)
         os.close(handle)

@@ -6,7 +6,7 @@ import click
 
 from ..runtime import MemcompileError
 from ..runtime.config import human_bytes
-from ..runtime.outputs import refuse_directory, refuse_existing
+from ..runtime.outputs import refuse_existing
 from .common import (
     echo_json,
     fail_cleanly,
@@ -121,10 +121,9 @@ def export(
     from ..onnx_export import check_exportable, export_onnx, external_data_path
 
     # A large model's weights go to a side file, ONNX_PATH.data: it is an output too.
-    refuse_directory(onnx_path)
     side_file = external_data_path(onnx_path)
-    for output in (onnx_path, side_file):
-        refuse_existing(output, force, inputs=[model_path, config_path])
+    for output, file in ((onnx_path, True), (side_file, False)):
+        refuse_existing(output, force, inputs=[model_path, config_path], file=file)
     steps = steps_for(quiet, as_json)
     loaded = load(model_path, steps, trust_remote_code, trust_pickle, config_path)
     check_exportable(loaded.model)  # before the inputs: what cannot export says why first
